@@ -1,0 +1,261 @@
+"""Tests of common.py: the U-Net, the MLP, every loader (on fixtures written in the real formats, and on
+the real Fashion-MNIST where Debian's package put it), the data-range contract, and the savers."""
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import sys
+import tarfile
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import common  # noqa: E402
+from common import MLP, PRESETS, DataError, UNet, load_data  # noqa: E402
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+# ----------------------------------------------------------------------------- networks
+
+@pytest.mark.parametrize("size", [8, 16, 28, 32])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_unet_shapes_integer_and_float_t(size, channels):
+    torch.manual_seed(0)
+    net = UNet(in_ch=channels, image_size=size, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(8,))
+    x = torch.randn(2, channels, size, size)
+    for t in (torch.tensor([0, 999]), torch.tensor([0.01, 0.7])):  # DDPM index / continuous value
+        assert net(x, t).shape == x.shape
+
+
+def test_unet_64_and_presets_parameter_counts():
+    """The docstring's counts: the paper's CIFAR-10 model has 35.7 M parameters (Ho et al. 2020, App. B)."""
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert round(count(UNet(in_ch=3, image_size=32, **PRESETS["cifar10"])) / 1e6, 1) == 35.7
+    assert round(count(UNet(in_ch=1, image_size=8, **PRESETS["tiny"])) / 1e6, 2) == 0.70
+    net = UNet(in_ch=3, image_size=64, **PRESETS["tiny"])
+    assert net(torch.randn(1, 3, 64, 64), torch.tensor([3])).shape == (1, 3, 64, 64)
+
+
+def test_unet_time_changes_output_and_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    net = UNet(in_ch=1, image_size=8, **PRESETS["tiny"])
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    x = torch.randn(4, 1, 8, 8)
+    for _ in range(3):  # zero-initialised layers (as in the official code) pass gradient on after 2 steps
+        opt.zero_grad()
+        (net(x, torch.tensor([1, 2, 3, 4])) - x).pow(2).mean().backward()
+        opt.step()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    net.eval()
+    assert not torch.allclose(net(x[:1], torch.tensor([10])), net(x[:1], torch.tensor([900])))
+
+
+def test_unet_28_pads_to_32_and_crops():
+    """28x28 runs at 32x32 inside (zero padding right/bottom); the output is cropped back."""
+    net = UNet(in_ch=1, image_size=28, ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, attn_res=(16,))
+    assert net.factor == 8
+    assert any(isinstance(m, common.Attention) for m in net.down.modules())  # 16x16 exists after padding
+    assert net(torch.randn(2, 1, 28, 28), torch.tensor([5, 6])).shape == (2, 1, 28, 28)
+
+
+def test_mlp_signature_and_gradients():
+    net = MLP()
+    x = torch.randn(5, 2)
+    out = net(x, torch.rand(5))
+    assert out.shape == (5, 2)
+    out.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert net(x, torch.arange(5)).shape == (5, 2)  # integer t as well
+
+
+# ----------------------------------------------------------------------------- data-range contract
+
+@pytest.mark.parametrize("K", [17, 256])
+def test_levels_round_trip_and_range(K):
+    u = np.arange(K, dtype=np.uint8)
+    x = common.levels_to_unit(u, K)
+    assert x.dtype == torch.float32 and x.min() == -1 and x.max() == 1
+    assert np.array_equal(common.unit_to_levels(x, K), u)
+    # out-of-range values clamp to the end levels; values round to the nearest level
+    assert common.unit_to_levels(torch.tensor([-3.0, 5.0]), K).tolist() == [0, K - 1]
+    assert common.unit_to_levels(x + 0.4 * 2 / (K - 1), K).tolist() == u.tolist()
+
+
+def test_digits_default_dataset():
+    train, test = load_data("digits"), load_data("digits", train=False)
+    assert train.x.shape == (1500, 1, 8, 8) and test.x.shape == (297, 1, 8, 8)
+    assert train.levels == 17 and not train.flip
+    assert train.x.min() == -1 and train.x.max() == 1
+    assert sorted(torch.unique(train.y).tolist()) == list(range(10))
+    # every value is one of the 17 levels
+    assert torch.allclose(train.x, common.levels_to_unit(common.unit_to_levels(train.x, 17), 17))
+    big = load_data("digits", image_size=16)
+    assert big.x.shape == (1500, 1, 16, 16)
+    assert torch.allclose(big.x, common.levels_to_unit(common.unit_to_levels(big.x, 17), 17))
+
+
+def test_toys_deterministic_per_seed():
+    for name in common.TOYS:
+        a, b, c = common.make_toy(name, 500, 1), common.make_toy(name, 500, 1), common.make_toy(name, 500, 2)
+        assert a.shape == (500, 2) and torch.equal(a, b) and not torch.equal(a, c)
+        assert a.abs().max() < 5
+    d = load_data("moons", n_toy=300)
+    assert d.x.shape == (300, 2) and d.y is None and d.levels is None
+
+
+# ----------------------------------------------------------------------------- fixtures in the real formats
+
+def write_idx(path, array):
+    header = struct.pack(">BBBB", 0, 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_mnist_dir(root, name="mnist", n=12):
+    d = root / name
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = np.arange(n) % 10
+    for pre in ("train", "t10k"):
+        write_idx(d / f"{pre}-images-idx3-ubyte.gz", images)
+        write_idx(d / f"{pre}-labels-idx1-ubyte.gz", labels)
+    return images, labels
+
+
+def test_idx_loader_reads_real_format(tmp_path):
+    images, labels = make_mnist_dir(tmp_path)
+    data = load_data("mnist", data_dir=str(tmp_path))
+    assert data.x.shape == (12, 1, 28, 28) and data.levels == 256
+    assert np.array_equal(common.unit_to_levels(data.x, 256)[:, 0], images)
+    assert data.y.tolist() == labels.tolist()
+
+
+def test_cifar10_loader_reads_pickle_tarball(tmp_path):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "cifar10"
+    d.mkdir()
+    batches = {}
+    with tarfile.open(d / "cifar-10-python.tar.gz", "w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            batch = {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), b"labels": [1, 2, 3]}
+            batches[name] = batch
+            raw = pickle.dumps(batch)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    train = load_data("cifar10", data_dir=str(tmp_path))
+    assert train.x.shape == (15, 3, 32, 32) and train.flip and train.levels == 256
+    first = batches["data_batch_1"][b"data"][0].reshape(3, 32, 32)  # CIFAR stores R plane, G plane, B plane
+    assert np.array_equal(common.unit_to_levels(train.x[0], 256), first)
+    test = load_data("cifar10", train=False, data_dir=str(tmp_path))
+    assert test.x.shape == (3, 3, 32, 32) and test.y.tolist() == [1, 2, 3]
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION), reason=f"real Fashion-MNIST not installed at {FASHION} "
+                    "(apt-get install dataset-fashion-mnist)")
+def test_real_fashion_mnist_from_debian_package(tmp_path):
+    test = load_data("fashion_mnist", train=False, data_dir=str(tmp_path))  # empty data_dir: the system copy
+    assert test.x.shape == (10000, 1, 28, 28) and test.levels == 256
+    assert np.bincount(test.y.numpy()).tolist() == [1000] * 10
+    assert -1 <= test.x.min() < -0.99 and test.x.max() == 1
+    assert 0.2 < (test.x.mean() + 1) / 2 < 0.4  # mean pixel of Fashion-MNIST is ~0.286
+
+
+def test_folder_loader_grey_and_rgb(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(3):  # non-square images: centre-cropped, then resized
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "x.jpg")
+    rgb = load_data(str(tmp_path), image_size=8)
+    assert rgb.x.shape == (4, 3, 8, 8) and rgb.levels == 256 and rgb.y is None
+    grey = load_data(str(tmp_path), image_size=16, channels=1)
+    assert grey.x.shape == (4, 1, 16, 16)
+    assert -1 <= grey.x.min() and grey.x.max() <= 1
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_unknown_dataset_lists_choices():
+    with pytest.raises(DataError, match="choose from digits, mnist"):
+        load_data("imagenet")
+
+
+def no_network(*args, **kwargs):
+    raise urllib.error.URLError("network unreachable")
+
+
+def test_missing_files_without_network_say_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(common.urllib.request, "urlopen", no_network)
+    with pytest.raises(DataError, match=r"cannot download .*put the file at .*mnist/train-images-idx3-ubyte.gz"):
+        load_data("mnist", data_dir=str(tmp_path))
+    assert not any(p.suffix == ".part" for p in tmp_path.rglob("*"))  # no partial download left behind
+
+
+def test_download_verifies_checksum_and_keeps_nothing_bad(tmp_path, monkeypatch):
+    payload = b"not the real file"
+    monkeypatch.setattr(common.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
+    target = tmp_path / "f.gz"
+    with pytest.raises(DataError, match="checksum mismatch"):
+        common.download("http://example.invalid/f.gz", str(target), "0" * 32)
+    assert list(tmp_path.iterdir()) == []
+    common.download("http://example.invalid/f.gz", str(target), hashlib.md5(payload).hexdigest())
+    assert target.read_bytes() == payload
+
+
+def test_corrupt_idx_files(tmp_path):
+    make_mnist_dir(tmp_path)
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:  # bad magic
+        f.write(b"\x08\x03\x00\x00" + b"\0" * 100)
+    with pytest.raises(DataError, match="bad idx magic"):
+        load_data("mnist", data_dir=str(tmp_path))
+    write_idx(path, np.zeros((12, 28, 28)))
+    raw = path.read_bytes()
+    with gzip.open(path, "wb") as f:  # header says 12 images, data holds fewer
+        f.write(gzip.decompress(raw)[:-100])
+    with pytest.raises(DataError, match="truncated idx"):
+        load_data("mnist", data_dir=str(tmp_path))
+    path.write_bytes(raw[: len(raw) // 2])  # a cut-off gzip stream
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
+        load_data("mnist", data_dir=str(tmp_path))
+
+
+def test_corrupt_cifar_and_unreadable_image_and_empty_folder(tmp_path):
+    (tmp_path / "cifar10").mkdir()
+    (tmp_path / "cifar10" / "cifar-10-python.tar.gz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="corrupt CIFAR-10 archive"):
+        load_data("cifar10", data_dir=str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no PNG or JPEG"):
+        load_data(str(empty))
+    (empty / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="bad.png: unreadable image"):
+        load_data(str(empty))
+
+
+# ----------------------------------------------------------------------------- data out
+
+def test_grid_scatter_and_npz(tmp_path):
+    x = load_data("digits").x[:10]
+    common.save_grid(x, str(tmp_path / "g.png"), nrow=5)
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.mode == "L" and im.width > im.height > 0
+    common.save_grid(torch.rand(4, 3, 16, 16) * 2 - 1, str(tmp_path / "c.png"))
+    with Image.open(tmp_path / "c.png") as im:
+        assert im.mode == "RGB"
+    common.save_scatter(common.make_toy("moons", 200), str(tmp_path / "s.png"), data=common.make_toy("moons", 200, 1))
+    with Image.open(tmp_path / "s.png") as im:
+        assert np.asarray(im).min() < 255  # something was drawn
+    common.save_npz(x, str(tmp_path / "s.npz"))
+    arr = np.load(tmp_path / "s.npz")["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (10, 8, 8, 1)
+    assert np.array_equal(arr[..., 0], common.unit_to_levels(x, 256)[:, 0])
