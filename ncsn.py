@@ -1,0 +1,739 @@
+"""
+NCSN: Noise Conditional Score Networks with annealed Langevin dynamics (and the NCSNv2 techniques).
+
+Song & Ermon (2019), "Generative Modeling by Estimating Gradients of the Data Distribution", arXiv 1907.05600.
+Song & Ermon (2020), "Improved Techniques for Training Score-Based Generative Models" (NCSNv2), arXiv 2006.09011.
+Official code (PyTorch): github.com/ermongroup/ncsn, github.com/ermongroup/ncsnv2. This file is a reading of
+both papers; it imports only common.py (the U-Net, the data loaders, the PNG writers).
+
+Commands
+    python ncsn.py --train                                  # 8x8 digits on the CPU, ~6 CPU-min, runs/ncsn/
+    python ncsn.py --sample --ckpt runs/ncsn/ckpt.pt --n-samples 64   # samples.png + samples.npz
+    python ncsn.py --inpaint --ckpt runs/ncsn/ckpt.pt       # inpaint.png: original | masked | inpainted
+    python ncsn.py --train --resume                         # continue runs/ncsn/ckpt.pt exactly
+    python ncsn.py --train --preset v1                      # the 2019 paper's settings (sigma, eps on [-1, 1])
+    python ncsn.py --train --preset v2                      # NCSNv2: Techniques 1-5 computed for the data
+    python ncsn.py --train --dataset moons --steps 4000 --lr 3e-3 --L 30   # a 2-D toy (MLP), ~20 s; add --loss ssm|ism
+
+Map from the papers to this file (2019 = NCSN, 2020 = NCSNv2; numbers as printed in the arXiv versions)
+    2019 Eq. 1  implicit score matching (Hyvarinen 2005)     -> NCSN.ism_loss (exact Jacobian trace)
+    2019 Eq. 2  denoising score matching (Vincent 2011)      -> NCSN.loss (one noise level of it)
+    2019 Eq. 3  sliced score matching (Song et al. 2019)     -> NCSN.ssm_loss
+    2019 Eq. 4  Langevin dynamics                            -> NCSN.langevin
+    2019 Eqs. 5-6  NCSN objective, lambda(sigma) = sigma^2   -> NCSN.loss (the default --loss dsm)
+    2019 Alg. 1 annealed Langevin dynamics                   -> NCSN.sample
+    2019 App. B.3, Alg. 2 inpainting (annealed Langevin)     -> NCSN.inpaint
+    2020 Technique 1 (sigma_1 = max pairwise distance)       -> technique1_sigma_1
+    2020 Technique 2 (geometric ratio rule for L)            -> technique2_L
+    2020 Technique 3 (noise conditioning s = net(x) / sigma) -> ScoreNet (--cond divide / both)
+    2020 Technique 4 (eps and T from Proposition 3)          -> technique4_step_lr
+    2020 Technique 5 (EMA of the weights)                    -> train (--ema-decay)
+    2020 final denoising step x + sigma_L^2 s(x, sigma_L)    -> NCSN.sample(denoise=True)
+
+Symbols (paper -> code)
+    sigma_1 > ... > sigma_L   noise levels, a geometric sequence          NCSN.sigmas (float64), index i = 0..L-1
+    s_theta(x, sigma)         the score network                            model(x, sigma), sigma of shape (B,)
+    q_sigma(x~ | x)           N(x~; x, sigma^2 I), the perturbation kernel x_tilde = x + sigma * z
+    lambda(sigma)             loss weight, sigma^2 (2019 Sec. 4.2)
+    eps, T                    Langevin step size and steps per level       step_lr, n_steps_each
+    alpha_i                   eps * sigma_i^2 / sigma_L^2 (Alg. 1)         alpha
+    gamma                     sigma_{i-1} / sigma_i (NCSNv2)               gamma
+    D                         data dimension                               D
+
+Conventions (the same in all four scripts of this project)
+    Data are in [-1, 1] (common.py maps the K grey levels there before any noise is added). The papers'
+    sigma values are for pixels in [0, 1]: on [-1, 1] every distance doubles, so sigma doubles and eps
+    (which scales like sigma^2, since alpha_i = eps sigma_i^2 / sigma_L^2 must scale like a variance)
+    is multiplied by 4. The presets below give both values. Technique 1 is computed on the data as loaded.
+    Noise levels: tensor index i = 0..L-1 is the paper's level i + 1 (sigma_1 = sigmas[0], the largest).
+    Langevin step: this file uses the 2019 paper's form x <- x + (alpha/2) s + sqrt(alpha) z everywhere.
+    CONVENTION TRAP: the official NCSN/NCSNv2 code (and NCSNv2's Algorithm 1 and Proposition 3) write
+    x <- x + alpha s + sqrt(2 alpha) z, so their step_lr is half of ours: eps_here = 2 * step_lr_there.
+    (NCSNv2's CIFAR-10 value 6.2e-6 is 1.24e-5 here on [0, 1] pixels, 4.96e-5 on [-1, 1].)
+    Network conditioning: the score is s(x, sigma) = net(x, t) / sigma (Technique 3) with the U-Net's
+    continuous time input t = 100 * log(sigma) (--cond both, the default); --cond divide passes t = 0
+    (NCSNv2 exactly: an unconditional net), --cond embed omits the division (closest to NCSN v1's
+    conditional network). The last sampling step can be noise-free: the Tweedie denoise of NCSNv2.
+
+Notation clashes
+    The 2019 paper's alpha_i is a step size; DDPM's alpha_t is 1 - beta_t. NCSNv2's eps is half of the
+    2019 paper's eps (see above). Score SDE's VE sigma_max / sigma_min are sigma_1 / sigma_L here.
+"""
+import argparse
+import copy
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common import MLP, PRESETS, TOYS, DataError, UNet, load_data, save_grid, save_npz, save_scatter
+
+SCRIPT = "ncsn"  # the name written into every checkpoint
+
+
+# -----------------------------------------------------------------------------
+# Config: every default cites the paper; CPU defaults that differ say the paper's value.
+# Values 0 for sigma_1, L and step_lr mean "choose by NCSNv2 Technique 1, 2, 4" for the data as loaded.
+
+@dataclass
+class Config:
+    dataset: str = "digits"       # common.load_data name or an image folder; papers: MNIST, CelebA, CIFAR-10, LSUN
+    image_size: int = 0           # 0 = the dataset's native size (digits 8, CIFAR-10 32)
+    model: str = "tiny"           # U-Net preset in common.PRESETS; papers: RefineNet (v1), NCSNv2 net. Toys use MLP
+    loss: str = "dsm"             # 2019 Eqs. 5-6 (dsm); ssm = sliced SM (2019 Eq. 3); ism = Eq. 1, D <= 16 only
+    sigma_1: float = 0.0          # 0 = Technique 1 (max pairwise distance; digits: 9.6); v1: 1 on [0,1] = 2 on [-1,1]
+    sigma_L: float = 0.02         # 2019 Sec. 5 and NCSNv2: 0.01 on [0, 1] pixels = 0.02 on [-1, 1]
+    L: int = 0                    # 0 = Technique 2 (digits: 22); 2019 Sec. 5: L = 10; NCSNv2 CIFAR-10: 232
+    cond: str = "both"            # net(x, 100 log sigma)/sigma; "divide" = Technique 3 (NCSNv2); "embed" ~ v1
+    n_steps_each: int = 20        # T, Langevin steps per level; 2019 Sec. 5: 100; NCSNv2 CIFAR-10: 5
+    step_lr: float = 0.0          # eps (2019 paper's form, data scale); 0 = Technique 4 for this T; v1: 2e-5 -> 8e-5
+    denoise: bool = True          # NCSNv2: final x + sigma_L^2 s(x, sigma_L) (official denoise: true); v1: off
+    steps: int = 1500             # total optimisation steps of the run; 2019: 200k; NCSNv2 CIFAR-10: 300k
+    batch_size: int = 128         # 2019 Sec. 5 and NCSNv2: 128
+    lr: float = 1e-3              # 2019 Sec. 5: Adam 1e-3; NCSNv2: 1e-4
+    warmup: int = 0               # linear warm-up steps; papers: none
+    grad_clip: float = 0.0        # global gradient-norm clip, 0 = off; papers: none
+    ema_decay: float = 0.99       # Technique 5: EMA 0.999 (shortened for the 1500-step CPU run); 0 = off (v1)
+    ckpt_every: int = 500         # steps between checkpoints (and one at the end, and on Ctrl-C)
+    sample_every: int = 500       # steps between sample grids from fixed noise
+    log_every: int = 100          # steps between progress lines
+    out: str = "runs/ncsn"        # output folder: ckpt.pt, grid_<step>.png, samples.png, samples.npz, inpaint.png
+    seed: int = 0                 # seeds the one global torch RNG (data order, levels, noise, dropout)
+    device: str = "auto"          # auto = cuda -> mps -> cpu
+
+
+# `--preset NAME`: the papers' settings, converted to data in [-1, 1]. Explicit flags override a preset.
+PRESET_CONFIGS = {
+    "cpu": {},  # the CPU defaults above: Techniques 1, 2, 4, 5 computed for the data, T = 20
+    # 2019 Sec. 5: sigma 1 -> 0.01 on [0,1] (2 -> 0.02 here), L = 10, eps = 2e-5 (8e-5 here), T = 100,
+    # Adam 1e-3, batch 128, 200k iterations, no EMA, no denoising step; a conditional network.
+    "v1": dict(sigma_1=2.0, sigma_L=0.02, L=10, step_lr=8e-5, n_steps_each=100, denoise=False, cond="embed",
+               lr=1e-3, ema_decay=0.0, steps=200_000, ckpt_every=5000, sample_every=5000, log_every=1000),
+    # NCSNv2 for any dataset: sigma_1 by Technique 1, L by Technique 2, eps by Technique 4 with T = 5,
+    # s = net(x)/sigma (Technique 3), EMA 0.999 (Technique 5), lr 1e-4, denoising step on.
+    "v2": dict(sigma_1=0.0, sigma_L=0.02, L=0, step_lr=0.0, n_steps_each=5, denoise=True, cond="divide",
+               lr=1e-4, ema_decay=0.999, steps=300_000, ckpt_every=5000, sample_every=5000, log_every=1000),
+    # NCSNv2's CIFAR-10 run as published (configs/cifar10.yml): sigma 50 -> 0.01, L = 232, step_lr 6.2e-6,
+    # all on [0,1]: here sigma 100 -> 0.02 and eps = 6.2e-6 * 2 (step convention) * 4 (data scale) = 4.96e-5.
+    "v2-cifar10": dict(dataset="cifar10", model="cifar10", sigma_1=100.0, sigma_L=0.02, L=232, step_lr=4.96e-5,
+                       n_steps_each=5, denoise=True, cond="divide", lr=1e-4, ema_decay=0.999, steps=300_000,
+                       ckpt_every=5000, sample_every=5000, log_every=1000),
+}
+
+ISM_MAX_DIM = 16      # ism_loss takes one backward pass per dimension: 2-D toys yes, images no
+LOG_SIGMA_SCALE = 100.0  # the U-Net's time input is t = 100 * log(sigma) (common.py: it resolves ~0.01-1 steps)
+
+
+# -----------------------------------------------------------------------------
+# Noise levels (float64) and the NCSNv2 rules that choose them
+
+def technique1_sigma_1(x, max_points=5000):
+    """NCSNv2 Technique 1: sigma_1 = the maximum Euclidean distance between two training points.
+
+    Exact for up to max_points points; larger data sets use the first max_points (a lower bound).
+    """
+    x = x[:max_points].flatten(1).double()  # (N, D)
+    best = 0.0
+    for start in range(0, len(x), 1000):  # blocks of rows keep the distance matrix small
+        best = max(best, torch.cdist(x[start:start + 1000], x).max().item())
+    return best
+
+
+def technique2_gamma(D):
+    """NCSNv2 Technique 2: the ratio gamma with Phi(sqrt(2D)(gamma-1) + 3 gamma) - Phi(sqrt(2D)(gamma-1) - 3 gamma) = 0.5."""
+    if 2 * D <= 9:  # sqrt(2D) <= 3: the left side tends to 1, never 0.5 (e.g. 2-D toys)
+        raise ValueError(f"Technique 2 has no solution for data of dimension D={D} <= 4; give --L")
+    Phi = lambda u: 0.5 * (1 + math.erf(u / math.sqrt(2)))
+    f = lambda g: Phi(math.sqrt(2 * D) * (g - 1) + 3 * g) - Phi(math.sqrt(2 * D) * (g - 1) - 3 * g)
+    lo, hi = 1.0, 2.0
+    while f(hi) > 0.5:  # f(1) = 0.997 and f falls to 0 as gamma grows: bracket, then bisect
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) > 0.5 else (lo, mid)
+    return lo
+
+
+def technique2_L(D, sigma_1, sigma_L):
+    """NCSNv2 Technique 2: the number of levels of a geometric sequence sigma_1 -> sigma_L with ratio gamma(D).
+
+    Note: for CIFAR-10 (D = 3072, sigma 50 -> 0.01) this gives L = 220; the paper's 232 (and CelebA's 500,
+    church's 788) correspond to the left side of the rule being ~0.57 rather than 0.5.
+    """
+    return math.ceil(math.log(sigma_1 / sigma_L) / math.log(technique2_gamma(D))) + 1
+
+
+def technique4_step_lr(T, gamma, sigma_L):
+    """NCSNv2 Technique 4 (Proposition 3): the eps whose T steps bring the variance of one level to sigma_i^2.
+
+    Proposition 3 (in NCSNv2's step convention x + a s + sqrt(2a) z, a = e sigma_i^2/sigma_L^2): started from
+    N(0, sigma_{i-1}^2 I) with the score of N(0, sigma_i^2 I), after T steps x ~ N(0, s_T^2 I) with
+        s_T^2 / sigma_i^2 = (1 - r)^(2T) (gamma^2 - c) + c,   r = e / sigma_L^2,   c = 2 r / (1 - (1 - r)^2).
+    It is always above 1; Technique 4 takes the r that makes it closest to 1. Returned in THIS file's
+    convention: eps = 2 e = 2 r sigma_L^2.
+    """
+    r = torch.logspace(-12, 0, 400_001, dtype=torch.float64)[:-1]  # r in (0, 1): fine log grid
+    c = 2 * r / (1 - (1 - r) ** 2)
+    ratio = (1 - r) ** (2 * T) * (gamma ** 2 - c) + c
+    return 2 * r[ratio.argmin()].item() * sigma_L ** 2
+
+
+def resolve_levels(cfg, data_x):
+    """Fill in sigma_1, L and step_lr given as 0 with Techniques 1, 2 and 4; returns a new Config."""
+    sigma_1 = cfg.sigma_1 or technique1_sigma_1(data_x)
+    D = data_x[0].numel()
+    if cfg.L:
+        L = cfg.L
+    elif D <= 4:  # Technique 2 is undefined in 2-D: fall back to the 2019 paper's L, and say so
+        L = 10
+        print(f"note: Technique 2 has no solution for D={D}; using L=10 (2019 paper)", flush=True)
+    else:
+        L = technique2_L(D, sigma_1, cfg.sigma_L)
+    if sigma_1 <= cfg.sigma_L:
+        raise ValueError(f"need sigma_1 > sigma_L, got sigma_1={sigma_1:g} and sigma_L={cfg.sigma_L:g}")
+    step_lr = cfg.step_lr
+    if not step_lr:
+        if L < 2:
+            raise ValueError("Technique 4 needs L >= 2 (it uses the ratio sigma_{i-1}/sigma_i); give --step-lr")
+        step_lr = technique4_step_lr(cfg.n_steps_each, (sigma_1 / cfg.sigma_L) ** (1 / (L - 1)), cfg.sigma_L)
+    return dataclasses.replace(cfg, sigma_1=float(sigma_1), L=int(L), step_lr=float(step_lr))
+
+
+def expand(a, x):
+    """Broadcast a per-example (B,) tensor against x of shape (B, ...)."""
+    return a.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+class NCSN:
+    """The noise levels of Song & Ermon (2019) and every objective and sampler built on them.
+
+    sigmas: the geometric sequence sigma_1 > ... > sigma_L (float64; 2019 Sec. 4.1). The methods take
+    the score model as a plain callable model(x, sigma) -> tensor shaped like x, sigma of shape (B,).
+    """
+
+    def __init__(self, sigma_1=1.0, sigma_L=0.01, L=10):
+        if not (isinstance(L, int) and L >= 1):
+            raise ValueError(f"L must be an integer >= 1, got {L}")
+        if not (0 < sigma_L < sigma_1 and math.isfinite(sigma_1)):
+            raise ValueError(f"need 0 < sigma_L < sigma_1, got sigma_1={sigma_1} and sigma_L={sigma_L}")
+        self.sigma_1, self.sigma_L, self.L = sigma_1, sigma_L, L
+        # Geometric sequence (2019 Sec. 4.1): log sigma evenly spaced; L = 1 is the single level sigma_1.
+        self.sigmas = torch.exp(torch.linspace(math.log(sigma_1), math.log(sigma_L), L, dtype=torch.float64))
+
+    def level_sigma(self, sigma, x):
+        """One noise level as the (B,) tensor the model takes, in the dtype of x."""
+        return torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
+
+    # -------------------------------------------------------------------------
+    # Objectives
+
+    def perturb(self, x, i=None, z=None):
+        """Draw a level per example (uniform over 1..L: an unbiased estimate of Eq. 6's average) and x~ = x + sigma z."""
+        if i is None:
+            i = torch.randint(self.L, (x.shape[0],), device=x.device)
+        if z is None:
+            z = torch.randn_like(x)
+        sigma = self.sigmas.to(x.device)[i].to(x.dtype)  # (B,), float64 -> the data's dtype once
+        return x + expand(sigma, x) * z, sigma, z
+
+    def loss(self, model, x, i=None, z=None):
+        """Eqs. 5-6 of Song & Ermon (2019): denoising score matching over all levels, lambda(sigma) = sigma^2.
+
+        l(theta; sigma) = 1/2 E || s(x~, sigma) + (x~ - x)/sigma^2 ||^2 with x~ = x + sigma z (Eq. 5), so
+        lambda(sigma) l = 1/2 E || sigma s(x~, sigma) + z ||^2; Eq. 6 averages it over the L levels.
+        Summed over dimensions, averaged over the batch (as the official code does). i, z: optional levels/noise.
+        """
+        x_tilde, sigma, z = self.perturb(x, i, z)
+        s = model(x_tilde, sigma)  # (B, ...) the score estimate
+        return 0.5 * (expand(sigma, x) * s + z).pow(2).flatten(1).sum(1).mean()
+
+    def ism_loss(self, model, x, i=None, z=None):
+        """Eq. 1 of Song & Ermon (2019) (Hyvarinen 2005): implicit score matching on the perturbed data.
+
+        sigma^2 [ tr(grad_x~ s(x~, sigma)) + 1/2 ||s(x~, sigma)||^2 ], weighted and averaged like Eq. 6.
+        The trace is exact: one backward pass per dimension, which is why it is for low-dimensional data only.
+        """
+        D = x[0].numel()
+        if D > ISM_MAX_DIM:
+            raise ValueError(f"--loss ism takes the exact Jacobian trace (one backward pass per dimension); "
+                             f"the data have D={D} > {ISM_MAX_DIM}: use --loss dsm or --loss ssm")
+        x_tilde, sigma, _ = self.perturb(x, i, z)
+        x_tilde = x_tilde.detach().requires_grad_(True)
+        s = model(x_tilde, sigma).flatten(1)  # (B, D)
+        trace = 0
+        for d in range(D):  # d-th diagonal entry of the Jacobian, kept in the graph for training
+            trace = trace + torch.autograd.grad(s[:, d].sum(), x_tilde, create_graph=True)[0].flatten(1)[:, d]
+        return (sigma ** 2 * (trace + 0.5 * s.pow(2).sum(1))).mean()
+
+    def ssm_loss(self, model, x, i=None, z=None, v=None):
+        """Eq. 3 of Song & Ermon (2019) (Song, Garg, Shi, Ermon 2019): sliced score matching on the perturbed data.
+
+        sigma^2 [ v^T grad_x~ s(x~, sigma) v + 1/2 ||s(x~, sigma)||^2 ], v ~ N(0, I): one Jacobian-vector
+        product instead of D (the official code's anneal_sliced_score_estimation_vr). v: optional projections.
+        """
+        x_tilde, sigma, _ = self.perturb(x, i, z)
+        x_tilde = x_tilde.detach().requires_grad_(True)
+        s = model(x_tilde, sigma)
+        if v is None:
+            v = torch.randn_like(x)
+        grad_vs = torch.autograd.grad((v * s).sum(), x_tilde, create_graph=True)[0]  # (grad s)^T v
+        vJv = (v * grad_vs).flatten(1).sum(1)  # v^T (grad s) v, (B,)
+        return (sigma ** 2 * (vJv + 0.5 * s.flatten(1).pow(2).sum(1))).mean()
+
+    # -------------------------------------------------------------------------
+    # Samplers (all in the 2019 paper's form x + (alpha/2) s + sqrt(alpha) z)
+
+    def init(self, shape, generator, device, dtype):
+        """Initial samples: uniform noise over the data range [-1, 1] (2019 Sec. 5; NCSNv2 code likewise)."""
+        return torch.rand(shape, generator=generator, device=device, dtype=dtype) * 2 - 1
+
+    @torch.no_grad()
+    def langevin(self, model, shape, sigma, n_steps, step_lr, generator=None, x=None, device="cpu",
+                 dtype=torch.float32):
+        """Eq. 4 of Song & Ermon (2019): plain Langevin dynamics x <- x + (eps/2) s(x, sigma) + sqrt(eps) z at one level."""
+        x = self.init(shape, generator, device, dtype) if x is None else x.clone()
+        s_in = self.level_sigma(sigma, x)
+        for _ in range(n_steps):
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + step_lr / 2 * model(x, s_in) + math.sqrt(step_lr) * z  # one Langevin step
+        return x
+
+    @torch.no_grad()
+    def sample(self, model, shape, n_steps_each=100, step_lr=2e-5, denoise=False, generator=None, x=None,
+               device="cpu", dtype=torch.float32):
+        """Algorithm 1 of Song & Ermon (2019): annealed Langevin dynamics (+ NCSNv2's final denoising step).
+
+        for i = 1..L: alpha_i = eps sigma_i^2 / sigma_L^2; T times: x <- x + (alpha_i/2) s(x, sigma_i) + sqrt(alpha_i) z.
+        step_lr is the paper's eps (twice the official code's step_lr). x: optional initial samples.
+        denoise: return x + sigma_L^2 s(x, sigma_L), the posterior mean E[x_0 | x] (Tweedie), noise-free.
+        """
+        x = self.init(shape, generator, device, dtype) if x is None else x.clone()
+        sigma_L = self.sigmas[-1].item()
+        for sigma in self.sigmas.tolist():
+            alpha = step_lr * sigma ** 2 / sigma_L ** 2  # step size of this level, float64
+            s_in = self.level_sigma(sigma, x)
+            for _ in range(n_steps_each):
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = x + alpha / 2 * model(x, s_in) + math.sqrt(alpha) * z  # Langevin step at level i
+        if denoise:  # final Tweedie step: no noise added (NCSNv2; Jolicoeur-Martineau et al. 2020)
+            x = x + sigma_L ** 2 * model(x, self.level_sigma(sigma_L, x))
+        return x
+
+    @torch.no_grad()
+    def inpaint(self, model, x, mask, n_steps_each=100, step_lr=2e-5, generator=None, x_init=None):
+        """Algorithm 2 of Song & Ermon (2019) (App. B.3): inpainting with annealed Langevin dynamics.
+
+        mask = 1 where x is known. At level i the known entries are y = x + sigma_i z~ (one draw per level);
+        each Langevin step of Algorithm 1 is followed by x~ <- x~ (1 - m) + y m, so only the unknown
+        entries evolve while the network sees a consistently noised image. Returns x~ with the known
+        entries set back to the clean x.
+        """
+        mask = mask.to(x.dtype).expand_as(x)
+        x_t = self.init(x.shape, generator, x.device, x.dtype) if x_init is None else x_init.clone()
+        sigma_L = self.sigmas[-1].item()
+        for sigma in self.sigmas.tolist():
+            alpha = step_lr * sigma ** 2 / sigma_L ** 2
+            s_in = self.level_sigma(sigma, x)
+            y = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # noised known pixels
+            x_t = x_t * (1 - mask) + y * mask  # (the official code also imposes y before the level's first step)
+            for _ in range(n_steps_each):
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x_t = x_t + alpha / 2 * model(x_t, s_in) + math.sqrt(alpha) * z  # Langevin step, all entries
+                x_t = x_t * (1 - mask) + y * mask  # known entries replaced by their noised versions
+        return x_t * (1 - mask) + x * mask
+
+
+# -----------------------------------------------------------------------------
+# The score network: how sigma reaches common.UNet / common.MLP
+
+class ScoreNet(torch.nn.Module):
+    """s_theta(x, sigma) from a net(x, t): the noise conditioning of NCSNv2 Technique 3 and/or the time input.
+
+    cond = "both":   net(x, 100 log sigma) / sigma   (default: 1/sigma scaling plus the U-Net's time embedding)
+    cond = "divide": net(x, 0) / sigma               (Technique 3 exactly: an unconditional network)
+    cond = "embed":  net(x, 100 log sigma)           (a noise-conditional network without the scaling, ~NCSN v1)
+    """
+
+    def __init__(self, net, cond):
+        super().__init__()
+        self.net, self.cond = net, cond
+
+    def forward(self, x, sigma):
+        t = torch.zeros_like(sigma) if self.cond == "divide" else LOG_SIGMA_SCALE * torch.log(sigma)
+        out = self.net(x, t)
+        return out if self.cond == "embed" else out / expand(sigma, out)
+
+
+def make_model(config):
+    """The score network for a checkpoint config: common.MLP for 2-D toys, else the U-Net, wrapped in ScoreNet."""
+    if config["dataset"] in TOYS:
+        net = MLP()
+    else:
+        C, H = config["data_shape"][0], config["data_shape"][-1]
+        net = UNet(in_ch=C, image_size=H, **PRESETS[config["model"]])
+    return ScoreNet(net, config["cond"])
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: none beyond the losses (NCSN has no likelihood); samples are judged by eye here.
+
+
+# BEGIN COPY -------------------------------------------------------------------
+# Checkpoints: one dict {"script", "config", "step", "model", "ema", "optimizer", "rng"} of plain
+# tensors / numbers / strings, written atomically and read with weights_only=True (no code runs).
+
+def save_checkpoint(path, ckpt):
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint of this script, or raise DataError saying what the file is."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or a pickle that is not plain data
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "script" not in ckpt:
+        raise DataError(f"{path}: not a checkpoint of this project")
+    if ckpt["script"] != SCRIPT:
+        raise DataError(f"{path}: a {ckpt['script']} checkpoint, expected one written by {SCRIPT}.py")
+    return ckpt
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+class StopFlag:
+    """Ctrl-C and SIGTERM set a flag; the loop checks it between steps, saves, and exits cleanly."""
+
+    def __init__(self):
+        self.set = False
+        signal.signal(signal.SIGINT, self.handler)
+        signal.signal(signal.SIGTERM, self.handler)
+
+    def handler(self, signum, frame):
+        self.set = True
+# END COPY ---------------------------------------------------------------------
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+# Fields a resumed run (or a sampler) must share with the checkpoint: they fix the network and the levels.
+MUST_MATCH = ("dataset", "image_size", "model", "cond", "sigma_1", "sigma_L", "L")
+
+
+def read_ckpt(path, cfg=None):
+    """load_checkpoint plus the checks of this script: all keys present; config matches cfg where it must."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("config", "step", "model", "ema", "optimizer", "rng") if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict) or "data_shape" not in ckpt["config"] or any(
+            k not in ckpt["config"] for k in MUST_MATCH + ("n_steps_each", "step_lr", "denoise")):
+        raise DataError(f"{path}: a {SCRIPT} checkpoint with missing fields ({', '.join(missing) or 'config'})")
+    for k in MUST_MATCH if cfg is not None else ():
+        if ckpt["config"][k] != getattr(cfg, k):
+            raise DataError(f"{path}: trained with {k}={ckpt['config'][k]!r}, this run has {k}={getattr(cfg, k)!r}")
+    return ckpt
+
+
+def has_nonfinite(*modules):
+    return any(not torch.isfinite(p).all() for m in modules for p in m.parameters())
+
+
+def write_samples(x, path_png, data=None):
+    """A PNG of samples: an image grid, or for 2-D toys a scatter plot over the data."""
+    if x.dim() == 2:
+        save_scatter(x, path_png, data=None if data is None else data.x)
+    else:
+        save_grid(x, path_png)
+
+
+def objective(ncsn, name):
+    return {"dsm": ncsn.loss, "ssm": ncsn.ssm_loss, "ism": ncsn.ism_loss}[name]
+
+
+def train(cfg):
+    """Training of Song & Ermon (2019) Sec. 4.2 (Eq. 6 by Adam) with NCSNv2's Techniques 1-5 where configured."""
+    device, resume = pick_device(cfg.device), cfg.resume
+    torch.manual_seed(cfg.seed)  # one global RNG drives data order, levels, noise and dropout
+    data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
+    is_toy = cfg.dataset in TOYS
+    if cfg.loss == "ism" and data.x[0].numel() > ISM_MAX_DIM:
+        raise ValueError(f"--loss ism takes the exact Jacobian trace (one backward pass per dimension); "
+                         f"{cfg.dataset} has D={data.x[0].numel()} > {ISM_MAX_DIM}: use --loss dsm or --loss ssm")
+    cfg = resolve_levels(cfg, data.x)  # Techniques 1, 2, 4 for fields given as 0
+    ncsn = NCSN(cfg.sigma_1, cfg.sigma_L, cfg.L)
+    print(f"noise levels: sigma {cfg.sigma_1:.4g} -> {cfg.sigma_L:.4g}, L = {cfg.L}; sampling: T = "
+          f"{cfg.n_steps_each}, eps = {cfg.step_lr:.4g} (paper's form), denoise {cfg.denoise}", flush=True)
+    config = {**dataclasses.asdict(cfg), "data_shape": list(data.x.shape[1:])}
+    model = make_model(config).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # Technique 5 (EMA of parameters; no buffers)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    path, step = os.path.join(cfg.out, "ckpt.pt"), 0
+    if resume:
+        ckpt = read_ckpt(path, cfg)
+        if list(ckpt["config"]["data_shape"]) != config["data_shape"]:
+            raise DataError(f"{path}: data shape {ckpt['config']['data_shape']}, this run has {config['data_shape']}")
+        model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        print(f"resumed from {path} at step {step}", flush=True)
+    x_data = data.x.to(device)
+    n_grid = 1000 if is_toy else 64
+    grid_shape = (n_grid, *data.x.shape[1:])
+    loss_fn = objective(ncsn, cfg.loss)
+
+    def checkpoint():
+        if has_nonfinite(model, ema):  # never save NaN weights; the previous checkpoint stays
+            raise DataError(f"non-finite weights at step {step}; last good checkpoint kept in {path}")
+        try:
+            save_checkpoint(path, {"script": SCRIPT, "config": config, "step": step,
+                                   "model": model.state_dict(), "ema": ema.state_dict(),
+                                   "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state()}})
+        except (OSError, RuntimeError) as e:  # disk full, folder removed: say so in one line
+            raise DataError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0]})") from None
+
+    def sample_grid():
+        # Fixed noise (its own generator, so the training RNG is untouched): the grids differ only by the weights.
+        g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        x = ncsn.sample(ema, grid_shape, cfg.n_steps_each, cfg.step_lr, cfg.denoise, generator=g, device=device)
+        write_samples(x, os.path.join(cfg.out, f"grid_{step:07d}.png"), data if is_toy else None)
+
+    stop, t0, step0, losses = StopFlag(), time.time(), step, []
+    model.train()
+    while step < cfg.steps and not stop.set:
+        x = x_data[torch.randint(len(x_data), (cfg.batch_size,), device=device)]  # i.i.d. minibatch: exact resume
+        if data.flip:  # random horizontal flips (CIFAR-10, as in both papers' code)
+            flip = (torch.rand(len(x), device=device) < 0.5).reshape(-1, 1, 1, 1)
+            x = torch.where(flip, x.flip(-1), x)
+        loss = loss_fn(model, x)  # Eq. 6 (or its SSM / ISM counterpart), one level per example
+        if not torch.isfinite(loss):
+            raise DataError(f"non-finite loss at step {step + 1}; last good checkpoint kept in {path}")
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))  # linear warm-up (off by default)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():  # Technique 5: exponential moving average of the weights
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1 - cfg.ema_decay)
+        step += 1
+        losses.append(loss.item())
+        if step % cfg.log_every == 0 or step == cfg.steps:  # progress line: step, loss, it/s, ETA
+            rate = (step - step0) / (time.time() - t0)
+            eta = (cfg.steps - step) / rate
+            print(f"step {step}/{cfg.steps}  loss {sum(losses) / len(losses):.4f}  {rate:.2f} it/s  "
+                  f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+            losses = []
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop.set:
+            checkpoint()
+        if step % cfg.sample_every == 0 or step == cfg.steps:
+            sample_grid()
+    if stop.set:
+        print(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    print(f"done: {step} steps in {time.time() - t0:.0f} s; checkpoint {path}", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Sampling and inpainting from a checkpoint
+
+def load_for_inference(args, cfg_overrides):
+    """Rebuild (cfg, ncsn, EMA network, device) from a checkpoint, without loading the data."""
+    ckpt = read_ckpt(args.ckpt)
+    fields = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
+    cfg = dataclasses.replace(cfg, **cfg_overrides)  # --out, --device, --seed, --n-steps-each, --step-lr, --denoise
+    device = pick_device(cfg.device)
+    if cfg.step_lr == 0:  # --step-lr 0: Technique 4 again, for this --n-steps-each
+        cfg = dataclasses.replace(cfg, step_lr=technique4_step_lr(
+            cfg.n_steps_each, (cfg.sigma_1 / cfg.sigma_L) ** (1 / max(cfg.L - 1, 1)), cfg.sigma_L))
+    ncsn = NCSN(cfg.sigma_1, cfg.sigma_L, cfg.L)
+    net = make_model(ckpt["config"])
+    try:
+        net.load_state_dict(ckpt["ema"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise DataError(f"{args.ckpt}: EMA weights do not fit the network of its config ({str(e).splitlines()[0]})")
+    if has_nonfinite(net):
+        raise DataError(f"{args.ckpt}: the EMA weights contain NaN or inf")
+    return cfg, ckpt, ncsn, net.to(device).eval(), device
+
+
+def run_sample(args, cfg_overrides):
+    """--sample: n images (or 2-D points) by Algorithm 1 from the EMA network -> samples.png and samples.npz."""
+    cfg, ckpt, ncsn, net, device = load_for_inference(args, cfg_overrides)
+    os.makedirs(cfg.out, exist_ok=True)
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    shape, chunks = tuple(ckpt["config"]["data_shape"]), []
+    for start in range(0, args.n_samples, cfg.batch_size):
+        n = min(cfg.batch_size, args.n_samples - start)
+        chunks.append(ncsn.sample(net, (n, *shape), cfg.n_steps_each, cfg.step_lr, cfg.denoise, generator=g,
+                                  device=device).cpu())
+        print(f"sampled {start + n}/{args.n_samples}", flush=True)
+    x = torch.cat(chunks)
+    if cfg.dataset in TOYS:  # 2-D points: scatter over the data; npz holds the raw float coordinates
+        write_samples(x, os.path.join(cfg.out, "samples.png"), load_data(cfg.dataset, train=False))
+        np.savez(os.path.join(cfg.out, "samples.npz"), arr_0=x.numpy())
+    else:
+        write_samples(x, os.path.join(cfg.out, "samples.png"))
+        save_npz(x, os.path.join(cfg.out, "samples.npz"))
+    print(f"wrote {cfg.out}/samples.png and {cfg.out}/samples.npz ({len(x)} samples)")
+
+
+def run_inpaint(args, cfg_overrides):
+    """--inpaint: the right half of held-out images is unknown -> inpaint.png, rows of original | masked | inpainted."""
+    cfg, ckpt, ncsn, net, device = load_for_inference(args, cfg_overrides)
+    if cfg.dataset in TOYS:
+        raise ValueError("--inpaint needs an image dataset (the checkpoint was trained on a 2-D toy)")
+    data = load_data(cfg.dataset, train=False, image_size=cfg.image_size or None)
+    x = data.x[:args.n_inpaint].to(device)
+    W = x.shape[-1]
+    mask = torch.zeros_like(x)
+    mask[..., :W // 2] = 1  # known: the left half
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    x_hat = ncsn.inpaint(net, x, mask, cfg.n_steps_each, cfg.step_lr, generator=g)
+    masked = x * mask  # unknown pixels shown as mid-grey (0 in [-1, 1])
+    rows = torch.stack([x, masked, x_hat], 1).flatten(0, 1)  # (3n, C, H, W): original | masked | inpainted
+    os.makedirs(cfg.out, exist_ok=True)
+    save_grid(rows.cpu(), os.path.join(cfg.out, "inpaint.png"), nrow=3)
+    print(f"wrote {cfg.out}/inpaint.png ({len(x)} rows: original | masked | inpainted)")
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2), like every other error here."""
+
+    def error(self, message):
+        print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+CHOICES = {"model": sorted(PRESETS), "loss": ["dsm", "ssm", "ism"], "cond": ["both", "divide", "embed"]}
+
+
+def parse_bool(s):
+    """argparse type for bool fields: true/false, on/off, 1/0, yes/no."""
+    v = s.strip().lower()
+    if v in ("1", "true", "on", "yes"):
+        return True
+    if v in ("0", "false", "off", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def field_help():
+    """Each config field's inline comment (its paper value) as the --help text, read from this file."""
+    helps = {}
+    with open(os.path.abspath(__file__)) as f:
+        for line in f:
+            name = line.split(":")[0].strip()
+            if "#" in line and line.startswith("    ") and name in {f.name for f in dataclasses.fields(Config)}:
+                helps.setdefault(name, line.split("#", 1)[1].strip().replace("%", "%%"))
+    return helps
+
+
+def validate(cfg):
+    """Reject settings that make no sense, with one ValueError naming the flag."""
+    for name in ("steps", "batch_size", "n_steps_each", "ckpt_every", "sample_every", "log_every"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+    for name in ("sigma_1", "step_lr", "grad_clip"):  # 0 = Technique 1 / Technique 4 / no clipping
+        v = getattr(cfg, name)
+        if not v >= 0 or not math.isfinite(v):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0 = automatic/off), got {v}")
+    if not cfg.sigma_L > 0 or not math.isfinite(cfg.sigma_L):
+        raise ValueError(f"--sigma-L must be positive, got {cfg.sigma_L}")
+    if cfg.sigma_1 and cfg.sigma_1 <= cfg.sigma_L:
+        raise ValueError(f"need sigma_1 > sigma_L, got --sigma-1 {cfg.sigma_1} and --sigma-L {cfg.sigma_L}")
+    if cfg.L < 0:
+        raise ValueError(f"--L must be >= 1 (or 0 = Technique 2), got {cfg.L}")
+    if cfg.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {cfg.warmup}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.image_size != 0 and not 4 <= cfg.image_size <= 1024:
+        raise ValueError(f"--image-size must be 0 (native) or 4..1024, got {cfg.image_size}")
+    if cfg.device != "auto":
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            raise ValueError(f"--device {cfg.device!r} is not a torch device") from None
+        if (dev.type == "cuda" and not torch.cuda.is_available()) or (
+                dev.type == "mps" and not torch.backends.mps.is_available()) or dev.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"--device {cfg.device!r} is not available on this machine")
+
+
+def check_writable(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write_test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"{out}: output folder is not writable ({e.strerror})") from None
+
+
+def main(argv=None):
+    p = OneLineParser(description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_argument_group("what to do (pick one)")
+    mode.add_argument("--train", action="store_true", help="train (Eq. 6); writes <out>/ckpt.pt and grids")
+    mode.add_argument("--sample", action="store_true", help="sample (Algorithm 1) from --ckpt's EMA weights")
+    mode.add_argument("--inpaint", action="store_true", help="inpaint the right half of held-out images (Algorithm 2)")
+    p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt exactly (--steps is the run's total)")
+    p.add_argument("--ckpt", help="checkpoint for --sample / --inpaint")
+    p.add_argument("--n-samples", type=int, default=64, help="number of samples for --sample (default 64)")
+    p.add_argument("--n-inpaint", type=int, default=8, help="held-out images for --inpaint (default 8)")
+    p.add_argument("--preset", choices=sorted(PRESET_CONFIGS), help="v1 / v2 / v2-cifar10: the papers' settings")
+    helps = field_help()
+    for f in dataclasses.fields(Config):
+        p.add_argument("--" + f.name.replace("_", "-"), type=parse_bool if f.type in (bool, "bool") else type(f.default),
+                       default=None, choices=CHOICES.get(f.name), help=f"{helps.get(f.name, '')} (default {f.default})")
+    args = p.parse_args(argv)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    try:
+        if args.train + args.sample + args.inpaint != 1:
+            raise ValueError("choose exactly one of --train, --sample, --inpaint")
+        if (args.sample or args.inpaint) and not args.ckpt:
+            raise ValueError(f"--{'sample' if args.sample else 'inpaint'} needs --ckpt PATH")
+        if args.n_samples <= 0 or args.n_inpaint <= 0:
+            raise ValueError("--n-samples and --n-inpaint must be positive")
+        cfg = Config(**{**PRESET_CONFIGS.get(args.preset or "cpu"), **given})
+        validate(cfg)
+        check_writable(cfg.out)
+        if args.train:
+            cfg.resume = args.resume  # not a Config field: it is an action, not a setting stored in ckpt.pt
+            train(cfg)
+        else:
+            runtime = {k: v for k, v in given.items()
+                       if k in ("out", "device", "seed", "batch_size", "n_steps_each", "step_lr", "denoise")}
+            (run_sample if args.sample else run_inpaint)(args, runtime)
+    except (DataError, ValueError) as e:
+        print(f"{SCRIPT}.py: error: {e}", file=sys.stderr)  # one line, exit code 2 (argparse's convention)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
