@@ -1,0 +1,907 @@
+"""
+DDPM: Denoising Diffusion Probabilistic Models.
+
+Ho, Jain, Abbeel (2020), "Denoising Diffusion Probabilistic Models", arXiv 2006.11239.
+Official code (TensorFlow): github.com/hojonathanho/diffusion. This file is a PyTorch reading of the
+paper; it imports only common.py (the U-Net, the data loaders, the PNG writers).
+
+Commands
+    python ddpm.py --train                                  # 8x8 digits, runs/ddpm/; 7.7 min of one CPU core
+    python ddpm.py --sample --ckpt runs/ddpm/ckpt.pt --n-samples 64   # samples.png + samples.npz
+    python ddpm.py --eval-nll --ckpt runs/ddpm/ckpt.pt      # variational bound on held-out data, bits/dim
+    python ddpm.py --train --resume                         # continue runs/ddpm/ckpt.pt exactly
+    python ddpm.py --train --dataset moons --steps 3000     # a 2-D toy (MLP instead of the U-Net)
+    python ddpm.py --train --preset cifar10                 # the paper's CIFAR-10 run (35.7 M U-Net, 800k steps; a GPU)
+    python ddpm.py --train --loss-type vlb --schedule learned   # VDM's continuous bound, learned log-SNR schedule
+
+Map from the paper to this file
+    Eq. 2  forward step q(x_t | x_{t-1})           -> make_schedule (beta), DDPM.__init__ (alpha)
+    Eq. 4  q(x_t | x_0), closed form               -> DDPM.q_sample
+    Eq. 5  L = L_T + sum L_{t-1} + L_0 (KL form)   -> DDPM.nll_bpd
+    Eqs. 6-7 posterior q(x_{t-1} | x_t, x_0)        -> DDPM.q_posterior
+    Eq. 11 mean mu_theta from eps_theta            -> DDPM.p_mean_variance
+    Eq. 12 L_{t-1} as weighted eps error (lambda_t) -> DDPM.loss(loss_type="elbo")
+    Eq. 13 discretized Gaussian decoder L_0         -> discretized_gaussian_log_likelihood
+    Eq. 14 L_simple; Algorithm 1 (training)         -> DDPM.loss(loss_type="simple"), train
+    Algorithm 2 (sampling)                          -> DDPM.p_sample (one step), DDPM.sample (the loop)
+  Noise schedules as SNRs (Kingma et al. 2021, "Variational Diffusion Models", arXiv 2107.00630; issue 8):
+    Sec. 3 SNR(t) = exp(-gamma(t))                  -> gamma_discrete, gamma_linear_snr, gamma_cosine
+    Sec. 4 discrete-time loss L_T                   -> vdm_discrete_term, vlb_continuous(T=...)
+    Sec. 5 continuous-time loss L_inf (eps form)    -> vlb_continuous
+    Sec. 5.3 schedule trained for low variance      -> vdm_backward (--schedule-grad variance)
+    App. H monotone network gamma_phi               -> MonotoneGamma
+    App. I.1 low-discrepancy timesteps              -> low_discrepancy_uniform, --t-sampling low_discrepancy
+
+Symbols (paper -> code)
+    T                 number of diffusion steps                        T
+    beta_t            forward variance of step t                       beta
+    alpha_t           1 - beta_t                                       alpha
+    alpha_bar_t       prod_{s<=t} alpha_s (signal kept at step t)      alpha_bar
+    beta~_t           posterior variance (1-alpha_bar_{t-1})/(1-alpha_bar_t) beta_t   beta_tilde
+    sigma_t^2         reverse-process variance (beta_t or beta~_t)     sigma2
+    eps_theta         the network, predicts the noise eps              model(x_t, t)
+    x0_hat            (x_t - sqrt(1-alpha_bar_t) eps_theta) / sqrt(alpha_bar_t)   x0_hat
+
+Conventions (the same in all four scripts of this project)
+    Data are in [-1, 1] (common.py maps the K grey levels there before any noise is added).
+    Discrete time: tensor index i = 0..T-1 is the paper's t = i + 1; alpha_bar "before the first step"
+    (index -1, t = 0) is 1. The network is called as model(x_t, i) with i a LongTensor of shape (B,).
+    The last sampling step (t = 1, i = 0) adds no noise (Algorithm 2 returns the mean).
+
+Notation clashes
+    DDIM's alpha_t is this paper's alpha_bar_t. VDM's alpha_t^2 is alpha_bar_t and its sigma_t^2 is
+    1 - alpha_bar_t (the marginal variance); here sigma_t is the reverse-process standard deviation.
+"""
+import argparse
+import copy
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common import MLP, PRESETS, TOYS, DataError, UNet, load_data, save_grid, save_npz, save_scatter
+
+SCRIPT = "ddpm"  # the name written into every checkpoint
+
+
+# -----------------------------------------------------------------------------
+# Config: every default cites the paper; CPU defaults that differ say the paper's value.
+
+@dataclass
+class Config:
+    dataset: str = "digits"       # common.load_data name or an image folder; paper: CIFAR-10, CelebA-HQ, LSUN
+    image_size: int = 0           # 0 = the dataset's native size (digits 8, CIFAR-10 32)
+    model: str = "tiny"           # U-Net preset in common.PRESETS; paper: "cifar10" (35.7 M, App. B). Toys use common.MLP
+    T: int = 1000                 # Sec. 4: T = 1000
+    schedule: str = "linear"      # Sec. 4: linear; "cosine" is Nichol & Dhariwal (2021), Eq. 17 there;
+    #                               with --loss-type vlb: "linear_snr" (VDM's fixed gamma) or "learned" (VDM App. H)
+    beta_1: float = 1e-4          # Sec. 4: beta_1 = 1e-4 (linear schedule only)
+    beta_T: float = 0.02          # Sec. 4: beta_T = 0.02 (linear schedule only)
+    variance: str = "beta"        # Sec. 3.2: sigma_t^2 = beta_t (paper's CIFAR-10 choice) or "beta_tilde"
+    loss_type: str = "simple"     # Sec. 3.4: "simple" = L_simple (Eq. 14, the paper's); "elbo" = true bound (Eq. 12 + L_0);
+    #                               "vlb" = VDM's continuous-time bound (Kingma et al. 2021, Sec. 5), net gets 999 t
+    clip_denoised: str = "auto"   # official code clips x0_hat to [-1, 1] when sampling: auto = on for images, off for toys
+    t_sampling: str = "iid"       # timesteps per minibatch: "iid" uniform (Alg. 1) or "low_discrepancy" (VDM App. I.1)
+    schedule_grad: str = "bound"  # --schedule learned: "bound" = whole gamma on the bits/dim loss (VDM's official code);
+    #                               "variance" = gamma's interior minimises the estimator's variance (VDM Sec. 5.3)
+    steps: int = 1500             # total optimisation steps of the run; paper: 800k (CIFAR-10)
+    batch_size: int = 128         # App. B: 128
+    lr: float = 1e-3              # App. B: Adam 2e-4 (raised for the short CPU run)
+    warmup: int = 100             # App. B: 5000 steps of linear warm-up (shortened for the CPU run)
+    grad_clip: float = 1.0        # official code: global gradient norm clipped at 1.0
+    ema_decay: float = 0.995      # App. B: 0.9999 (shortened: 1500 steps are too few to average over 10k)
+    ckpt_every: int = 500         # steps between checkpoints (and one at the end, and on Ctrl-C)
+    sample_every: int = 500       # steps between sample grids from fixed noise
+    log_every: int = 100          # steps between progress lines
+    out: str = "runs/ddpm"        # output folder: ckpt.pt, grid_<step>.png, samples.png, samples.npz
+    seed: int = 0                 # seeds the one global torch RNG (data order, t, noise, dropout)
+    device: str = "auto"          # auto = cuda -> mps -> cpu
+
+
+# `--preset cifar10`: the paper's CIFAR-10 run (Sec. 4, App. B). Explicit flags override a preset.
+PRESET_CONFIGS = {
+    "digits": {},  # the CPU defaults above
+    "cifar10": dict(dataset="cifar10", model="cifar10", steps=800_000, batch_size=128, lr=2e-4, warmup=5000,
+                    ema_decay=0.9999, ckpt_every=5000, sample_every=10_000, log_every=1000),
+}
+
+
+# -----------------------------------------------------------------------------
+# Noise schedule (float64 throughout; cast once, where a coefficient meets the data)
+
+def make_schedule(schedule, T, beta_1=1e-4, beta_T=0.02):
+    """Sec. 4 of Ho et al. (2020): the forward variances beta_1..beta_T as a float64 tensor of length T.
+
+    linear: beta_t evenly spaced from beta_1 to beta_T (the paper's choice).
+    cosine: Nichol & Dhariwal (2021), alpha_bar(t) = f(t)/f(0) with f(t) = cos^2((t/T + s)/(1 + s) * pi/2),
+            s = 0.008, and beta_t = 1 - alpha_bar(t)/alpha_bar(t-1) clipped at 0.999 (else beta_T = 1
+            and 1/sqrt(alpha_T) is infinite).
+    """
+    if isinstance(schedule, torch.Tensor):  # betas given (a VDM log-SNR schedule discretised, see vdm_sampler)
+        return schedule.double()
+    if schedule == "linear":
+        return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+    if schedule == "cosine":
+        s = 0.008
+        u = torch.arange(T + 1, dtype=torch.float64) / T  # t/T for t = 0..T
+        f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+        alpha_bar = f / f[0]
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown schedule {schedule!r}; choose linear or cosine")
+
+
+def extract(a, i, x):
+    """a[i] for a batch of indices i (B,), cast to x's dtype and shaped (B, 1, ..., 1) to broadcast over x."""
+    return a[i.cpu()].to(x.dtype).to(x.device).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def normal_kl(mean1, var1, mean2, var2):
+    """KL( N(mean1, var1) || N(mean2, var2) ) per element, in nats."""
+    return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1)
+
+
+def discretized_gaussian_log_likelihood(x0, mean, var, levels):
+    """Eq. 13 of Ho et al. (2020): log p(x0 | x1) of a Gaussian integrated over x0's quantisation bin.
+
+    The data have K = levels values spaced 2/(K-1) apart in [-1, 1] (K = 256 gives the paper's 1/255
+    half-width). The bin of x0 is [x0 - 1/(K-1), x0 + 1/(K-1)], widened to -inf at x0 = -1 and to +inf at
+    x0 = +1. levels=None means continuous data: the Gaussian log density instead. Per element, in nats.
+    """
+    x0, mean, var = x0.double(), mean.double(), var.double()
+    if levels is None:
+        return -0.5 * (math.log(2 * math.pi) + torch.log(var) + (x0 - mean) ** 2 / var)
+    half, std = 1.0 / (levels - 1), var.sqrt()
+    z_plus, z_minus = (x0 - mean + half) / std, (x0 - mean - half) / std
+    log_cdf_plus = torch.special.log_ndtr(z_plus)          # log P(X <= upper edge), used at x0 = -1
+    log_sf_minus = torch.special.log_ndtr(-z_minus)        # log P(X >= lower edge), used at x0 = +1
+    # Middle bins: P(lower < X < upper), computed on the side of the mean where it does not cancel.
+    flip = z_minus > 0
+    a, b = torch.where(flip, -z_plus, z_minus), torch.where(flip, -z_minus, z_plus)
+    log_mid = torch.log((torch.special.ndtr(b) - torch.special.ndtr(a)).clamp(min=1e-300))
+    return torch.where(x0 < -1 + 1e-6, log_cdf_plus, torch.where(x0 > 1 - 1e-6, log_sf_minus, log_mid))
+
+
+# -----------------------------------------------------------------------------
+# Forward process and loss
+
+class DDPM:
+    """The diffusion of Ho et al. (2020): schedule, forward process, loss, ancestral sampler and bound.
+
+    Every method takes the network as a plain callable model(x_t, i) -> eps_hat, i a LongTensor (B,) of
+    indices 0..T-1 (the paper's t = i + 1), so tests can pass an exact noise predictor.
+    """
+
+    def __init__(self, T=1000, schedule="linear", beta_1=1e-4, beta_T=0.02, variance="beta",
+                 loss_type="simple", clip_denoised=False, levels=None, t_sampling="iid"):
+        if variance not in ("beta", "beta_tilde"):
+            raise ValueError(f"unknown variance {variance!r}; choose beta or beta_tilde")
+        if loss_type not in ("simple", "elbo", "vlb"):
+            raise ValueError(f"unknown loss_type {loss_type!r}; choose simple, elbo or vlb")
+        if t_sampling not in ("iid", "low_discrepancy"):
+            raise ValueError(f"unknown t_sampling {t_sampling!r}; choose iid or low_discrepancy")
+        self.T, self.variance, self.loss_type, self.t_sampling = T, variance, loss_type, t_sampling
+        self.clip_denoised, self.levels = clip_denoised, levels
+        self.beta = make_schedule(schedule, T, beta_1, beta_T)                  # (T,) float64
+        self.alpha = 1 - self.beta                                              # Eq. 4's alpha_t
+        self.alpha_bar = torch.cumprod(self.alpha, 0)                           # Eq. 4's alpha_bar_t
+        self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])  # t = 0: 1
+        # Eq. 7: posterior variance beta~_t; beta~_1 = 0 because x_0 is known exactly given x_1 and x_0.
+        self.beta_tilde = (1 - self.alpha_bar_prev) / (1 - self.alpha_bar) * self.beta
+        # Reverse variance sigma_t^2 (Sec. 3.2). At t = 1 it only enters the decoder L_0 (no noise is added
+        # there when sampling); the official code puts beta~_2 there for both choices ("fixedlarge":
+        # "to get a better decoder log likelihood"; "fixedsmall" clips the zero beta~_1 the same way).
+        sigma2 = self.beta if variance == "beta" else self.beta_tilde
+        self.sigma2 = torch.cat([self.beta_tilde[1:2], sigma2[1:]])
+        # Eq. 7: posterior mean mu~_t = coef_x0 * x_0 + coef_xt * x_t.
+        self.coef_x0 = self.alpha_bar_prev.sqrt() * self.beta / (1 - self.alpha_bar)
+        self.coef_xt = self.alpha.sqrt() * (1 - self.alpha_bar_prev) / (1 - self.alpha_bar)
+
+    def q_sample(self, x0, t, noise):
+        """Eq. 4 of Ho et al. (2020): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t an index (B,)."""
+        return extract(self.alpha_bar.sqrt(), t, x0) * x0 + extract((1 - self.alpha_bar).sqrt(), t, x0) * noise
+
+    def q_posterior(self, x0, x_t, t):
+        """Eqs. 6-7 of Ho et al. (2020): mean and variance of q(x_{t-1} | x_t, x_0).
+
+        mu~_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0 + sqrt(alpha_t)(1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
+        beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
+        """
+        mean = extract(self.coef_x0, t, x_t) * x0 + extract(self.coef_xt, t, x_t) * x_t
+        return mean, extract(self.beta_tilde, t, x_t)
+
+    def predict_x0(self, x_t, t, eps):
+        """Invert Eq. 4 for x_0: x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+        return (x_t - extract((1 - self.alpha_bar).sqrt(), t, x_t) * eps) / extract(self.alpha_bar.sqrt(), t, x_t)
+
+    def sample_t(self, B, device):
+        """Training timesteps (B,): i.i.d. uniform on {0..T-1} (Algorithm 1, line 3) or low-discrepancy.
+
+        Low-discrepancy (VDM, Kingma et al. 2021, App. I.1): u_i = mod(u_0 + i/B, 1) with one u_0 ~ U(0, 1),
+        so each interval [k/B, (k+1)/B) holds exactly one u_i; the index is floor(T u_i). Each u_i alone is
+        still uniform, so every loss estimate stays unbiased, with less variance across minibatches.
+        """
+        if self.t_sampling == "iid":
+            return torch.randint(self.T, (B,), device=device)
+        u = low_discrepancy_uniform(B)  # (B,) in [0, 1), one per interval [k/B, (k+1)/B)
+        return (u * self.T).long().clamp(max=self.T - 1).to(device)
+
+    def loss(self, model, x0, t=None, noise=None):
+        """Algorithm 1 of Ho et al. (2020): one minibatch estimate of the training objective.
+
+        loss_type "simple": L_simple = E_{t, x0, eps} || eps - eps_theta(x_t, t) ||^2 (Eq. 14), mean over
+          pixels and batch (the paper's choice: it drops the weights of Eq. 12).
+        loss_type "elbo": the true variational bound without L_T, estimated with one t per example:
+          t >= 2: L_{t-1} = lambda_t || eps - eps_theta ||^2 + C_t, lambda_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t))
+                  (Eq. 12), and C_t = (log(sigma_t^2 / beta~_t) + beta~_t / sigma_t^2 - 1) / 2 per dimension, the
+                  constant of Eq. 8 (zero for sigma^2 = beta~), so the sum is exactly the KL term of Eq. 5;
+          t = 1:  L_0 = -log p_theta(x_0 | x_1) (Eq. 13).
+          Times T (t is uniform over T values), per dimension: an unbiased estimate of (L - L_T)/D in nats.
+        """
+        B = x0.shape[0]
+        t = self.sample_t(B, x0.device) if t is None else t
+        noise = torch.randn_like(x0) if noise is None else noise
+        x_t = self.q_sample(x0, t, noise)                    # Eq. 4
+        eps = model(x_t, t)                                  # eps_theta(x_t, t)
+        if self.loss_type == "simple":
+            return (noise - eps).pow(2).mean()               # Eq. 14
+        lam = self.beta ** 2 / (2 * self.sigma2 * self.alpha * (1 - self.alpha_bar))  # Eq. 12 weights
+        C = 0.5 * (torch.log(self.sigma2 / self.beta_tilde) + self.beta_tilde / self.sigma2 - 1)  # Eq. 8's C
+        C[0] = 0                                             # (t = 1 takes the decoder term instead)
+        kl = extract(lam, t, x0) * (noise - eps).pow(2) + extract(C, t, x0)  # L_{t-1}, t >= 2, per element (nats)
+        mean = self.mean_from_eps(x_t, t, eps)               # Eq. 11: decoder mean at t = 1
+        nll0 = -discretized_gaussian_log_likelihood(x0, mean, extract(self.sigma2, t, x0), self.levels)
+        first = (t == 0).reshape(-1, *([1] * (x0.dim() - 1)))  # t = 1 takes the decoder term
+        per_elem = torch.where(first, nll0.to(x0.dtype), kl)
+        return self.T * per_elem.flatten(1).mean(1).mean()
+
+    # ------------------------------------------------------------------------------------------------
+    # Sampler
+
+    def mean_from_eps(self, x_t, t, eps):
+        """Eq. 11 of Ho et al. (2020): mu_theta = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_t)."""
+        coef = extract(self.beta / (1 - self.alpha_bar).sqrt(), t, x_t)
+        return (x_t - coef * eps) / extract(self.alpha.sqrt(), t, x_t)
+
+    def p_mean_variance(self, model, x_t, t, clip_denoised=None):
+        """Mean and variance of p_theta(x_{t-1} | x_t) (Eq. 1 with Eq. 11's mean and sigma_t^2 of Sec. 3.2).
+
+        clip_denoised=False: Eq. 11 exactly. clip_denoised=True (the official code, for images; NOT what
+        Algorithm 2 prints): x0_hat is clipped to [-1, 1] and the mean is the posterior mean of Eq. 7 at
+        that x0_hat. Without clipping both forms are the same number (Eq. 7 with Eq. 4 inverted = Eq. 11).
+        """
+        clip = self.clip_denoised if clip_denoised is None else clip_denoised
+        eps = model(x_t, t)
+        if clip:
+            x0_hat = self.predict_x0(x_t, t, eps).clamp(-1, 1)
+            mean, _ = self.q_posterior(x0_hat, x_t, t)
+        else:
+            mean = self.mean_from_eps(x_t, t, eps)
+        return mean, extract(self.sigma2, t, x_t)
+
+    @torch.no_grad()
+    def p_sample(self, model, x_t, t, generator=None, clip_denoised=None):
+        """One step of Algorithm 2 of Ho et al. (2020): x_{t-1} = mu_theta(x_t, t) + sigma_t z, z = 0 at t = 1.
+
+        t is the integer index i = t_paper - 1, the same for the whole batch.
+        """
+        i = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+        mean, var = self.p_mean_variance(model, x_t, i, clip_denoised)
+        if t == 0:
+            return mean  # the last step (t = 1) returns the mean: no noise is added
+        z = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype,
+                        device=generator.device if generator is not None else x_t.device).to(x_t.device)
+        return mean + var.sqrt() * z
+
+    @torch.no_grad()
+    def sample(self, model, shape, generator=None, clip_denoised=None, device="cpu", dtype=torch.float32, x_T=None):
+        """Algorithm 2 of Ho et al. (2020): ancestral sampling from x_T ~ N(0, I) down to x_0.
+
+        for t = T..1: x_{t-1} = mu_theta(x_t, t) + sigma_t z (z = 0 at t = 1). With clip_denoised (default: this
+        object's setting, on for images in the CLI) mu_theta is the posterior mean at clip(x0_hat, -1, 1), as the
+        official code samples images; that departs from Algorithm 2, which prints the unclipped Eq. 11.
+        generator drives x_T and every z (fixed noise -> comparable grids); x_T may be given instead.
+        """
+        g_device = generator.device if generator is not None else device
+        x = torch.randn(shape, generator=generator, dtype=dtype, device=g_device).to(device) if x_T is None else x_T
+        for i in reversed(range(self.T)):  # paper t = T, ..., 1
+            x = self.p_sample(model, x, i, generator, clip_denoised)  # x_{t-1} from x_t
+        return x
+
+    # ------------------------------------------------------------------------------------------------
+    # Evaluation
+
+    @torch.no_grad()
+    def nll_bpd(self, model, x0, clip_denoised=None, return_terms=False):
+        """Eq. 5 of Ho et al. (2020): the variational bound L = L_T + sum_{t>1} L_{t-1} + L_0, in bits/dim.
+
+        L_T = KL(q(x_T | x_0) || N(0, I)); L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) with
+        one x_t ~ q(x_t | x_0) per t (every t is evaluated, T network calls); L_0 = -log p_theta(x_0 | x_1)
+        with the discretized decoder of Eq. 13 (bin width from self.levels). Returns (B,) bits per dimension
+        (and the three parts if return_terms). Noise comes from the global torch RNG.
+        """
+        B, D = x0.shape[0], x0[0].numel()
+        ab_T = self.alpha_bar[-1].item()
+        prior = normal_kl(math.sqrt(ab_T) * x0.double().cpu(), torch.tensor(1 - ab_T, dtype=torch.float64),
+                          torch.zeros(()), torch.ones((), dtype=torch.float64))          # L_T
+        prior = prior.flatten(1).sum(1)
+        diffusion, decoder = torch.zeros(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
+        for i in range(self.T):
+            t = torch.full((B,), i, dtype=torch.long, device=x0.device)
+            x_t = self.q_sample(x0, t, torch.randn_like(x0))                    # Eq. 4
+            mean, var = self.p_mean_variance(model, x_t, t, clip_denoised)     # p_theta(x_{t-1} | x_t)
+            if i == 0:   # L_0, Eq. 13
+                ll = discretized_gaussian_log_likelihood(x0.cpu(), mean.cpu(), var.cpu(), self.levels)
+                decoder = -ll.flatten(1).sum(1).cpu()
+            else:        # L_{t-1}, Eqs. 5-7
+                q_mean, q_var = self.q_posterior(x0, x_t, t)
+                kl = normal_kl(*(v.cpu().double() for v in (q_mean, q_var, mean, var)))
+                diffusion += kl.flatten(1).sum(1).cpu()
+        to_bpd = 1.0 / (D * math.log(2))
+        total = (prior.cpu() + diffusion + decoder) * to_bpd
+        if return_terms:
+            return total, {"prior": prior.cpu() * to_bpd, "diffusion": diffusion * to_bpd, "decoder": decoder * to_bpd}
+        return total
+
+
+
+# -----------------------------------------------------------------------------
+# Noise schedules as signal-to-noise ratios (Kingma, Salimans, Poole, Ho 2021, "Variational Diffusion
+# Models", arXiv 2107.00630; VDM below). VDM writes z_t = alpha_t x + sigma_t eps with alpha_t^2 = alpha_bar_t
+# (this paper's) and sigma_t^2 = 1 - alpha_bar_t, and names a schedule by its log-SNR:
+#     SNR(t) = alpha_t^2 / sigma_t^2 = exp(-gamma(t)),  alpha_t^2 = sigmoid(-gamma(t)), sigma_t^2 = sigmoid(gamma(t)).
+# Continuous time t in [0, 1]; networks get 999 t (the convention of common.py for continuous inputs).
+
+def gamma_discrete(diffusion):
+    """VDM Sec. 3 applied to DDPM: gamma_t = -log SNR_t = log((1 - alpha_bar_t) / alpha_bar_t); index i <-> t = (i+1)/T."""
+    return torch.log1p(-diffusion.alpha_bar) - torch.log(diffusion.alpha_bar)
+
+
+def vdm_discrete_term(diffusion, x0, x0_hat, t):
+    """VDM Sec. 4 (discrete-time loss) = Eq. 5's L_{t-1} of Ho et al. when sigma_t^2 = beta~_t:
+    KL(q(x_{t-1} | x_t, x0) || q(x_{t-1} | x_t, x0_hat)) = (SNR_{t-1} - SNR_t) / 2 * || x0 - x0_hat ||^2, per example.
+    (SNR before the first step is infinite; t = 1 is the decoder's term, so t >= 2 here.)"""
+    snr = diffusion.alpha_bar / (1 - diffusion.alpha_bar)
+    d_snr = (snr[(t - 1).clamp(min=0)] - snr[t]).to(x0.dtype).to(x0.device)
+    return 0.5 * d_snr * (x0 - x0_hat).flatten(1).pow(2).sum(1)
+
+
+def gamma_linear_snr(t, gamma_min=-13.3, gamma_max=5.0):
+    """VDM Sec. 4 / App. (fixed schedule): log-SNR linear in t, gamma(t) = gamma_min + (gamma_max - gamma_min) t."""
+    return gamma_min + (gamma_max - gamma_min) * t
+
+
+def gamma_cosine(t, gamma_min=-13.3, gamma_max=5.0):
+    """Nichol & Dhariwal's cosine schedule seen as a log-SNR, moved to the same endpoints as gamma_linear_snr.
+
+    alpha_bar = cos^2(pi u / 2) gives gamma = 2 log tan(pi u / 2); u runs linearly between the two values where
+    gamma = gamma_min and gamma = gamma_max, so only the shape between the endpoints differs (VDM Sec. 5.1 test).
+    """
+    u0, u1 = (2 / math.pi * math.atan(math.exp(g / 2)) for g in (gamma_min, gamma_max))
+    return 2 * torch.log(torch.tan(math.pi / 2 * (u0 + (u1 - u0) * t)))
+
+
+GAMMAS = {"linear_snr": gamma_linear_snr, "cosine": gamma_cosine}
+
+
+class MonotoneGamma(torch.nn.Module):
+    """VDM App. H: a learned schedule gamma_phi(t), monotone in t because every weight is kept positive.
+
+    gamma~(t) = l1(t) + l3(sigmoid(l2(l1(t)))) with positive-weight linear layers (1 -> 1, 1 -> n, n -> 1; the
+    weights pass through softplus), then rescaled to the endpoints:
+    gamma(t) = gamma_0 + (gamma_1 - gamma_0) (gamma~(t) - gamma~(0)) / (gamma~(1) - gamma~(0)).
+    The endpoints (VDM defaults -13.3, 5.0) are fixed, or learned with learn_endpoints=True. float64 throughout.
+    """
+
+    def __init__(self, gamma_min=-13.3, gamma_max=5.0, n=1024, learn_endpoints=False):
+        super().__init__()
+        p = lambda v: torch.nn.Parameter(torch.as_tensor(v, dtype=torch.float64))  # noqa: E731
+        self.w1, self.b1 = p([[1.0]]), p([0.0])
+        self.w2, self.b2 = p(torch.randn(n, 1, dtype=torch.float64)), p(torch.randn(n, dtype=torch.float64))
+        self.w3 = p(torch.randn(1, n, dtype=torch.float64) / n)
+        self.ends = torch.nn.Parameter(torch.tensor([gamma_min, gamma_max], dtype=torch.float64),
+                                       requires_grad=learn_endpoints)
+
+    def shape(self, t):
+        """The unnormalised monotone network gamma~(t), t of shape (B,)."""
+        pos = torch.nn.functional.softplus
+        h1 = t.double()[:, None] @ pos(self.w1).T + self.b1                     # (B, 1)
+        h2 = torch.sigmoid(h1 @ pos(self.w2).T + self.b2)                       # (B, n)
+        return (h1 + h2 @ pos(self.w3).T)[:, 0]                                 # (B,)
+
+    def forward(self, t):
+        ends = self.shape(torch.tensor([0.0, 1.0], dtype=torch.float64, device=t.device))
+        g0, g1 = self.ends[0], self.ends[1]                                     # gamma(0), gamma(1)
+        g = g0 + (g1 - g0) * (self.shape(t.reshape(-1)) - ends[0]) / (ends[1] - ends[0])
+        return g.reshape(t.shape)
+
+
+def low_discrepancy_uniform(B, device="cpu"):
+    """VDM App. I.1: t_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1): one t per interval [i/B, (i+1)/B)."""
+    return ((torch.rand((), dtype=torch.float64) + torch.arange(B, dtype=torch.float64) / B) % 1).to(device)
+
+
+def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t=None, t_sampling="iid", T=None):
+    """VDM Sec. 5: the continuous-time (T -> infinity) bound, eps-parameterised, in bits/dim per example.
+
+    -log p(x) <= L_prior + L_recon + L_inf with
+      L_inf   = 1/2 E_{t ~ U(0,1), eps} [ gamma'(t) || eps - eps_hat(z_t; t) ||^2 ],  z_t = alpha_t x + sigma_t eps;
+      L_prior = KL(q(z_1 | x) || N(0, I));
+      L_recon = -log p(x | z_0) with z_0 ~ q(z_0 | x): here the Gaussian N(z_0 / alpha_0, sigma_0^2 / alpha_0^2)
+                integrated over x's quantisation bin (Eq. 13 of Ho et al.; VDM uses a softmax over the levels instead).
+    gamma'(t) comes from autograd, so a learned gamma gets gradients too. One t per example (i.i.d. or
+    low-discrepancy). Returns (total, {"prior", "diffusion", "recon"}) as (B,) tensors in bits/dim.
+
+    T (optional): VDM Sec. 4's discrete-time loss on the same schedule instead of L_inf,
+      L_T = T/2 E_{i ~ U{1..T}, eps} [ (SNR(s) - SNR(t)) || x - x_hat(z_t; t) ||^2 ],  t = i/T, s = (i-1)/T,
+    which lies above L_inf and decreases towards it as T grows (VDM: doubling T never hurts).
+    """
+    B, D = x0.shape[0], x0[0].numel()
+    x0 = x0.double()
+    if t is None:
+        ld = t_sampling == "low_discrepancy"
+        t = low_discrepancy_uniform(B, x0.device) if ld else torch.rand(B, dtype=torch.float64, device=x0.device)
+    if T is not None:
+        t = torch.ceil(t.double() * T).clamp(min=1) / T                       # t = i/T, i in 1..T
+    t = t.double().detach().requires_grad_(True)
+    with torch.enable_grad():
+        g_t = gamma(t)                                                        # (B,)
+        dg_dt = torch.autograd.grad(g_t.sum(), t, create_graph=True)[0]     # gamma'(t) > 0
+    shape = (-1, *([1] * (x0.dim() - 1)))
+    alpha, sigma = torch.sigmoid(-g_t).sqrt().reshape(shape), torch.sigmoid(g_t).sqrt().reshape(shape)
+    eps = torch.randn_like(x0)
+    z_t = alpha * x0 + sigma * eps
+    net_dtype = torch.float32 if isinstance(model, torch.nn.Module) else torch.float64  # oracles take float64
+    eps_hat = model(z_t.to(net_dtype), (999 * t.detach()).to(net_dtype))      # eps_hat(z_t; t), t passed as 999 t
+    if T is None:   # L_inf: 1/2 gamma'(t) ||eps - eps_hat||^2
+        diffusion = 0.5 * dg_dt * (eps - eps_hat.double()).flatten(1).pow(2).sum(1)
+    else:           # L_T: T/2 (SNR(s) - SNR(t)) ||x - x_hat||^2, x_hat = (z_t - sigma_t eps_hat) / alpha_t
+        x_hat = (z_t - sigma * eps_hat.double()) / alpha
+        d_snr = torch.exp(-gamma(t.detach() - 1.0 / T)) - torch.exp(-g_t)
+        diffusion = 0.5 * T * d_snr * (x0 - x_hat).flatten(1).pow(2).sum(1)
+    g_01 = gamma(torch.tensor([0.0, 1.0], dtype=torch.float64, device=x0.device))
+    var_1 = torch.sigmoid(g_01[1])                                            # sigma_1^2
+    prior = 0.5 * ((1 - var_1) * x0 ** 2 + var_1 - torch.log(var_1) - 1).flatten(1).sum(1)
+    alpha_0, var_ratio = torch.sigmoid(-g_01[0]).sqrt(), torch.exp(g_01[0])  # sigma_0^2 / alpha_0^2 = exp(gamma_0)
+    z_0 = alpha_0 * x0 + torch.sigmoid(g_01[0]).sqrt() * torch.randn_like(x0)
+    recon = -discretized_gaussian_log_likelihood(x0, z_0 / alpha_0, var_ratio.expand_as(x0), levels).flatten(1).sum(1)
+    to_bpd = 1.0 / (D * math.log(2))
+    terms = {"prior": prior * to_bpd, "diffusion": diffusion * to_bpd, "recon": recon * to_bpd}
+    return terms["prior"] + terms["diffusion"] + terms["recon"], terms
+
+
+class VDMNet(torch.nn.Module):
+    """The denoiser eps_hat(z_t; 999 t) plus, for --schedule learned, the schedule gamma_phi: one state_dict."""
+
+    def __init__(self, net, learned):
+        super().__init__()
+        self.net, self.gamma = net, MonotoneGamma() if learned else None
+
+    def forward(self, z, t):
+        return self.net(z, t)
+
+    def gamma_fn(self):
+        return self.gamma if self.gamma is not None else gamma_linear_snr
+
+
+def vdm_backward(model, bpd, terms, schedule_grad):
+    """Gradients for one VDM minibatch. "bound": everything descends the mean bits/dim. "variance" (VDM Sec. 5.3):
+    the bound's expectation depends on the schedule only through its endpoints (Sec. 5.1), so the interior of
+    gamma_phi is free to minimise the estimator's variance, whose gradient is that of E[L_diff^2]; the denoiser
+    and the endpoints still descend the bound."""
+    loss = bpd.mean()
+    if schedule_grad != "variance" or getattr(model, "gamma", None) is None:
+        loss.backward()
+        return
+    interior = [p for n, p in model.gamma.named_parameters() if n != "ends" and p.requires_grad]
+    rest = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in interior)]
+    g_rest = torch.autograd.grad(loss, rest, retain_graph=True, allow_unused=True) if rest else ()
+    g_int = torch.autograd.grad(terms["diffusion"].pow(2).mean(), interior, allow_unused=True)
+    for p, g in zip(rest + interior, g_rest + g_int):
+        p.grad = g
+
+
+@torch.no_grad()
+def vdm_sampler(vdm_net, T, variance="beta_tilde", clip=False, levels=None):
+    """Ancestral sampling for a continuous-time model: the DDPM chain on the grid t_i = (i+1)/T with
+    alpha_bar_i = sigmoid(-gamma(t_i)) / sigmoid(-gamma(0)) (z_0 at gamma(0) = -13.3 is treated as the clean data: its
+    noise sd is 1e-3); returns (DDPM, model) with model(x, i) = net(x, 999 t_i). With sigma^2 = beta~ each step is
+    VDM's ancestral step p(z_s | z_t) = q(z_s | z_t, x = x_hat)."""
+    gamma = vdm_net.gamma_fn()
+    ab = torch.sigmoid(-gamma(torch.arange(1, T + 1, dtype=torch.float64) / T))
+    ab_prev = torch.cat([torch.sigmoid(-gamma(torch.zeros(1, dtype=torch.float64))), ab[:-1]])
+    diffusion = DDPM(T, 1 - ab / ab_prev, variance=variance, clip_denoised=clip, levels=levels)
+    return diffusion, lambda x, i: vdm_net(x, (999 * (i + 1) / T).to(x.dtype))
+
+
+# -----------------------------------------------------------------------------
+# Training loop (Algorithm 1), checkpoints, sample grids
+
+# BEGIN COPY -------------------------------------------------------------------
+# Checkpoints: one dict {"script", "config", "step", "model", "ema", "optimizer", "rng"} of plain
+# tensors / numbers / strings, written atomically and read with weights_only=True (no code runs).
+
+def save_checkpoint(path, ckpt):
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint of this script, or raise DataError saying what the file is."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or a pickle that is not plain data
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "script" not in ckpt:
+        raise DataError(f"{path}: not a checkpoint of this project")
+    if ckpt["script"] != SCRIPT:
+        raise DataError(f"{path}: a {ckpt['script']} checkpoint, expected one written by {SCRIPT}.py")
+    return ckpt
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+class StopFlag:
+    """Ctrl-C and SIGTERM set a flag; the loop checks it between steps, saves, and exits cleanly."""
+
+    def __init__(self):
+        self.set = False
+        signal.signal(signal.SIGINT, self.handler)
+        signal.signal(signal.SIGTERM, self.handler)
+
+    def handler(self, signum, frame):
+        self.set = True
+# END COPY ---------------------------------------------------------------------
+
+
+# Fields a resumed run (or a sampler) must share with the checkpoint: they fix the network and the diffusion.
+MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T", "variance", "loss_type")
+
+
+def make_model(config):
+    """The noise predictor eps_theta for a checkpoint config: common.MLP for 2-D toys, else the U-Net.
+
+    config is a dict with "dataset", "model" and "data_shape" ([C, H, W] for images), as stored in ckpt.pt.
+    """
+    if config["dataset"] in TOYS:
+        net = MLP()
+    else:
+        C, H = config["data_shape"][0], config["data_shape"][-1]
+        net = UNet(in_ch=C, image_size=H, **PRESETS[config["model"]])
+    if config.get("loss_type") == "vlb":  # VDM objective: continuous t, the schedule may be learned
+        return VDMNet(net, learned=config["schedule"] == "learned")
+    return net
+
+
+def make_diffusion(cfg, levels, is_toy, model=None):
+    """The DDPM object for a Config; clip_denoised "auto" clips x0_hat for images only.
+    For --loss-type vlb: (DDPM discretising the model's gamma, model(x, i)) from vdm_sampler."""
+    clip = {"on": True, "off": False, "auto": not is_toy}[cfg.clip_denoised]
+    if cfg.loss_type == "vlb":
+        return vdm_sampler(model, cfg.T, clip=clip, levels=levels)
+    return DDPM(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T, cfg.variance, cfg.loss_type, clip, levels,
+                cfg.t_sampling)
+
+
+def read_ckpt(path, cfg=None):
+    """load_checkpoint plus the checks of this script: all keys present; config matches cfg where it must."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("config", "step", "model", "ema", "optimizer", "rng") if k not in ckpt]
+    if missing or not isinstance(ckpt["config"], dict) or "data_shape" not in ckpt["config"] or any(
+            k not in ckpt["config"] for k in MUST_MATCH):
+        raise DataError(f"{path}: a {SCRIPT} checkpoint with missing fields ({', '.join(missing) or 'config'})")
+    for k in MUST_MATCH if cfg is not None else ():
+        if ckpt["config"][k] != getattr(cfg, k):
+            raise DataError(f"{path}: trained with {k}={ckpt['config'][k]!r}, this run has {k}={getattr(cfg, k)!r}")
+    return ckpt
+
+
+def has_nonfinite(*modules):
+    return any(not torch.isfinite(p).all() for m in modules for p in m.parameters())
+
+
+def write_samples(x, path_png, data=None):
+    """A PNG of samples: an image grid, or for 2-D toys a scatter plot over the data."""
+    if x.dim() == 2:
+        save_scatter(x, path_png, data=None if data is None else data.x)
+    else:
+        save_grid(x, path_png)
+
+
+def train(cfg):
+    """Algorithm 1 of Ho et al. (2020) with the official recipe: Adam, warm-up, gradient clipping, EMA."""
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # one global RNG drives data order, t, noise and dropout
+    data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
+    is_toy = cfg.dataset in TOYS
+    config = {**dataclasses.asdict(cfg), "data_shape": list(data.x.shape[1:])}
+    model = make_model(config).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # EMA of parameters only (the nets have no buffers)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    os.makedirs(cfg.out, exist_ok=True)
+    path, step = os.path.join(cfg.out, "ckpt.pt"), 0
+    if cfg.resume:
+        ckpt = read_ckpt(path, cfg)
+        if list(ckpt["config"]["data_shape"]) != config["data_shape"]:
+            raise DataError(f"{path}: data shape {ckpt['config']['data_shape']}, this run has {config['data_shape']}")
+        model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        print(f"resumed from {path} at step {step}", flush=True)
+    vlb = cfg.loss_type == "vlb"
+    if not vlb:
+        diffusion = make_diffusion(cfg, data.levels, is_toy)
+    x_data = data.x.to(device)
+    n_grid = 2000 if is_toy else 64
+    grid_shape = (n_grid, *data.x.shape[1:])
+
+    saved = [step]  # the step of the checkpoint on disk
+
+    def checkpoint():
+        if has_nonfinite(model, ema):  # never save NaN weights; the previous checkpoint stays
+            raise DataError(f"non-finite weights at step {step}; last good checkpoint kept in {path}")
+        save_checkpoint(path, {"script": SCRIPT, "config": config, "step": step,
+                               "model": model.state_dict(), "ema": ema.state_dict(),
+                               "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state()}})
+        saved[0] = step
+
+    def sample_grid():
+        # Fixed noise (its own generator, so the training RNG is untouched): the grids differ only by the weights.
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        d, net = make_diffusion(cfg, data.levels, is_toy, ema) if vlb else (diffusion, ema)
+        x = d.sample(net, grid_shape, generator=g, device=device)
+        write_samples(x, os.path.join(cfg.out, f"grid_{step:07d}.png"), data if is_toy else None)
+
+    stop, t0, step0, losses = StopFlag(), time.time(), step, []
+    model.train()
+    while step < cfg.steps and not stop.set:
+        x0 = x_data[torch.randint(len(x_data), (cfg.batch_size,), device=device)]  # i.i.d. minibatch: exact resume
+        if data.flip:  # random horizontal flips (the paper's CIFAR-10 augmentation)
+            flip = (torch.rand(len(x0), device=device) < 0.5).reshape(-1, 1, 1, 1)
+            x0 = torch.where(flip, x0.flip(-1), x0)
+        if vlb:  # VDM Sec. 5: the bound itself, bits/dim (a learned gamma trains jointly on it)
+            bpd, terms = vlb_continuous(model, x0, model.gamma_fn(), data.levels, t_sampling=cfg.t_sampling)
+            loss = bpd.mean()
+        else:
+            loss = diffusion.loss(model, x0)                    # Algorithm 1, lines 2-5
+        if not torch.isfinite(loss):
+            raise DataError(f"non-finite loss at step {step + 1}; last good checkpoint kept in {path}")
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))  # linear warm-up
+        opt.zero_grad(set_to_none=True)
+        if vlb:
+            vdm_backward(model, bpd, terms, cfg.schedule_grad)
+        else:
+            loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise DataError(f"non-finite gradient at step {step + 1}; last good checkpoint kept in {path}")
+        opt.step()
+        with torch.no_grad():  # EMA of the parameters (App. B)
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1 - cfg.ema_decay)
+        step += 1
+        losses.append(loss.item())
+        if step % cfg.log_every == 0 or step == cfg.steps:  # progress line: step, loss, it/s, ETA
+            rate = (step - step0) / (time.time() - t0)
+            eta = (cfg.steps - step) / rate
+            print(f"step {step}/{cfg.steps}  loss {sum(losses) / len(losses):.4f}  {rate:.2f} it/s  "
+                  f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+            losses = []
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop.set:
+            checkpoint()
+        if step % cfg.sample_every == 0 or step == cfg.steps:
+            sample_grid()
+    if stop.set:
+        if saved[0] != step:  # the signal came during a sample grid, after this step's checkpoint decision
+            checkpoint()
+        print(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    print(f"done: {step} steps in {time.time() - t0:.0f} s; checkpoint {path}", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# Sampling and evaluation from a checkpoint
+
+def load_for_inference(args, cfg_overrides):
+    """Rebuild (cfg, diffusion, EMA network, device) from a checkpoint, without loading the data."""
+    ckpt = read_ckpt(args.ckpt)
+    fields = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
+    cfg = dataclasses.replace(cfg, **cfg_overrides)  # --out, --device, --seed, --clip-denoised, --batch-size
+    device = pick_device(cfg.device)
+    levels = 17 if cfg.dataset == "digits" else (None if cfg.dataset in TOYS else 256)
+    net = make_model(ckpt["config"])
+    try:
+        net.load_state_dict(ckpt["ema"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise DataError(f"{args.ckpt}: EMA weights do not fit the network of its config ({str(e).splitlines()[0]})")
+    if has_nonfinite(net):
+        raise DataError(f"{args.ckpt}: the EMA weights contain NaN or inf")
+    net = net.to(device).eval()
+    if cfg.loss_type == "vlb":
+        diffusion, model = make_diffusion(cfg, levels, cfg.dataset in TOYS, net)
+        diffusion.vdm_net = net  # --eval-nll uses the continuous bound for these
+        return cfg, ckpt, diffusion, model, device
+    return cfg, ckpt, make_diffusion(cfg, levels, cfg.dataset in TOYS), net, device
+
+
+def run_sample(args, cfg_overrides):
+    """--sample: n images (or 2-D points) from the EMA network -> samples.png and samples.npz."""
+    cfg, ckpt, diffusion, net, device = load_for_inference(args, cfg_overrides)
+    os.makedirs(cfg.out, exist_ok=True)
+    g = torch.Generator().manual_seed(cfg.seed)
+    shape, chunks = tuple(ckpt["config"]["data_shape"]), []
+    for start in range(0, args.n_samples, cfg.batch_size):
+        n = min(cfg.batch_size, args.n_samples - start)
+        chunks.append(diffusion.sample(net, (n, *shape), generator=g, device=device).cpu())
+        print(f"sampled {start + n}/{args.n_samples}", flush=True)
+    x = torch.cat(chunks)
+    if cfg.dataset in TOYS:  # 2-D points: scatter over the data; npz holds the raw float coordinates
+        write_samples(x, os.path.join(cfg.out, "samples.png"), load_data(cfg.dataset, train=False))
+        np.savez(os.path.join(cfg.out, "samples.npz"), arr_0=x.numpy())
+    else:
+        write_samples(x, os.path.join(cfg.out, "samples.png"))
+        save_npz(x, os.path.join(cfg.out, "samples.npz"))
+    print(f"wrote {cfg.out}/samples.png and {cfg.out}/samples.npz ({len(x)} samples)")
+
+
+def run_eval_nll(args, cfg_overrides):
+    """--eval-nll: the variational bound (Eq. 5) on held-out data, in bits/dim."""
+    cfg, ckpt, diffusion, net, device = load_for_inference(args, cfg_overrides)
+    data = load_data(cfg.dataset, train=False, image_size=cfg.image_size or None)
+    diffusion.levels = data.levels
+    torch.manual_seed(cfg.seed)
+    x = data.x[:args.n_eval]
+    totals, parts = [], {"prior": [], "diffusion": [], "decoder": []}
+    for start in range(0, len(x), cfg.batch_size):
+        xb = x[start:start + cfg.batch_size].to(device)
+        if cfg.loss_type == "vlb":  # VDM Sec. 5 bound, averaged over 16 low-discrepancy draws of t
+            vdm_net = diffusion.vdm_net
+            with torch.no_grad():
+                runs = [vlb_continuous(vdm_net, xb, vdm_net.gamma_fn(), data.levels, t_sampling="low_discrepancy")
+                        for _ in range(16)]
+            bpd = torch.stack([r[0] for r in runs]).mean(0).cpu()
+            terms = {"prior": runs[0][1]["prior"].cpu(), "recon": torch.stack([r[1]["recon"] for r in runs]).mean(0),
+                     "diffusion": torch.stack([r[1]["diffusion"] for r in runs]).mean(0)}
+            terms["decoder"] = terms.pop("recon").cpu()
+        else:
+            bpd, terms = diffusion.nll_bpd(net, xb, return_terms=True)
+        totals.append(bpd)
+        for k in parts:
+            parts[k].append(terms[k])
+        print(f"evaluated {start + len(bpd)}/{len(x)}: running bits/dim {torch.cat(totals).mean():.4f}", flush=True)
+    mean = {k: torch.cat(v).mean().item() for k, v in parts.items()}
+    print(f"bits/dim {torch.cat(totals).mean():.4f} on {len(x)} held-out {cfg.dataset} examples "
+          f"(prior L_T {mean['prior']:.4f}, diffusion {mean['diffusion']:.4f}, decoder L_0 {mean['decoder']:.4f})")
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2), like every other error here."""
+
+    def error(self, message):
+        print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+CHOICES = {"model": sorted(PRESETS), "schedule": ["linear", "cosine", "linear_snr", "learned"],
+           "variance": ["beta", "beta_tilde"], "loss_type": ["simple", "elbo", "vlb"], "clip_denoised": ["auto", "on", "off"],
+           "t_sampling": ["iid", "low_discrepancy"], "schedule_grad": ["bound", "variance"]}
+
+
+def field_help():
+    """Each config field's inline comment (its paper value) as the --help text, read from this file."""
+    helps, names, last = {}, {f.name for f in dataclasses.fields(Config)}, None
+    with open(os.path.abspath(__file__)) as f:
+        for line in f:
+            name = line.split(":")[0].strip()
+            if "#" in line and line.startswith("    ") and name in names and name not in helps:
+                helps[name], last = line.split("#", 1)[1].strip(), name
+            elif last and line.strip().startswith("#"):  # a continuation line of the previous field's comment
+                helps[last] += " " + line.strip().lstrip("#").strip()
+            else:
+                last = None
+    return helps
+
+
+def validate(cfg):
+    """Reject settings that make no sense, with one ValueError naming the flag."""
+    for name in ("steps", "batch_size", "T", "ckpt_every", "sample_every", "log_every"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in ("lr", "grad_clip"):
+        if not getattr(cfg, name) > 0 or not math.isfinite(getattr(cfg, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(cfg, name)}")
+    if cfg.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {cfg.warmup}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if (cfg.loss_type == "vlb") != (cfg.schedule in ("linear_snr", "learned")):
+        raise ValueError(f"--schedule {cfg.schedule} and --loss-type {cfg.loss_type} do not go together: "
+                         "linear_snr / learned are log-SNR schedules for --loss-type vlb, linear / cosine for the others")
+    if cfg.schedule == "linear" and not 0 < cfg.beta_1 <= cfg.beta_T < 1:
+        raise ValueError(f"need 0 < --beta-1 <= --beta-T < 1, got {cfg.beta_1} and {cfg.beta_T}")
+    if cfg.T < 2:
+        raise ValueError(f"--T must be at least 2, got {cfg.T}")
+    if cfg.image_size != 0 and not 4 <= cfg.image_size <= 1024:
+        raise ValueError(f"--image-size must be 0 (native) or 4..1024, got {cfg.image_size}")
+    if cfg.device != "auto":
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            raise ValueError(f"--device {cfg.device!r} is not a torch device") from None
+        if (dev.type == "cuda" and not torch.cuda.is_available()) or (
+                dev.type == "mps" and not torch.backends.mps.is_available()) or dev.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"--device {cfg.device!r} is not available on this machine")
+
+
+def check_writable(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write_test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"{out}: output folder is not writable ({e.strerror})") from None
+
+
+def main(argv=None):
+    p = OneLineParser(description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_argument_group("what to do (pick one)")
+    mode.add_argument("--train", action="store_true", help="train (Algorithm 1); writes <out>/ckpt.pt and grids")
+    mode.add_argument("--sample", action="store_true", help="sample (Algorithm 2) from --ckpt's EMA weights")
+    mode.add_argument("--eval-nll", action="store_true", help="variational bound (Eq. 5) on held-out data, bits/dim")
+    p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt exactly (--steps is the run's total)")
+    p.add_argument("--ckpt", help="checkpoint for --sample / --eval-nll")
+    p.add_argument("--n-samples", type=int, default=64, help="number of samples for --sample (default 64)")
+    p.add_argument("--n-eval", type=int, default=297, help="held-out examples for --eval-nll (default 297 = all digits)")
+    p.add_argument("--preset", choices=sorted(PRESET_CONFIGS), help="cifar10 = the paper's CIFAR-10 run (Sec. 4, App. B)")
+    helps = field_help()
+    for f in dataclasses.fields(Config):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None, choices=CHOICES.get(f.name),
+                       help=f"{helps.get(f.name, '')} (default {f.default})")
+    args = p.parse_args(argv)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    try:
+        if args.train + args.sample + args.eval_nll != 1:
+            raise ValueError("choose exactly one of --train, --sample, --eval-nll")
+        if (args.sample or args.eval_nll) and not args.ckpt:
+            raise ValueError(f"--{'sample' if args.sample else 'eval-nll'} needs --ckpt PATH")
+        if args.n_samples <= 0 or args.n_eval <= 0:
+            raise ValueError("--n-samples and --n-eval must be positive")
+        cfg = Config(**{**PRESET_CONFIGS.get(args.preset or "digits"), **given})
+        validate(cfg)
+        check_writable(cfg.out)
+        if args.train:
+            cfg.resume = args.resume  # not a Config field: it is an action, not a setting stored in ckpt.pt
+            train(cfg)
+        else:
+            runtime = {k: v for k, v in given.items() if k in ("out", "device", "seed", "clip_denoised", "batch_size")}
+            (run_sample if args.sample else run_eval_nll)(args, runtime)
+    except (DataError, ValueError) as e:
+        print(f"{SCRIPT}.py: error: {e}", file=sys.stderr)  # one line, exit code 2 (argparse's convention)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
