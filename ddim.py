@@ -1,0 +1,638 @@
+"""
+DDIM: Denoising Diffusion Implicit Models -- fast deterministic sampling, inversion and interpolation.
+
+Paper: Jiaming Song, Chenlin Meng, Stefano Ermon, "Denoising Diffusion Implicit Models", ICLR 2021,
+arXiv:2010.02502. Equation numbers below are those printed in the arXiv version.
+
+Commands (run from the repository root):
+    python ddim.py --train                                   # L_simple on the 8x8 digits, ~5 min on 2 CPU cores
+    python ddim.py --sample --ckpt runs/ddim/ckpt.pt --steps 50 --eta 0 --n-samples 64
+    python ddim.py --sample --ckpt runs/ddpm/ckpt.pt --steps 50 --eta 0   # a ddpm.py checkpoint works too
+    python ddim.py --sample --ckpt runs/ddim/ckpt.pt --steps 20 --eta 1 --skip quad --grid trailing
+    python ddim.py --encode --ckpt runs/ddim/ckpt.pt --steps 100      # x_0 -> x_T -> x_0, prints Table-2 error
+    python ddim.py --interpolate --ckpt runs/ddim/ckpt.pt --steps 50  # slerp between two latents x_T
+    python ddim.py --train --resume                                   # finish an interrupted run exactly
+With --sample / --encode / --interpolate, --steps is the length S of the sampling sub-sequence tau
+(same as --sample-steps); with --train it is the total number of optimisation steps.
+
+Map (paper -> code):
+    Eq. 4  q(x_t | x_0) = N(sqrt(alpha_t) x_0, (1 - alpha_t) I)    -> DDIM.q_sample
+    Eq. 5 with gamma = 1 (L_1 = DDPM's L_simple), Theorem 1         -> DDIM.loss
+    Eq. 9  predicted x_0 f_theta(x_t)                                -> DDIM.predict_x0
+    Eq. 12 generalised generative step                               -> DDIM.step
+    Eq. 16 sigma_tau_i(eta)                                          -> DDIM.sigma
+    Sec. 4.2 + App. D.2 sub-sequence tau ("uniform"/"quad")          -> DDIM.timesteps
+    Sec. 4.2, Eq. 12 on tau: the sampler                             -> DDIM.sample
+    Eq. 13 / 14 run backwards and forwards (Sec. 4.3, 5.4)           -> DDIM.encode / DDIM.decode
+    Sec. 5.3 + App. D.5 (Eq. 67) spherical interpolation of x_T      -> slerp, DDIM.interpolate
+    Table 2 per-dimension reconstruction MSE on [0, 1] pixels        -> reconstruction_error
+
+Symbols:
+    alpha_t      DDIM's alpha_t, the product of (1 - beta_s) for s <= t (code: alpha_bar[i])
+    beta_t       the forward-process variances of DDPM (same schedule as ddpm.py)
+    tau          increasing sub-sequence of [1..T] of length S; sampled in reverse
+    sigma_t      standard deviation of the fresh noise in Eq. 12; eta scales it (Eq. 16)
+    eps_theta    the network: eps_theta(x_t, t) predicts the noise in x_t
+    x0_hat       Eq. 9: the "predicted x_0" inside Eq. 12
+
+Notation clash: DDIM's alpha_t is DDPM's alpha-bar_t (the cumulative product), NOT DDPM's
+alpha_t = 1 - beta_t. This file stores it as `alpha_bar` so it reads the same as ddpm.py.
+
+Time index: tensor index i is the paper's t = i + 1, so i runs over 0..T-1 and the network is called
+as eps_theta(x, i) with i a LongTensor of shape (B,), exactly as in ddpm.py. The paper defines
+alpha_0 := 1 (after Eq. 12): here alpha_bar "at index -1", the level of clean data. Every sampler grid
+is built once as an explicit list of (t, t_prev) index pairs that ends with t_prev = -1, so the last
+step of every sampler lands on alpha = 1 and returns the predicted x_0 with no noise added.
+
+Data range: x in [-1, 1] (common.py maps the data there before any noise is added).
+"""
+import argparse
+import copy
+import dataclasses
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from common import MLP, PRESETS, TOYS, DataError, UNet, load_data, save_grid, save_npz, save_scatter
+
+SCRIPT = "ddim"  # the name written into every checkpoint
+EPS_SCRIPTS = ("ddim", "ddpm")  # checkpoints holding the same eps-network and schedule: both can be sampled
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+@dataclass
+class Config:
+    dataset: str = "digits"       # common.load_data name, or a folder of images (paper: CIFAR-10, CelebA, LSUN)
+    image_size: int = 0           # 0 = the dataset's native size
+    model: str = "tiny"           # UNet preset in common.PRESETS (paper: the DDPM U-Net, "cifar10"); toys use the MLP
+    T: int = 1000                 # Sec. 5: T = 1000 for every model, as in DDPM
+    schedule: str = "linear"      # DDPM's linear beta schedule (Sec. 5 reuses DDPM models); or "cosine"
+    beta_1: float = 1e-4          # DDPM Sec. 4: beta_1 = 1e-4
+    beta_T: float = 0.02          # DDPM Sec. 4: beta_T = 0.02
+    steps: int = 2000             # total optimisation steps of --train (paper: DDPM's 800k on CIFAR-10)
+    batch_size: int = 128         # paper (DDPM App. B): 128
+    lr: float = 1e-3              # paper (DDPM App. B): Adam 2e-4 (raised for the short CPU run)
+    warmup: int = 100             # paper (DDPM App. B): 5000 warm-up steps (CPU default shortened)
+    grad_clip: float = 1.0        # paper (DDPM App. B): 1.0
+    ema_decay: float = 0.995      # paper (DDPM App. B): 0.9999 (shortened: 2000 steps cannot average over 10k)
+    ckpt_every: int = 500         # steps between checkpoints
+    sample_every: int = 500       # steps between sample grids from fixed noise (S, eta, skip, grid as below)
+    log_every: int = 100          # steps between progress lines
+    out: str = "runs/ddim"        # folder for ckpt.pt and the PNGs
+    seed: int = 0                 # seeds the one global torch RNG (training) and the sampling generator
+    device: str = "auto"          # auto = cuda -> mps -> cpu
+    ckpt: str = ""                # checkpoint to sample from (--sample / --encode / --interpolate)
+    sample_steps: int = 50        # S = dim(tau); Table 1 uses S in {10, 20, 50, 100, 1000}
+    eta: float = 0.0              # Eq. 16: 0 = DDIM (deterministic), 1 = DDPM-like
+    skip: str = "uniform"         # App. D.2: "uniform" tau_i ~ i (default), "quad" tau_i ~ i^2 (CIFAR-10)
+    grid: str = "leading"         # "leading" = official range(0, T, T//S); "trailing" starts at t = T (Lin et al. 2024)
+    clip_denoised: str = "auto"   # clamp x0_hat to [-1, 1] when sampling: auto = on for images, off for 2-D toys.
+                                  # The official DDIM code does not clip; ddpm.py (as DDPM's code) does. Short
+                                  # CPU runs need it: unclipped 50-step samples of a 500-step model diverge.
+    n_samples: int = 64           # images written by --sample (and used by --encode / --interpolate)
+    n_interp: int = 9             # points on each interpolation strip (Fig. 6 of the paper shows 11)
+
+
+# BEGIN COPY -------------------------------------------------------------------
+# Checkpoints: one dict {"script", "config", "step", "model", "ema", "optimizer", "rng"} of plain
+# tensors / numbers / strings, written atomically and read with weights_only=True (no code runs).
+
+def save_checkpoint(path, ckpt):
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint of this script, or raise DataError saying what the file is."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or a pickle that is not plain data
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "script" not in ckpt:
+        raise DataError(f"{path}: not a checkpoint of this project")
+    if ckpt["script"] != SCRIPT:
+        raise DataError(f"{path}: a {ckpt['script']} checkpoint, expected one written by {SCRIPT}.py")
+    return ckpt
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+class StopFlag:
+    """Ctrl-C and SIGTERM set a flag; the loop checks it between steps, saves, and exits cleanly."""
+
+    def __init__(self):
+        self.set = False
+        signal.signal(signal.SIGINT, self.handler)
+        signal.signal(signal.SIGTERM, self.handler)
+
+    def handler(self, signum, frame):
+        self.set = True
+# END COPY ---------------------------------------------------------------------
+
+
+def load_eps_checkpoint(path):
+    """A checkpoint of ddim.py or of ddpm.py: same eps-network, same schedule, so both can be sampled."""
+    try:
+        return load_checkpoint(path)
+    except DataError:
+        # load_checkpoint refuses anything not written by ddim.py; a readable ddpm.py file is welcome here.
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            ckpt = None
+        if not (isinstance(ckpt, dict) and ckpt.get("script") in EPS_SCRIPTS):
+            if isinstance(ckpt, dict) and "script" in ckpt:
+                raise DataError(f"{path}: a {ckpt['script']} checkpoint, expected one written by ddim.py or ddpm.py "
+                                "(an eps-prediction network)") from None
+            raise
+    for key in ("config", "ema"):
+        if key not in ckpt:
+            raise DataError(f"{path}: {ckpt['script']} checkpoint without {key!r}; not a complete checkpoint")
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+# Noise schedule (float64; copied from ddpm.py so this file stands alone)
+
+def make_beta(schedule, T, beta_1, beta_T):
+    """beta_1..beta_T as a float64 tensor (T,): DDPM's linear schedule, or the cosine one of Nichol & Dhariwal."""
+    if schedule == "linear":
+        return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)  # DDPM Sec. 4
+    if schedule == "cosine":
+        s = 0.008  # Nichol & Dhariwal (2021), Eq. 17: f(t) = cos((t/T + s)/(1 + s) * pi/2)^2
+        u = torch.arange(T + 1, dtype=torch.float64) / T  # t/T for t = 0..T
+        f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+        alpha_bar = f / f[0]
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)  # beta_t, clipped so that alpha_T > 0
+    raise ValueError(f"unknown schedule {schedule!r}; choose linear or cosine")
+
+
+def extract(a, i, x):
+    """a[i] for a batch of indices i (B,), shaped (B, 1, ..., 1) to broadcast against x."""
+    return a.to(x.device)[i].to(x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+
+
+class DDIM:
+    """The diffusion quantities and samplers of Song et al. (2021) for one schedule of length T."""
+
+    def __init__(self, T=1000, schedule="linear", beta_1=1e-4, beta_T=0.02):
+        self.T = T
+        self.beta = make_beta(schedule, T, beta_1, beta_T)       # (T,) float64
+        self.alpha_bar = torch.cumprod(1 - self.beta, dim=0)     # (T,) DDIM's alpha_t = DDPM's alpha-bar_t
+
+    def a(self, i):
+        """DDIM's alpha at tensor index i as a float64 number; alpha at index -1 ("alpha_0 := 1") is 1."""
+        return 1.0 if i < 0 else float(self.alpha_bar[i])
+
+    # -------------------------------------------------------------------------
+    # Forward process and loss
+
+    def q_sample(self, x0, i, eps):
+        """Eq. 4 of Song et al. (2021): x_t = sqrt(alpha_t) x_0 + sqrt(1 - alpha_t) eps, t = i + 1."""
+        return extract(self.alpha_bar.sqrt(), i, x0) * x0 + extract((1 - self.alpha_bar).sqrt(), i, x0) * eps
+
+    def loss(self, model, x0):
+        """Eq. 5 of Song et al. (2021) with gamma = 1, i.e. DDPM's L_simple: E || eps - eps_theta(x_t, t) ||^2.
+
+        Theorem 1: for every sigma > 0 the variational objective J_sigma equals some L_gamma up to a
+        constant; since eps_theta^(t) is not shared across t, the optimum of L_1 is optimal for every
+        sigma. So the one network trained here (exactly DDPM's training) serves every sampler below.
+        """
+        i = torch.randint(self.T, (len(x0),), device=x0.device)  # t ~ Uniform{1..T} as index i = t - 1
+        eps = torch.randn_like(x0)                                # the noise the network must recover
+        x_t = self.q_sample(x0, i, eps)
+        return (eps - model(x_t, i)).pow(2).mean()
+
+    # -------------------------------------------------------------------------
+    # Samplers
+
+    def timesteps(self, S, skip="uniform", grid="leading"):
+        """Sec. 4.2 + App. D.2 of Song et al. (2021): the sub-sequence tau as explicit (t, t_prev) index pairs.
+
+        Returns S pairs (t, t_prev) of tensor indices, t strictly decreasing, each t_prev the next t,
+        and the last t_prev = -1 (alpha = 1). tau in paper indexing is {i + 1 for the listed i}.
+          uniform, leading:  i = 0, c, 2c, ..., (S-1)c with c = T // S. The official code's
+                             range(0, T, T // S): its largest t is T - T/S + 1, so it never visits t = T
+                             (ermongroup/ddim#40). When S does not divide T the official range has more
+                             than S entries; we keep its first S so that dim(tau) = S.
+          uniform, trailing: i = round(T - k T/S) - 1, k = 0..S-1: starts at t = T (Lin et al. 2024).
+          quad, leading:     i = int((sqrt(0.8 T) k / (S-1))^2), k = 0..S-1: the official CIFAR-10 choice,
+                             tau_i ~ i^2 up to 0.8 T (App. D.2 says "close to T").
+          quad, trailing:    i = round(T (k/S)^2) - 1, k = 1..S: tau_i ~ i^2 ending at t = T.
+        Rounding can repeat small indices (quad); repeats are pushed up by one, then capped at T - 1, so
+        tau is strictly increasing with exactly S entries (the official code silently repeats them).
+        """
+        T = self.T
+        if not 1 <= S <= T:
+            raise ValueError(f"the number of sampling steps must be in 1..T={T}, got {S}")
+        k = torch.arange(S, dtype=torch.float64)
+        if skip == "uniform" and grid == "leading":
+            tau = (k * (T // S)).long()
+        elif skip == "uniform" and grid == "trailing":
+            tau = torch.round(T - k * T / S).long().flip(0) - 1
+        elif skip == "quad" and grid == "leading":
+            tau = ((k * math.sqrt(0.8 * T) / max(S - 1, 1)) ** 2).long()
+        elif skip == "quad" and grid == "trailing":
+            tau = (torch.round(T * ((k + 1) / S) ** 2).long() - 1).clamp(min=0)
+        else:
+            raise ValueError(f"unknown skip/grid {skip!r}/{grid!r}; choose uniform|quad and leading|trailing")
+        tau = tau.tolist()
+        for n in range(1, S):  # strictly increasing: push repeats up ...
+            tau[n] = max(tau[n], tau[n - 1] + 1)
+        tau[-1] = min(tau[-1], T - 1)
+        for n in range(S - 2, -1, -1):  # ... and keep the top inside 0..T-1
+            tau[n] = min(tau[n], tau[n + 1] - 1)
+        tau = tau[::-1]  # sampling runs through reversed(tau)
+        return list(zip(tau, tau[1:] + [-1]))
+
+    def sigma(self, t, t_prev, eta):
+        """Eq. 16 of Song et al. (2021): sigma_tau_i(eta) = eta sqrt((1 - a_prev)/(1 - a_t)) sqrt(1 - a_t/a_prev).
+
+        eta = 1 gives DDPM's posterior std sqrt(beta-tilde) on the sub-sequence; eta = 0 gives DDIM.
+        """
+        a_t, a_prev = self.a(t), self.a(t_prev)
+        return eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
+
+    def predict_x0(self, x_t, eps, t):
+        """Eq. 9 of Song et al. (2021): f_theta(x_t) = (x_t - sqrt(1 - alpha_t) eps_theta(x_t)) / sqrt(alpha_t)."""
+        a_t = self.a(t)
+        return (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+
+    def step(self, x_t, eps, t, t_prev, eta=0.0, z=None, clip=False):
+        """Eq. 12 of Song et al. (2021): one generative step from index t to index t_prev.
+
+        x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma z,   sigma from Eq. 16.
+        With eta = 0 and the two indices swapped, the same line is one step of the encoder (Eq. 13 run
+        from t_prev up to t): that is how `encode` uses it.
+        clip=True clamps x0_hat to the data range [-1, 1] and re-derives eps from it, so that
+        x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) eps still holds (not in the paper or its official code;
+        DDPM's official sampler clips the same way; see Config.clip_denoised).
+        """
+        a_prev = self.a(t_prev)
+        sigma = self.sigma(t, t_prev, eta) if eta > 0 else 0.0
+        c = 1 - a_prev - sigma ** 2  # squared weight of the "direction pointing to x_t"
+        if c < -1e-12:
+            raise ValueError(f"eta={eta} too large: sigma^2 exceeds 1 - alpha_prev at t={t + 1}")
+        x0_hat = self.predict_x0(x_t, eps, t)                     # "predicted x_0"
+        if clip:  # keep x0_hat in [-1, 1]; the eps consistent with it points from x0_hat to x_t
+            x0_hat = x0_hat.clamp(-1, 1)
+            eps = (x_t - math.sqrt(self.a(t)) * x0_hat) / math.sqrt(1 - self.a(t))
+        x_prev = math.sqrt(a_prev) * x0_hat + math.sqrt(max(c, 0.0)) * eps  # + "direction pointing to x_t"
+        if sigma > 0:
+            x_prev = x_prev + sigma * z                           # + "random noise"
+        return x_prev
+
+    def run(self, model, x, pairs, eta=0.0, generator=None, clip=False):
+        """Eq. 12 of Song et al. (2021) along a list of (t, t_prev) pairs; returns the final x."""
+        for t, t_prev in pairs:
+            i = torch.full((len(x),), t, dtype=torch.long, device=x.device)
+            eps = model(x, i).to(x.dtype)                         # eps_theta(x_t, t)
+            # Fresh noise for every step when eta > 0 (the last step has sigma = 0 since alpha_prev = 1).
+            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) if eta > 0 else None
+            x = self.step(x, eps, t, t_prev, eta, z, clip)        # x_t -> x_{t_prev}
+        return x
+
+    @torch.no_grad()
+    def sample(self, model, shape, steps=50, eta=0.0, skip="uniform", generator=None, grid="leading",
+               x_T=None, dtype=torch.float32, device="cpu", clip=False):
+        """Sec. 4.2 of Song et al. (2021): Eq. 12 along reversed(tau), dim(tau) = steps, sigma from Eq. 16.
+
+        x_T ~ N(0, I) (drawn from `generator`, or given), then one Eq. 12 step per (t, t_prev) pair;
+        the last pair goes to alpha = 1 and returns x0_hat without noise. eta = 0 is deterministic.
+        clip=True clamps every x0_hat to [-1, 1] (off in the paper; see `step`).
+        """
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0 (Eq. 16), got {eta}")
+        pairs = self.timesteps(steps, skip, grid)  # the grid, built once
+        if x_T is None:
+            x_T = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+        return self.run(model, x_T, pairs, eta, generator, clip)
+
+    @torch.no_grad()
+    def decode(self, model, x_T, steps, skip="uniform", grid="leading", clip=False):
+        """Sec. 4.3 of Song et al. (2021): x_T -> x_0 by the eta = 0 process (Euler steps of Eq. 14)."""
+        return self.run(model, x_T, self.timesteps(steps, skip, grid), eta=0.0, clip=clip)
+
+    @torch.no_grad()
+    def encode(self, model, x0, steps, skip="uniform", grid="leading"):
+        """Sec. 4.3 / 5.4 of Song et al. (2021): x_0 -> x_T, Eq. 13 run from t = 0 up to T (reverse of Eq. 14).
+
+        Each step moves from index t_prev up to t with eps_theta evaluated at the current, less noisy
+        point: x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) eps, x0_hat from Eq. 9 at t_prev. The network is
+        not defined at alpha = 1 (t = 0), so the first step uses eps_theta(x_0, index 0): the error this
+        makes is part of the reconstruction error, and shrinks with the step size.
+        """
+        x = x0
+        for t, t_prev in reversed(self.timesteps(steps, skip, grid)):
+            i = torch.full((len(x),), max(t_prev, 0), dtype=torch.long, device=x.device)
+            eps = model(x, i).to(x.dtype)                          # eps_theta at the less noisy end
+            x = self.step(x, eps, t_prev, t)                       # Eq. 12 with sigma = 0, indices swapped
+        return x
+
+    @torch.no_grad()
+    def interpolate(self, model, x_T0, x_T1, n, steps=50, skip="uniform", grid="leading", clip=False):
+        """Sec. 5.3 of Song et al. (2021): decode slerp(x_T0, x_T1, lambda) for n values of lambda in [0, 1].
+
+        Returns (n, *x_T0.shape): row k is the decoded batch at lambda = k / (n - 1).
+        """
+        lam = torch.linspace(0, 1, n, dtype=torch.float64).tolist()
+        x_T = torch.stack([slerp(x_T0, x_T1, l) for l in lam])    # (n, B, ...)
+        x0 = self.decode(model, x_T.reshape(-1, *x_T0.shape[1:]), steps, skip, grid, clip)
+        return x0.reshape(n, *x_T0.shape)
+
+
+def slerp(x0, x1, lam):
+    """App. D.5, Eq. 67 of Song et al. (2021): spherical interpolation (Shoemake 1985), per batch element.
+
+    theta = arccos(<x0, x1> / (|x0| |x1|)),  x = sin((1 - lam) theta)/sin(theta) x0 + sin(lam theta)/sin(theta) x1.
+    """
+    a, b = x0.flatten(1).double(), x1.flatten(1).double()
+    cos = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).clamp(-1, 1)
+    theta = torch.acos(cos)[:, None]                               # (B, 1)
+    sin = torch.sin(theta).clamp(min=1e-12)                        # parallel latents: fall back to a lerp below
+    w0 = torch.where(theta > 1e-6, torch.sin((1 - lam) * theta) / sin, torch.full_like(theta, 1 - lam))
+    w1 = torch.where(theta > 1e-6, torch.sin(lam * theta) / sin, torch.full_like(theta, lam))
+    return (w0 * a + w1 * b).to(x0.dtype).reshape(x0.shape)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+def reconstruction_error(x0, x_rec):
+    """Table 2 of Song et al. (2021): per-dimension mean squared error with pixels scaled to [0, 1]."""
+    return ((x0 - x_rec) / 2).pow(2).mean().item()  # [-1, 1] -> [0, 1] halves every difference
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+def clip_for(cfg, dataset):
+    """Config.clip_denoised resolved for a dataset: auto = on for images (bounded in [-1, 1]), off for toys."""
+    return cfg.clip_denoised == "on" or (cfg.clip_denoised == "auto" and dataset not in TOYS)
+
+
+def make_model(dataset, data_shape, model):
+    """The eps-network of ddim.py and ddpm.py: the MLP for 2-D toys, else the U-Net preset."""
+    if dataset in TOYS:
+        return MLP()
+    C, H = data_shape[0], data_shape[-1]
+    return UNet(in_ch=C, image_size=H, **PRESETS[model])
+
+
+def save_samples(x, path, dataset):
+    """A PNG of samples: a scatter over held-out data for 2-D toys, else an image grid."""
+    if dataset in TOYS:
+        save_scatter(x, path, data=load_data(dataset, train=False, n_toy=2000).x)
+    else:
+        save_grid(x, path)
+
+
+def finite(module):
+    return all(torch.isfinite(p).all() for p in module.parameters())
+
+
+MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T")  # fields --resume checks
+
+
+def train(cfg):
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # one global RNG drives data order, t, noise and dropout
+    data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
+    data_shape = list(data.x.shape[1:])
+    diffusion = DDIM(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T)
+    model = make_model(cfg.dataset, data_shape, cfg.model).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)  # EMA of parameters only (the nets have no buffers)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    path, step = os.path.join(cfg.out, "ckpt.pt"), 0
+    if getattr(cfg, "resume", False):
+        ckpt = load_checkpoint(path)
+        old = ckpt.get("config", {})
+        for k in MUST_MATCH:
+            if old.get(k) != getattr(cfg, k):
+                raise DataError(f"{path}: checkpoint has {k}={old.get(k)!r}, this run {k}={getattr(cfg, k)!r}")
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise DataError(f"{path}: weights do not fit this network ({type(e).__name__})") from None
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        print(f"resumed from {path} at step {step}")
+    print(f"ddim: {cfg.dataset} {tuple(data.x.shape)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+          f"parameters, T={cfg.T} {cfg.schedule}, {cfg.steps} steps on {device}")
+    # Fixed noise for the progress grids, from its own generator so the global RNG (and --resume) is untouched.
+    g = torch.Generator().manual_seed(cfg.seed)
+    x_T_fixed = torch.randn((64, *data_shape), generator=g).to(device)
+    stop, t0, step0 = StopFlag(), time.time(), step
+    while step < cfg.steps and not stop.set:
+        model.train()
+        x0 = data.x[torch.randint(len(data.x), (cfg.batch_size,))].to(device)  # i.i.d. minibatch: exact resume
+        if data.flip:
+            flip = torch.rand(len(x0), device=device) < 0.5  # random horizontal flips (DDPM App. B, CIFAR-10)
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        loss = diffusion.loss(model, x0)
+        if not torch.isfinite(loss):
+            raise DataError(f"non-finite loss at step {step + 1}; last good checkpoint kept in {path}")
+        for grp in opt.param_groups:
+            grp["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)  # linear warm-up
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1 - cfg.ema_decay)
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rate = (step - step0) / (time.time() - t0)
+            print(f"step {step}/{cfg.steps}  loss {loss.item():.4f}  {rate:.2f} it/s  "
+                  f"ETA {(cfg.steps - step) / rate / 60:.1f} min", flush=True)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop.set:
+            if not (finite(model) and finite(ema)):  # never overwrite a good checkpoint with NaN weights
+                raise DataError(f"non-finite weights at step {step}; last good checkpoint kept in {path}")
+            save_checkpoint(path, {"script": SCRIPT, "config": {**dataclasses.asdict(cfg), "data_shape": data_shape},
+                                   "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+                                   "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state()}})
+        if step % cfg.sample_every == 0 or step == cfg.steps:
+            ema.eval()
+            x = diffusion.sample(ema, None, cfg.sample_steps, cfg.eta, cfg.skip, g, cfg.grid, x_T=x_T_fixed,
+                                 device=device, clip=clip_for(cfg, cfg.dataset))
+            save_samples(x, os.path.join(cfg.out, f"train_{step:06d}.png"), cfg.dataset)
+    if stop.set:
+        print(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {path}")
+
+
+# -----------------------------------------------------------------------------
+# Sampling, encoding and interpolation from a checkpoint (ddim.py's or ddpm.py's)
+
+def load_for_sampling(cfg):
+    """The EMA network and the DDIM schedule of a ddim.py / ddpm.py checkpoint, on the chosen device."""
+    ckpt = load_eps_checkpoint(cfg.ckpt)
+    c = ckpt["config"]
+    try:
+        diffusion = DDIM(int(c["T"]), c["schedule"], float(c["beta_1"]), float(c["beta_T"]))
+        net = make_model(c["dataset"], c["data_shape"], c.get("model", "tiny"))
+        net.load_state_dict(ckpt["ema"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise DataError(f"{cfg.ckpt}: {ckpt['script']} checkpoint that this script cannot rebuild "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not 1 <= cfg.sample_steps <= diffusion.T:
+        raise ValueError(f"--steps {cfg.sample_steps}: must be in 1..T={diffusion.T} of this checkpoint")
+    device = pick_device(cfg.device)
+    return net.to(device).eval(), diffusion, {**c, "script": ckpt["script"]}, device
+
+
+def batched(fn, x, size=256):
+    return torch.cat([fn(x[k:k + size]) for k in range(0, len(x), size)])
+
+
+def sample_cmd(cfg):
+    net, diffusion, c, device = load_for_sampling(cfg)
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    shape = (cfg.n_samples, *c["data_shape"])
+    x_T = torch.randn(shape, generator=g, device=device)
+    t0 = time.time()
+    x = batched(lambda xb: diffusion.sample(net, xb.shape, cfg.sample_steps, cfg.eta, cfg.skip, g, cfg.grid,
+                                            x_T=xb, device=device, clip=clip_for(cfg, c["dataset"])), x_T)
+    save_samples(x, os.path.join(cfg.out, "samples.png"), c["dataset"])
+    save_npz(x if x.dim() == 4 else x[:, None, None, :], os.path.join(cfg.out, "samples.npz"))
+    print(f"{cfg.n_samples} samples from a {c['dataset']} {c['script']} checkpoint, S={cfg.sample_steps} "
+          f"eta={cfg.eta} {cfg.skip}/{cfg.grid} clip={clip_for(cfg, c['dataset'])} in {time.time() - t0:.1f} s -> "
+          f"{cfg.out}/samples.png, samples.npz")
+
+
+def encode_cmd(cfg):
+    """Table 2 of the paper on held-out data: encode with S steps, decode with S steps, report the MSE."""
+    net, diffusion, c, device = load_for_sampling(cfg)
+    data = load_data(c["dataset"], train=False, image_size=c.get("image_size") or None)
+    x0 = data.x[:cfg.n_samples].to(device)
+    x_T = batched(lambda xb: diffusion.encode(net, xb, cfg.sample_steps, cfg.skip, cfg.grid), x0)
+    x_rec = batched(lambda xb: diffusion.decode(net, xb, cfg.sample_steps, cfg.skip, cfg.grid), x_T)
+    err = reconstruction_error(x0, x_rec)
+    path = os.path.join(cfg.out, "encode.png")
+    if c["dataset"] in TOYS:
+        save_scatter(x_rec, path, data=x0)
+    else:  # rows of 8: originals, then their reconstructions below
+        rows = [torch.cat([x0[k:k + 8], x_rec[k:k + 8]]) for k in range(0, len(x0), 8)]
+        save_grid(torch.cat(rows), path, nrow=min(8, len(x0)))
+    print(f"encode->decode with S={cfg.sample_steps}: per-dim MSE (pixels in [0,1]) {err:.6f}; "
+          f"latent std {x_T.std().item():.3f} -> {path}")
+
+
+def interpolate_cmd(cfg):
+    net, diffusion, c, device = load_for_sampling(cfg)
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    rows = min(cfg.n_samples, 8)
+    x_T0 = torch.randn((rows, *c["data_shape"]), generator=g, device=device)
+    x_T1 = torch.randn((rows, *c["data_shape"]), generator=g, device=device)
+    x = diffusion.interpolate(net, x_T0, x_T1, cfg.n_interp, cfg.sample_steps, cfg.skip, cfg.grid,
+                              clip_for(cfg, c["dataset"]))  # (n, rows, ...)
+    path = os.path.join(cfg.out, "interpolate.png")
+    if c["dataset"] in TOYS:
+        save_scatter(x.reshape(-1, 2), path)
+    else:
+        save_grid(x.transpose(0, 1).reshape(-1, *x.shape[2:]), path, nrow=cfg.n_interp)  # one strip per row
+    print(f"{rows} interpolation strips of {cfg.n_interp} points, S={cfg.sample_steps} -> {path}")
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad flags: one line on stderr and exit code 2, without argparse's usage dump."""
+        print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+CHOICES = {"schedule": ("linear", "cosine"), "skip": ("uniform", "quad"), "grid": ("leading", "trailing"),
+           "clip_denoised": ("auto", "on", "off"),
+           "model": tuple(PRESETS)}
+
+
+def validate(cfg, mode):
+    """Raise ValueError naming the first flag that makes no sense."""
+    for k in ("steps", "batch_size", "T", "warmup", "ckpt_every", "sample_every", "log_every", "sample_steps",
+              "n_samples", "n_interp"):
+        if getattr(cfg, k) <= 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(cfg, k)}")
+    for k in ("lr", "grad_clip", "beta_1", "beta_T"):
+        v = getattr(cfg, k)
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"--{k.replace('_', '-')} must be a positive number, got {v}")
+    if not (cfg.beta_1 <= cfg.beta_T < 1):
+        raise ValueError(f"need 0 < --beta-1 <= --beta-T < 1, got {cfg.beta_1}, {cfg.beta_T}")
+    if not (math.isfinite(cfg.eta) and cfg.eta >= 0):
+        raise ValueError(f"--eta must be >= 0 (Eq. 16), got {cfg.eta}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.image_size < 0:
+        raise ValueError(f"--image-size must be >= 0, got {cfg.image_size}")
+    if mode == "train" and cfg.sample_steps > cfg.T:
+        raise ValueError(f"--sample-steps {cfg.sample_steps} exceeds T={cfg.T}")
+    if mode != "train" and not cfg.ckpt:
+        raise ValueError(f"--{mode} needs --ckpt PATH (a ddim.py or ddpm.py checkpoint)")
+    try:  # the output folder must be writable before any work starts
+        os.makedirs(cfg.out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cfg.out):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {cfg.out}: cannot write there ({e.strerror or e})") from None
+
+
+def main(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = p.add_mutually_exclusive_group()
+    for m in ("train", "sample", "encode", "interpolate"):
+        modes.add_argument("--" + m, action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt exactly (with --train)")
+    for f in dataclasses.fields(Config):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
+                       default=None if f.name == "steps" else f.default, choices=CHOICES.get(f.name))
+    args = p.parse_args(argv)
+    mode = next((m for m in ("train", "sample", "encode", "interpolate") if getattr(args, m)), None)
+    try:
+        if mode is None:
+            raise ValueError("choose one of --train, --sample, --encode, --interpolate")
+        if args.resume and mode != "train":
+            raise ValueError("--resume goes with --train")
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+        if values["steps"] is None:
+            values["steps"] = Config.steps
+        elif mode != "train":  # --steps S in the sampling modes, as in the paper's usage
+            values["sample_steps"], values["steps"] = values["steps"], Config.steps
+        cfg = Config(**values)
+        validate(cfg, mode)
+        if mode == "train":
+            cfg.resume = args.resume  # not a Config field: it would be saved into the checkpoint's config
+            train(cfg)
+        else:
+            {"sample": sample_cmd, "encode": encode_cmd, "interpolate": interpolate_cmd}[mode](cfg)
+    except (DataError, ValueError) as e:
+        print(f"{SCRIPT}.py: error: {e}", file=sys.stderr)  # one line, exit code 2 (argparse's convention)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,541 @@
+"""Tests for ddim.py (Song, Meng, Ermon 2021, arXiv:2010.02502).
+
+The maths is checked against closed forms: an exact noise predictor eps*(x, t) of a 2-D Gaussian
+mixture (known at every noise level) is plugged into the sampler in float64, so any error in the
+samples comes from the sampler, not from a network. Each test's docstring lists the mutations of
+ddim.py it was seen to catch (each was applied by hand, the test run, and the mutation reverted).
+Then CLI and reliability tests on tiny runs (subprocess, tmp dirs).
+"""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+import ddim  # noqa: E402
+from common import MLP, PRESETS, UNet  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# Exact oracle: data x_0 ~ sum_k w_k N(mu_k, s^2 I) in 2-D. Then q(x_t) = sum_k w_k N(sqrt(a) mu_k, v I)
+# with v = a s^2 + 1 - a (a = DDIM's alpha_t), its score is closed form, and eps* = -sqrt(1 - a) * score.
+
+W = torch.tensor([0.3, 0.7], dtype=torch.float64)
+MU = torch.tensor([[-1.0, -0.5], [1.0, 0.8]], dtype=torch.float64)
+S = 0.3
+
+
+def responsibilities(x, a):
+    """p(k | x_t) for the noised mixture at level a, and the component means and variance there."""
+    m, v = math.sqrt(a) * MU, a * S ** 2 + 1 - a
+    logp = -((x[:, None] - m) ** 2).sum(-1) / (2 * v) + torch.log(W)
+    return torch.softmax(logp, 1), m, v
+
+
+class Oracle:
+    """eps*(x_t, i): the exact noise predictor (the minimiser of L_simple) of the mixture, float64."""
+
+    def __init__(self, diffusion):
+        self.alpha_bar = diffusion.alpha_bar
+        self.calls = 0
+
+    def __call__(self, x, i):
+        assert i.dtype == torch.long and i.shape == (len(x),) and (i == i[0]).all()  # the agreed net(x, t) contract
+        assert 0 <= int(i[0]) < len(self.alpha_bar)
+        self.calls += 1
+        a = float(self.alpha_bar[i[0]])
+        r, m, v = responsibilities(x, a)
+        score = (r[..., None] * (-(x[:, None] - m) / v)).sum(1)
+        return -math.sqrt(1 - a) * score
+
+
+def mixture(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = (torch.rand(n, generator=g) < W[1]).long()
+    return MU[k] + S * torch.randn(n, 2, generator=g, dtype=torch.float64)
+
+
+def stats(x):
+    """mean (2), covariance (xx, xy, yy) and the weight of component 0 (mean responsibility, exact in expectation)."""
+    w0 = responsibilities(x, 1.0)[0][:, 0].mean()
+    return torch.cat([x.mean(0), torch.cov(x.T).flatten()[[0, 1, 3]], w0[None]])
+
+
+MEAN = (W[:, None] * MU).sum(0)
+COV = (W[:, None, None] * (S ** 2 * torch.eye(2, dtype=torch.float64) + MU[:, :, None] * MU[:, None, :])).sum(0) \
+    - MEAN[:, None] * MEAN[None]
+TRUE = torch.cat([MEAN, COV.flatten()[[0, 1, 3]], W[:1]])  # (0.4, 0.41, 0.93, 0.546, 0.445, 0.3)
+
+
+# -----------------------------------------------------------------------------
+# 1. eta = 1 with steps = T is DDPM's ancestral sampler with sigma^2 = beta-tilde
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_eta1_all_steps_is_ddpm_ancestral_sampling(schedule):
+    """DDIM(eta=1, S=T) == Algorithm 2 of Ho et al. (2020) with sigma_t^2 = beta-tilde_t, to 1e-6.
+
+    The reference below is written from the DDPM paper only (alpha_t = 1 - beta_t, beta-tilde =
+    (1 - abar_{t-1})/(1 - abar_t) beta_t), with the same noise draws: x_T, then one z per step.
+    Caught: sigma-hat = sqrt(1 - a_t/a_prev) instead of Eq. 16 (7e-2); sigma^2 in place of sigma;
+    the sqrt(1 - a_prev - sigma^2) coefficient without sigma^2; alpha_prev read one index off;
+    a grid that skips t = T or stops before alpha = 1.
+    """
+    T, B = 1000, 256
+    d = ddim.DDIM(T, schedule)
+    pairs = d.timesteps(T)
+    assert pairs == [(i, i - 1) for i in range(T - 1, -1, -1)]  # S = T visits every t, ends at alpha_0 = 1
+    assert d.timesteps(T, grid="trailing") == pairs
+    oracle = Oracle(d)
+    x = d.sample(oracle, (B, 2), steps=T, eta=1.0, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert oracle.calls == T
+
+    # Independent DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), float64.
+    beta = ddim.make_beta(schedule, T, 1e-4, 0.02)
+    alpha = 1 - beta
+    abar = torch.cumprod(alpha, 0)
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn((B, 2), generator=g, dtype=torch.float64)
+    for t in range(T, 0, -1):  # paper t; tensor index t - 1
+        abar_prev = abar[t - 2] if t > 1 else torch.tensor(1.0, dtype=torch.float64)
+        beta_tilde = (1 - abar_prev) / (1 - abar[t - 1]) * beta[t - 1]
+        eps = oracle(y, torch.full((B,), t - 1, dtype=torch.long))
+        z = torch.randn((B, 2), generator=g, dtype=torch.float64)
+        y = (y - beta[t - 1] / (1 - abar[t - 1]).sqrt() * eps) / alpha[t - 1].sqrt() + beta_tilde.sqrt() * z
+    assert (x - y).abs().max() < 1e-6
+
+    # And one step on its own, at several t: Eq. 12 + Eq. 16 (eta = 1) == the DDPM posterior step.
+    x_t, z = torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    for i in (T - 1, 500, 10, 1, 0):
+        eps = oracle(x_t, torch.full((8,), i, dtype=torch.long))
+        ab_prev = abar[i - 1] if i > 0 else 1.0
+        ddpm = (x_t - beta[i] / (1 - abar[i]).sqrt() * eps) / alpha[i].sqrt() \
+            + ((1 - ab_prev) / (1 - abar[i]) * beta[i]).sqrt() * z
+        assert (d.step(x_t, eps, i, i - 1, eta=1.0, z=z) - ddpm).abs().max() < 1e-9
+
+
+def test_sigma_eq16_values():
+    """Eq. 16 by hand at one pair of levels: eta scales it, eta = 0 is 0, eta = 1 is sqrt(beta-tilde) on tau.
+
+    Caught: a missing factor sqrt((1 - a_prev)/(1 - a_t)); a/a_prev swapped (NaN); eta applied squared.
+    """
+    d = ddim.DDIM(1000)
+    a_t, a_p = float(d.alpha_bar[600]), float(d.alpha_bar[400])
+    expected = math.sqrt((1 - a_p) / (1 - a_t)) * math.sqrt(1 - a_t / a_p)
+    assert d.sigma(600, 400, 1.0) == pytest.approx(expected, rel=1e-12)
+    assert d.sigma(600, 400, 0.5) == pytest.approx(0.5 * expected, rel=1e-12)
+    assert d.sigma(600, 400, 0.0) == 0.0
+    assert d.sigma(20, -1, 1.0) == 0.0  # the last step (alpha_prev = 1) never adds noise
+    assert d.a(-1) == 1.0 and d.a(0) == pytest.approx(1 - 1e-4)
+
+
+# -----------------------------------------------------------------------------
+# 2. Exact-oracle sampling matches the data statistics
+
+@pytest.mark.parametrize("steps,eta,skip,grid", [
+    (50, 0.0, "uniform", "leading"), (100, 0.0, "uniform", "leading"), (50, 0.0, "uniform", "trailing"),
+    (50, 0.0, "quad", "leading"), (1000, 1.0, "uniform", "leading")])
+def test_oracle_samples_match_mixture(steps, eta, skip, grid):
+    """10,000 samples with the exact eps: mean, covariance and mixture weight within 0.05 of the truth.
+
+    Correct sampler: max deviation 0.019 (the statistics' own standard error is 0.005-0.011).
+    Caught (deviation seen): sqrt(a_prev) -> a_prev on x0_hat (>0.4); sqrt(1 - a_prev) -> (1 - a_prev)
+    on eps (>0.28); Eq. 9 with (1 - a_t) for sqrt(1 - a_t) (diverges); at eta = 1, sigma without the
+    sqrt((1 - a_prev)/(1 - a_t)) factor (>13) and the eps coefficient without -sigma^2 (>0.14);
+    a_prev read one index off at eta = 1 (>0.09).
+    """
+    d = ddim.DDIM(1000)
+    x = d.sample(Oracle(d), (10000, 2), steps=steps, eta=eta, skip=skip, grid=grid,
+                 generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    dev = (stats(x) - TRUE).abs()
+    assert dev.max() < 0.05, f"mean/cov/weight off by {dev.tolist()}"
+
+
+def test_eta0_is_deterministic_and_eta_validated():
+    """eta = 0 draws no noise: two runs from the same x_T agree exactly; eta < 0 and too large an eta raise."""
+    d = ddim.DDIM(1000)
+    x_T = torch.randn(64, 2, dtype=torch.float64)
+    a = d.sample(Oracle(d), None, steps=20, x_T=x_T, generator=torch.Generator().manual_seed(1))
+    b = d.sample(Oracle(d), None, steps=20, x_T=x_T, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError):
+        d.sample(Oracle(d), (4, 2), steps=10, eta=-0.1)
+    with pytest.raises(ValueError):
+        d.sample(Oracle(d), (4, 2), steps=10, eta=50.0)  # sigma^2 > 1 - alpha_prev: Eq. 12 undefined
+
+
+# -----------------------------------------------------------------------------
+# 3. encode -> decode round trip
+
+def test_encode_decode_round_trip_shrinks_with_steps():
+    """Sec. 5.4 / Table 2: reconstruction error of x_0 -> x_T -> x_0 falls as S grows; latents ~ N(0, I).
+
+    Measured with the oracle: 0.014 (S=10), 0.0013 (S=50), 0.00018 (S=200) per-dim MSE on [0,1] --
+    the same order as the paper's CIFAR-10 Table 2 (0.014 at S=10). Caught: decode using eta = 1.
+    Not caught (both ends of an encoder step give a consistent O(step) error): evaluating eps at the
+    noisier end of each encoder step.
+    """
+    d = ddim.DDIM(1000)
+    oracle = Oracle(d)
+    x0 = mixture(2000, seed=5)
+    errs = []
+    for S_ in (10, 50, 200):
+        x_T = d.encode(oracle, x0, S_)
+        errs.append(ddim.reconstruction_error(x0, d.decode(oracle, x_T, S_)))
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[0] < 0.03 and errs[2] < 5e-4, errs
+    # The encoder maps data to (approximately) the prior: mean 0, std 0.95 at S = 200 (Euler steps
+    # under-disperse a little; 0.99 at S = 1000).
+    assert x_T.mean().abs() < 0.05 and abs(x_T.std().item() - 1) < 0.08
+    # Decoding is the eta = 0 sampler itself.
+    assert torch.equal(d.decode(oracle, x_T, 20), d.sample(oracle, None, steps=20, x_T=x_T))
+
+
+def test_slerp_and_interpolate():
+    """Sec. 5.3: slerp keeps the norm of equal-norm orthogonal latents, hits both ends; interpolate decodes them."""
+    a, b = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 3.0]])
+    mid = ddim.slerp(a, b, 0.5)
+    assert torch.allclose(mid, torch.tensor([[3 / math.sqrt(2), 3 / math.sqrt(2)]]), atol=1e-6)
+    assert torch.allclose(ddim.slerp(a, b, 0.0), a) and torch.allclose(ddim.slerp(a, b, 1.0), b)
+    assert torch.allclose(ddim.slerp(a, a, 0.3), a)  # parallel latents: no division by sin(0)
+    d = ddim.DDIM(1000)
+    oracle = Oracle(d)
+    x0, x1 = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    path = d.interpolate(oracle, x0, x1, n=5, steps=10)
+    assert path.shape == (5, 4, 2)
+    assert torch.allclose(path[0], d.decode(oracle, x0, 10)) and torch.allclose(path[-1], d.decode(oracle, x1, 10))
+
+
+# -----------------------------------------------------------------------------
+# 4. The sub-sequence tau
+
+@pytest.mark.parametrize("T", [1000, 37])
+@pytest.mark.parametrize("skip", ["uniform", "quad"])
+@pytest.mark.parametrize("grid", ["leading", "trailing"])
+def test_grids_decreasing_unique_end_at_alpha_1(T, skip, grid):
+    """Every grid: S pairs, t strictly decreasing and unique in 0..T-1, chained, ending at t_prev = -1 (alpha = 1).
+
+    Caught: the official quad rounding (repeats at small t, e.g. 0, 0, 1 for S=50); a leading grid
+    using range(0, T, T//S) in full (more than S steps when S does not divide T); trailing grids
+    starting below t = T; a grid whose last step stops at t = 1 instead of alpha = 1.
+    """
+    d = ddim.DDIM(T)
+    for S_ in sorted({1, 2, 3, 7, 10, 20, 50, 100, 333, 999, 1000} & set(range(1, T + 1)) | {T}):
+        pairs = d.timesteps(S_, skip, grid)
+        ts = [t for t, _ in pairs]
+        assert len(pairs) == S_
+        assert all(a > b for a, b in zip(ts, ts[1:])) and len(set(ts)) == S_
+        assert 0 <= ts[-1] and ts[0] <= T - 1
+        assert [p for _, p in pairs] == ts[1:] + [-1]
+        assert d.a(pairs[-1][1]) == 1.0
+        if grid == "trailing":
+            assert ts[0] == T - 1  # starts at the paper's t = T
+        if skip == "uniform" and grid == "leading":
+            assert ts[::-1] == list(range(0, T, T // S_))[:S_]  # the official grid (its first S entries)
+    with pytest.raises(ValueError):
+        d.timesteps(T + 1)
+    with pytest.raises(ValueError):
+        d.timesteps(0)
+
+
+def test_official_grids_where_they_are_well_defined():
+    """Leading grids equal the official code's: range(0, 1000, 20) for S=50; int(linspace(0, sqrt(800), 10)^2)."""
+    d = ddim.DDIM(1000)
+    assert [t for t, _ in d.timesteps(50)][::-1] == list(range(0, 1000, 20))  # first t = 981, not 1000
+    official_quad = [int(v) for v in (torch.linspace(0, math.sqrt(800), 10, dtype=torch.float64) ** 2).tolist()]
+    assert [t for t, _ in d.timesteps(10, "quad")][::-1] == official_quad
+    assert [t for t, _ in d.timesteps(4, grid="trailing")] == [999, 749, 499, 249]  # starts at t = T
+
+
+def test_schedules_float64_and_loss():
+    """Schedules are float64 and match DDPM's definitions; loss is L_simple (near 1 for eps_theta = 0)."""
+    d = ddim.DDIM(1000)
+    assert d.alpha_bar.dtype == torch.float64
+    assert torch.allclose(d.beta, torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    c = ddim.DDIM(1000, "cosine")
+    f = lambda u: math.cos((u / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    assert float(c.alpha_bar[499]) == pytest.approx(f(500) / f(0), rel=1e-9)  # abar(t) = f(t)/f(0) (no clip hit)
+    torch.manual_seed(0)
+    x0 = torch.randn(4096, 2)
+    assert d.loss(lambda x, i: torch.zeros_like(x), x0).item() == pytest.approx(1.0, abs=0.05)
+    # An exact eps model of a point mass at 0 has zero loss: x_t = sqrt(1-a) eps.
+    zero = torch.zeros(512, 2)
+    assert d.loss(lambda x, i: x / (1 - d.alpha_bar[i]).sqrt().float()[:, None], zero).item() < 1e-10
+
+
+# -----------------------------------------------------------------------------
+# 5. CLI (subprocess), checkpoints, interop with ddpm.py, reliability (issue 9)
+
+def run(*args, cwd, timeout=240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "ddim.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+TOY = ["--dataset", "moons", "--batch-size", "64", "--log-every", "10", "--sample-every", "1000", "--sample-steps", "5"]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """One tiny training run on the 2-D moons (MLP), shared by the sampling CLI tests."""
+    out = tmp_path_factory.mktemp("toy")
+    r = run("--train", "--steps", "40", "--ckpt-every", "20", "--out", str(out), *TOY, cwd=out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_cli_train_sample_encode_interpolate(toy_run):
+    out = toy_run
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert set(ck) == {"script", "config", "step", "model", "ema", "optimizer", "rng"}
+    assert ck["script"] == "ddim" and ck["step"] == 40 and ck["config"]["data_shape"] == [2]
+    ck = str(out / "ckpt.pt")
+    runs = [["--sample", "--ckpt", ck, "--steps", "10", "--eta", "1", "--n-samples", "100", "--out", str(out / "s")],
+            ["--encode", "--ckpt", ck, "--steps", "5", "--n-samples", "16", "--out", str(out / "e")],
+            ["--interpolate", "--ckpt", ck, "--steps", "5", "--n-samples", "4", "--out", str(out / "e")]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "ddim.py"), *a], cwd=out, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for a in runs]
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=240)
+        assert p.returncode == 0, stderr
+    import numpy as np
+    assert (out / "s" / "samples.png").exists()
+    assert np.load(out / "s" / "samples.npz")["arr_0"].shape[0] == 100
+    assert (out / "e" / "encode.png").exists() and (out / "e" / "interpolate.png").exists()
+
+
+def ddpm_like_checkpoint(path, script="ddpm"):
+    """A checkpoint in the layout ddpm.py documents (notes/ddpm.md): digits, tiny U-Net, EMA under "ema"."""
+    cfg = {"dataset": "digits", "image_size": 0, "model": "tiny", "T": 1000, "schedule": "linear",
+           "beta_1": 1e-4, "beta_T": 0.02, "data_shape": [1, 8, 8]}
+    torch.manual_seed(0)
+    net = UNet(in_ch=1, image_size=8, **PRESETS["tiny"])
+    torch.save({"script": script, "config": cfg, "step": 0, "model": net.state_dict(), "ema": net.state_dict(),
+                "optimizer": {}, "rng": {"torch": torch.get_rng_state()}}, path)
+
+
+def test_cli_samples_a_ddpm_checkpoint(tmp_path, capsys):
+    """A checkpoint written in ddpm.py's agreed layout samples with ddim.py (grid PNG + npz of --n-samples).
+
+    In-process through main() (the subprocess path is covered by the tests above and below)."""
+    ddpm_like_checkpoint(tmp_path / "ddpm.pt")
+    r = main_inproc(capsys, "--sample", "--ckpt", str(tmp_path / "ddpm.pt"), "--steps", "5", "--n-samples", "12",
+                    "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "ddpm checkpoint" in r.stdout
+    import numpy as np
+    assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (12, 8, 8, 1)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "ddpm.py")), reason="ddpm.py not written yet")
+def test_cli_samples_a_checkpoint_trained_by_ddpm_py(tmp_path, capsys):
+    """Interop for real: ddpm.py trains a few steps, ddim.py samples its checkpoint."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "ddpm.py"), "--train", "--dataset", "moons",
+                        "--steps", "5", "--batch-size", "16", "--T", "50", "--out", str(tmp_path / "ddpm")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    r = run("--sample", "--ckpt", str(tmp_path / "ddpm" / "ckpt.pt"), "--steps", "5", "--n-samples", "8",
+            "--out", str(tmp_path / "s"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "ddpm checkpoint" in r.stdout
+    # S is checked against the checkpoint's own T (50 here), not the default 1000.
+    one_line_error(main_inproc(capsys, "--sample", "--ckpt", str(tmp_path / "ddpm" / "ckpt.pt"), "--steps", "51",
+                               "--out", str(tmp_path / "s")), "1..T=50")
+    assert (tmp_path / "s" / "samples.npz").exists()
+
+
+def one_line_error(r, *words):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("ddim.py: error: ") and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def main_inproc(capsys, *argv):
+    """ddim.main(argv) in this process: (exit code, stdout, stderr). Saves a Python start-up per case."""
+    code = 0
+    try:
+        ddim.main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    finally:  # undo StopFlag's signal handlers
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def bad_flag_cases(tmp_path, ck):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    foreign, corrupt = tmp_path / "ncsn.pt", tmp_path / "corrupt.pt"
+    torch.save({"script": "ncsn", "config": {}, "model": {}}, foreign)
+    corrupt.write_bytes(open(ck, "rb").read()[:300])
+    return [  # (argv, words the one-line message must contain)
+        (["--sample", "--ckpt", ck, "--eta", "-0.5"], ["--eta"]),
+        (["--sample", "--ckpt", ck, "--eta", "nan"], ["--eta"]),
+        (["--sample", "--ckpt", ck, "--steps", "0"], ["--sample-steps"]),
+        (["--sample", "--ckpt", ck, "--steps", "-3"], ["--sample-steps"]),
+        (["--sample", "--ckpt", ck, "--steps", "1001"], ["1..T=1000"]),
+        (["--sample", "--ckpt", ck, "--n-samples", "0"], ["--n-samples"]),
+        (["--train", "--steps", "0"], ["--steps"]),
+        (["--train", "--batch-size", "0"], ["--batch-size"]),
+        (["--train", "--lr", "-1e-3"], ["--lr"]),
+        (["--train", "--lr", "0"], ["--lr"]),
+        (["--train", "--T", "0"], ["--T"]),
+        (["--train", "--T", "10", "--sample-steps", "50"], ["exceeds T=10"]),
+        (["--train", "--beta-T", "1.5"], ["--beta-T"]),
+        (["--train", "--ema-decay", "1"], ["--ema-decay"]),
+        (["--train", "--image-size", "-8"], ["--image-size"]),
+        (["--train", "--schedule", "quadratic"], ["schedule"]),
+        (["--train", "--model", "huge"], ["model"]),
+        (["--sample", "--ckpt", ck, "--skip", "cubic"], ["skip"]),
+        (["--sample", "--ckpt", ck, "--grid", "middle"], ["grid"]),
+        (["--sample"], ["--ckpt"]),
+        (["--encode", "--resume", "--ckpt", ck], ["--resume"]),
+        (["--train", "--sample"], ["not allowed"]),
+        (["--train", "--out", str(blocker / "sub")], ["--out"]),
+        (["--sample", "--ckpt", str(tmp_path / "missing.pt")], ["no such checkpoint"]),
+        (["--sample", "--ckpt", str(foreign)], ["ncsn", "ddpm.py"]),
+        (["--sample", "--ckpt", str(corrupt)], ["corrupt.pt", "not a readable checkpoint"]),
+        (["--train", "--resume", "--out", str(tmp_path / "empty")], ["no such checkpoint"]),
+        ([], ["--train"]),
+        (["--train", "--dataset", "nonsense"], ["nonsense"]),
+        (["--train", "--steps", "abc"], ["--steps"]),
+    ]
+
+
+def test_bad_flags_table(tmp_path, toy_run, capsys):
+    """Issue 9: each nonsense flag -> exit 2, one line `ddim.py: error: ...` naming the problem, no traceback.
+
+    The whole table runs in-process through main(); the cases that go through argparse, checkpoint
+    loading and validation are also run as real subprocesses (concurrently) below.
+    """
+    cases = bad_flag_cases(tmp_path, str(toy_run / "ckpt.pt"))
+    for argv, words in cases:
+        extra = [] if "--out" in argv else ["--out", str(tmp_path / "o")]
+        one_line_error(main_inproc(capsys, *argv, *extra), *words)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    picked = [cases[i] for i in (0, 15, 24, 25)]
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "ddim.py"), *argv, "--out", str(tmp_path / "o")]
+                              if "--out" not in argv else [sys.executable, os.path.join(ROOT, "ddim.py"), *argv],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for argv, _ in picked]
+    for (argv, words), p in zip(picked, procs):
+        stdout, stderr = p.communicate(timeout=240)
+        one_line_error(subprocess.CompletedProcess(argv, p.returncode, stdout, stderr), *words)
+
+
+def test_resume_is_exact(tmp_path, capsys):
+    """Issue 9: 6 steps straight == 3 steps, stop, --resume to 6: identical model, EMA, optimizer, RNG (bitwise).
+
+    Digits + U-Net so dropout, minibatch indices, t and noise all come from the restored global RNG.
+    Caught: not restoring the RNG state; restarting the warm-up counter at 0.
+    """
+    args = ["--train", "--batch-size", "8", "--ckpt-every", "100", "--sample-every", "1000", "--log-every", "1",
+            "--warmup", "4", "--sample-steps", "2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main_inproc(capsys, *args, "--steps", "6", "--out", str(a)).returncode == 0
+    assert main_inproc(capsys, *args, "--steps", "3", "--out", str(b)).returncode == 0
+    r = main_inproc(capsys, *args, "--steps", "6", "--out", str(b), "--resume")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    ca, cb = (torch.load(p / "ckpt.pt", weights_only=True) for p in (a, b))
+    assert ca["step"] == cb["step"] == 6
+    for key in ("model", "ema"):
+        for k in ca[key]:
+            assert torch.equal(ca[key][k], cb[key][k]), (key, k)
+    for k, s in ca["optimizer"]["state"].items():
+        assert all(torch.equal(s[n], cb["optimizer"]["state"][k][n]) for n in s)
+    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
+    # --resume refuses a run whose schedule differs from the checkpoint's.
+    one_line_error(main_inproc(capsys, *args, "--steps", "8", "--out", str(b), "--resume", "--schedule", "cosine"),
+                   "schedule")
+
+
+def wait_for_checkpoint(path, proc, timeout=120):
+    t0 = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() - t0 < timeout
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_training_resumes(tmp_path, sig, capsys):
+    """Issue 9: SIGKILL mid-run leaves a loadable last checkpoint and --resume continues from it;
+    SIGTERM saves a checkpoint at the current step and exits with 130."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "ddim.py"), "--train", *TOY, "--steps", "100000",
+                          "--ckpt-every", "5", "--log-every", "1000", "--out", str(out)], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(out / "ckpt.pt", p)
+    time.sleep(0.5)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    if sig == signal.SIGTERM:
+        assert p.returncode == 130 and "continue with --resume" in err
+    else:
+        assert p.returncode == -signal.SIGKILL
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert step >= 5
+    r = main_inproc(capsys, "--train", *TOY, "--steps", str(step + 5), "--ckpt-every", "5", "--out", str(out),
+                    "--resume")
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {out / 'ckpt.pt'} at step {step}" in r.stdout
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == step + 5
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    """Issue 9: a NaN loss at step 5 -> one line naming the step, exit 2; the checkpoint of step 4 stays, finite."""
+    real_loss, calls = ddim.DDIM.loss, []
+
+    def loss(self, model, x0):
+        calls.append(1)
+        value = real_loss(self, model, x0)
+        return value * float("nan") if len(calls) >= 5 else value
+
+    monkeypatch.setattr(ddim.DDIM, "loss", loss)
+    r = main_inproc(capsys, "--train", *TOY, "--steps", "10", "--ckpt-every", "2", "--out", str(tmp_path))
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert err == [f"ddim.py: error: non-finite loss at step 5; last good checkpoint kept in {tmp_path / 'ckpt.pt'}"]
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 4 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_net_contract_with_real_networks():
+    """The sampler calls real networks with LongTensor t of shape (B,) and keeps shapes (U-Net and MLP)."""
+    d = ddim.DDIM(1000)
+    for net, shape in ((MLP(), (5, 2)), (UNet(in_ch=1, image_size=8, **PRESETS["tiny"]).eval(), (3, 1, 8, 8))):
+        assert d.sample(net, shape, steps=3, eta=0.5, generator=torch.Generator().manual_seed(0)).shape == shape
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "ddpm.py")), reason="ddpm.py not written yet")
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_schedule_copied_from_ddpm_py_is_identical(schedule):
+    """The copy (not import) of ddpm.py's schedule in ddim.py gives bit-identical betas."""
+    import ddpm
+    assert torch.equal(ddim.make_beta(schedule, 1000, 1e-4, 0.02), ddpm.make_schedule(schedule, 1000, 1e-4, 0.02))
+
+
+def test_clip_keeps_x0_hat_in_range_and_is_off_by_default():
+    """clip=True: every x0_hat is clamped to [-1, 1] and eps re-derived, so the eta = 0 sample lies in [-1, 1];
+    the default (the paper's sampler) does not clip, and clipping changes nothing when x0_hat is already inside."""
+    d = ddim.DDIM(1000)
+    wild = lambda x, i: -3 * x  # noqa: E731  an eps-model whose x0_hat leaves [-1, 1]
+    x_T = torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert d.sample(wild, None, 20, x_T=x_T).abs().max() > 1
+    assert d.sample(wild, None, 20, x_T=x_T, clip=True).abs().max() <= 1
+    # A point mass at 0.5: eps* = (x - sqrt(a) 0.5)/sqrt(1 - a), x0_hat = 0.5 exactly, so clipping is a no-op.
+    point = lambda x, i: (x - d.alpha_bar[i].sqrt()[:, None] * 0.5) / (1 - d.alpha_bar[i]).sqrt()[:, None]  # noqa
+    a, b = d.sample(point, None, 20, x_T=x_T), d.sample(point, None, 20, x_T=x_T, clip=True)
+    assert torch.allclose(a, b, atol=1e-12) and torch.allclose(a, torch.full_like(a, 0.5), atol=1e-9)
