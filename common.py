@@ -285,6 +285,9 @@ def read_cifar10(path, train):
     xs, ys = [], []
     try:
         with tarfile.open(path, "r:gz") as tar:
+            for m in tar.getmembers():  # nothing is extracted, but a member path leaving the folder means a bad file
+                if m.name.startswith("/") or ".." in m.name.split("/"):
+                    raise DataError(f"{path}: member {m.name!r} points outside the archive; refused")
             members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
             for n in names:
                 if n not in members:

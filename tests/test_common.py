@@ -228,6 +228,19 @@ def test_corrupt_idx_files(tmp_path):
         load_data("mnist", data_dir=str(tmp_path))
 
 
+def test_cifar_tarball_with_path_traversal_is_refused(tmp_path):
+    """The tarball is read in place (never extracted); a member named ../x or /x still marks it as bad."""
+    (tmp_path / "cifar10").mkdir()
+    for evil in ("../data_batch_1", "/etc/data_batch_1"):
+        with tarfile.open(tmp_path / "cifar10" / "cifar-10-python.tar.gz", "w:gz") as tar:
+            info = tarfile.TarInfo(evil)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+        with pytest.raises(DataError, match="points outside the archive"):
+            load_data("cifar10", data_dir=str(tmp_path))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["cifar-10-python.tar.gz", "cifar10"]
+
+
 def test_corrupt_cifar_and_unreadable_image_and_empty_folder(tmp_path):
     (tmp_path / "cifar10").mkdir()
     (tmp_path / "cifar10" / "cifar-10-python.tar.gz").write_bytes(b"garbage")
