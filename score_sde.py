@@ -1,0 +1,902 @@
+"""
+Score-based generative modeling through stochastic differential equations (score SDEs).
+
+Paper: Yang Song, Jascha Sohl-Dickstein, Diederik P. Kingma, Abhishek Kumar, Stefano Ermon, Ben Poole (2021),
+"Score-Based Generative Modeling through Stochastic Differential Equations", ICLR 2021, arXiv 2011.13456.
+Equation, algorithm and appendix numbers below are those printed in the arXiv version.
+
+Commands (outputs under runs/score_sde):
+    python score_sde.py --train                          # VP SDE on the embedded 8x8 digits (~4-5 min, idle 2-core CPU)
+    python score_sde.py --train --sde subvp              # or ve (sigma_max from the data, NCSNv2 Technique 1)
+    python score_sde.py --sample --sampler pc            # predictor-corrector (reverse diffusion + Langevin)
+    python score_sde.py --sample --sampler ode           # probability-flow ODE, adaptive RK45, prints the NFE
+    python score_sde.py --sample --sampler em            # also: reverse, ancestral (predictor only)
+    python score_sde.py --sample --predictor euler_maruyama --corrector ald --snr 0.1 --n-steps 200
+    python score_sde.py --train --resume                 # continue an interrupted run exactly
+    python score_sde.py --train --dataset moons          # 2-D toy (MLP instead of the U-Net)
+
+Map of the paper onto this file:
+    Eq. 5   forward SDE  dx = f(x, t) dt + g(t) dw          -> VESDE / VPSDE / subVPSDE .sde()
+    Eq. 6   reverse SDE  dx = [f - g^2 grad log p_t] dt + g dw_bar   -> SDE.reverse_sde
+    Eq. 7   continuous-time denoising score matching         -> loss   (likelihood weighting: Song et al. 2021b)
+    Eq. 8   SMLD (NCSN) Markov chain -> Eq. 9 VE SDE          -> VESDE (.discretize is Eq. 8)
+    Eq. 10  DDPM Markov chain -> Eq. 11 VP SDE                -> VPSDE (.discretize is Eq. 10)
+    Eq. 12  sub-VP SDE                                        -> subVPSDE
+    Eq. 13  probability-flow ODE  dx = [f - g^2/2 grad log p_t] dt   -> SDE.probability_flow, ode_sample
+    Eq. 4   DDPM ancestral step in score form                 -> ancestral_sampling (VP)
+    App. B  perturbation kernels p_0t(x(t) | x(0))            -> .marginal_prob, .prior_sampling, .prior_logp
+    App. C  sigma_min / sigma_max / epsilon choices           -> Config, sigma_max_technique1
+    App. D  probability-flow sampling with RK45 (rtol=atol=1e-5)  -> rk45, ode_sample
+    App. E  reverse diffusion samplers                        -> reverse_diffusion, euler_maruyama
+    App. F  ancestral sampling for SMLD (VE) models           -> ancestral_sampling (VE)
+    App. G  Alg. 1 PC sampling; Alg. 2 / 3 PC for VE / VP; Alg. 4 / 5 correctors   -> pc_sample, langevin, ald
+    Sec. 4.3, App. D.2  exact likelihood by the instantaneous change of variables, latent codes
+                                                              -> likelihood (+ divergence), encode, decode
+
+Symbols (paper -> code):
+    t in [eps, 1]  continuous time             t            (B,) float tensor
+    f(x, t), g(t)  drift and diffusion         drift, g
+    beta(t)        VP/sub-VP noise rate        sde.beta(t) = beta_min + t (beta_max - beta_min)
+    sigma(t)       VE noise level              sde.sigma(t) = sigma_min (sigma_max / sigma_min)^t
+    s_theta(x, t)  score network               score_fn(x, t)
+    z              standard normal noise       z
+    r              signal-to-noise ratio       snr          (Alg. 4 / 5)
+    eps_i          Langevin step size          step         (Alg. 4 / 5)
+    N, M           predictor / corrector steps n_steps, n_corrector_steps
+
+Conventions and notation clashes:
+  * Data range: models see x in [-1, 1] (common.py). The paper's VE values (sigma_min 0.01, sigma_max 50 on
+    CIFAR-10) are for data in [0, 1] (App. C); in [-1, 1] all distances double, so our sigma_min default is
+    0.02, and sigma_max is recomputed on the data as loaded (NCSNv2 Technique 1: the largest pairwise distance).
+    The paper's VP/sub-VP models already use centred [-1, 1] data (official configs: data.centered=True),
+    so beta_min = 0.1, beta_max = 20 carry over unchanged.
+  * Two "eps": the paper's epsilon is the smallest time (1e-5 in training, 1e-3 (VP, sub-VP) or 1e-5 (VE) when
+    sampling); the noise predicted by a DDPM-style network is eps_hat. "alpha" is the corrector's 1 - beta_i
+    (Alg. 5), not DDPM's alpha_bar.
+  * The network: common.UNet (or common.MLP for 2-D toys) gets continuous time as 999 t for VP / sub-VP, as the
+    official code does, and for VE the input 999 log(sigma / sigma_min) / log(sigma_max / sigma_min), derived
+    from sigma (for the geometric VE schedule this number equals 999 t). The score is read from the network as
+    in the official code (models/utils.py get_score_fn): VP / sub-VP predict the noise, s = -eps_hat / std_t;
+    VE networks output sigma * score (NCSN++ scale_by_sigma), s = net / sigma_t.
+  * Time grid: a sampler with N steps walks t_N = 1 > t_{N-1} > ... > t_0 = eps, t_k = eps + (1 - eps) k / N,
+    built once as (t, t_next) pairs; each predictor step goes from t to t_next (the chain index i = k), and the
+    discrete chains use beta_i = beta(t) dt (VP, Eq. 10 with dt = 1/N) and sigma_i = sigma(t_i) (VE, Eq. 8).
+  * Langevin step: the paper's Alg. 4/5 form x + e s + sqrt(2 e) z; NCSN's x + (a/2) s + sqrt(a) z is the same
+    with a = 2 e.
+  * Last step is noise-free: pc_sample returns x_mean, the last update without its noise.
+"""
+import argparse
+import copy
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common import MLP, PRESETS, TOYS, DataError, UNet, load_data, save_grid, save_npz, save_scatter
+
+SCRIPT = "score_sde"  # the name written into every checkpoint
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+@dataclass
+class Config:
+    # data and network
+    dataset: str = "digits"       # common.load_data name, or a folder of images (paper: CIFAR-10, CelebA, LSUN, FFHQ)
+    image_size: int = 0           # 0 = the dataset's native size
+    model: str = "tiny"           # UNet preset in common.PRESETS (paper: DDPM++ / NCSN++, ~60 M); toys use the MLP
+    # the SDE (Sec. 3.4, App. B)
+    sde: str = "vp"               # vp | subvp | ve
+    beta_min: float = 0.1         # App. B / C: beta(0) = 0.1 (VP, sub-VP; data in [-1, 1] as in the paper)
+    beta_max: float = 20.0        # App. B / C: beta(1) = 20
+    sigma_min: float = 0.02       # App. C: 0.01 for data in [0, 1] -> 0.02 in our [-1, 1]
+    sigma_max: float = 0.0        # 0 = NCSNv2 Technique 1 on the training data (paper: 50 for CIFAR-10 in [0, 1])
+    # training (Sec. 3.3, Eq. 7; App. H)
+    likelihood_weighting: bool = False  # lambda = g^2 (Song, Durkan, Murray, Ermon 2021); default lambda = std_t^2
+    train_eps: float = 1e-5       # App. C: t ~ U[1e-5, 1] while training
+    steps: int = 1600             # total optimisation steps of the run (paper: 1.3 M; CPU default shortened)
+    batch_size: int = 128         # paper: 128
+    lr: float = 2e-4              # paper: Adam 2e-4
+    warmup: int = 100             # paper: 5000 warm-up steps (CPU default shortened)
+    grad_clip: float = 1.0        # paper: gradient clipping at norm 1
+    ema_decay: float = 0.995      # paper: 0.999 (VE) / 0.9999 (VP, sub-VP); shortened for a ~2k-step CPU run
+    ckpt_every: int = 200         # steps between checkpoints (also written on Ctrl-C / SIGTERM and at the end)
+    sample_every: int = 800       # steps between sample grids from fixed noise
+    log_every: int = 100          # steps between progress lines
+    out: str = "runs/score_sde"   # output folder
+    ckpt: str = ""                # checkpoint to sample from ("" = <out>/ckpt.pt)
+    seed: int = 0
+    device: str = "auto"          # auto = cuda -> mps -> cpu
+    # sampling (Sec. 4, App. D / E / G)
+    sampler: str = "pc"           # pc | ode | em | reverse | ancestral (the last three: predictor only)
+    predictor: str = "reverse_diffusion"  # for --sampler pc: euler_maruyama | reverse_diffusion | ancestral_sampling | none
+    corrector: str = "langevin"   # for --sampler pc: langevin | ald | none
+    snr: float = 0.16             # App. G: r = 0.16 (CIFAR-10)
+    n_steps: int = 500            # N discretisation steps (paper: 1000; CPU default halved)
+    n_corrector_steps: int = 1    # M corrector steps per level (paper: 1)
+    sample_eps: float = 0.0       # 0 = paper default per SDE: 1e-3 (VP, sub-VP), 1e-5 (VE)
+    rtol: float = 1e-5            # App. D: RK45 rtol = atol = 1e-5
+    atol: float = 1e-5
+    n_samples: int = 64           # images written by --sample
+
+
+# -----------------------------------------------------------------------------
+# BEGIN COPY -------------------------------------------------------------------
+# Checkpoints: one dict {"script", "config", "step", "model", "ema", "optimizer", "rng"} of plain
+# tensors / numbers / strings, written atomically and read with weights_only=True (no code runs).
+
+def save_checkpoint(path, ckpt):
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint of this script, or raise DataError saying what the file is."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or a pickle that is not plain data
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "script" not in ckpt:
+        raise DataError(f"{path}: not a checkpoint of this project")
+    if ckpt["script"] != SCRIPT:
+        raise DataError(f"{path}: a {ckpt['script']} checkpoint, expected one written by {SCRIPT}.py")
+    return ckpt
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+class StopFlag:
+    """Ctrl-C and SIGTERM set a flag; the loop checks it between steps, saves, and exits cleanly."""
+
+    def __init__(self):
+        self.set = False
+        signal.signal(signal.SIGINT, self.handler)
+        signal.signal(signal.SIGTERM, self.handler)
+
+    def handler(self, signum, frame):
+        self.set = True
+# END COPY ---------------------------------------------------------------------
+
+
+# -----------------------------------------------------------------------------
+# Noise schedules: the three SDEs (Sec. 3.4, App. B)
+
+def bc(a, x):
+    """Broadcast a per-sample (B,) tensor against x (B, ...), in x's dtype."""
+    return a.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def randn(x, generator=None):
+    """Standard normal noise shaped like x, optionally from a torch.Generator (reproducible sampling)."""
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+class SDE:
+    """What the three SDEs share: Eq. 6, Eq. 13, an Euler-Maruyama chain and the Gaussian prior's log-density.
+
+    Schedules are computed in float64 (t is cast once) and returned in x's dtype by the callers.
+    """
+    N = 1000          # default number of discretisation steps for samplers
+    prior_std = 1.0   # std of the prior p_T = N(0, prior_std^2 I)
+    sample_eps = 1e-3 # App. C: smallest sampling time (VP, sub-VP)
+    name = ""
+
+    def reverse_sde(self, x, t, score):
+        """Eq. 6: the reverse-time SDE dx = [f(x, t) - g(t)^2 score] dt + g(t) dw_bar; returns (drift, g)."""
+        drift, g = self.sde(x, t)
+        return drift - bc(g ** 2, x) * score, g
+
+    def probability_flow(self, x, t, score):
+        """Eq. 13: the probability-flow ODE dx/dt = f(x, t) - g(t)^2 score / 2 (same marginals as Eq. 5)."""
+        drift, g = self.sde(x, t)
+        return drift - 0.5 * bc(g ** 2, x) * score
+
+    def discretize(self, x, t, dt):
+        """App. E: a Markov chain x_{i+1} = x_i + f_i + G_i z from Euler-Maruyama, f_i = f dt, G_i = g sqrt(dt)."""
+        drift, g = self.sde(x, t)
+        return drift * dt, g * math.sqrt(dt)
+
+    def prior_sampling(self, shape, generator=None, dtype=torch.float32, device="cpu"):
+        """x(T) ~ p_T = N(0, prior_std^2 I) (App. B)."""
+        return torch.randn(shape, generator=generator, dtype=dtype, device=device) * self.prior_std
+
+    def prior_logp(self, z):
+        """log N(z; 0, prior_std^2 I) per sample, (B,): the prior term of the likelihood (App. D.2)."""
+        d = z[0].numel()
+        return -0.5 * d * math.log(2 * math.pi * self.prior_std ** 2) - z.flatten(1).pow(2).sum(1) / (2 * self.prior_std ** 2)
+
+    def langevin_alpha(self, t, dt):
+        """Alg. 4 / 5: the corrector's step-size factor alpha_i (1 for VE)."""
+        return torch.ones_like(t, dtype=torch.float64)
+
+
+class VESDE(SDE):
+    """Eq. 9: the variance-exploding SDE dx = sqrt(d[sigma^2(t)]/dt) dw, continuous limit of SMLD / NCSN."""
+    name = "ve"
+    sample_eps = 1e-5  # App. C: VE samples end at t = 1e-5
+
+    def __init__(self, sigma_min=0.01, sigma_max=50.0, N=1000):
+        self.sigma_min, self.sigma_max, self.N = float(sigma_min), float(sigma_max), int(N)
+        self.prior_std = self.sigma_max
+        self.log_ratio = math.log(self.sigma_max / self.sigma_min)
+
+    def sigma(self, t):
+        """App. C: sigma(t) = sigma_min (sigma_max / sigma_min)^t, a geometric sequence in t."""
+        return self.sigma_min * torch.exp(t.double() * self.log_ratio)
+
+    def sde(self, x, t):
+        """f = 0, g(t) = sigma(t) sqrt(2 log(sigma_max / sigma_min)) = sqrt(d[sigma^2]/dt)."""
+        return torch.zeros_like(x), (self.sigma(t) * math.sqrt(2 * self.log_ratio)).to(x.dtype)
+
+    def marginal_prob(self, x, t):
+        """App. B: p_0t = N(x(0), sigma(t)^2 I), taking x(0) as the data perturbed by sigma_min (as the official code)."""
+        return x, self.sigma(t).to(x.dtype)
+
+    def discretize(self, x, t, dt):
+        """Eq. 8, the SMLD chain: x_i = x_{i-1} + sqrt(sigma_i^2 - sigma_{i-1}^2) z, between t - dt and t."""
+        G = (self.sigma(t) ** 2 - self.sigma(t - dt) ** 2).sqrt()
+        return torch.zeros_like(x), G.to(x.dtype)
+
+
+class VPSDE(SDE):
+    """Eq. 11: the variance-preserving SDE dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw, continuous limit of DDPM."""
+    name = "vp"
+
+    def __init__(self, beta_min=0.1, beta_max=20.0, N=1000):
+        self.beta_min, self.beta_max, self.N = float(beta_min), float(beta_max), int(N)
+
+    def beta(self, t):
+        """App. B: beta(t) = beta_min + t (beta_max - beta_min) (DDPM's linear beta_i = beta(i/N) / N)."""
+        return self.beta_min + t.double() * (self.beta_max - self.beta_min)
+
+    def int_beta(self, t):
+        """Integral of beta from 0 to t: beta_min t + t^2 (beta_max - beta_min) / 2."""
+        t = t.double()
+        return self.beta_min * t + 0.5 * t ** 2 * (self.beta_max - self.beta_min)
+
+    def beta_i(self, t, dt):
+        """beta_i = beta(t) dt of the DDPM chain (Eq. 10 with dt = 1/N); it must stay below 1."""
+        b = self.beta(t) * dt
+        if float(b.max()) >= 1:
+            raise ValueError(f"the VP chain needs beta(t) dt < 1 (got {float(b.max()):.2f}): use more steps "
+                             f"(--n-steps > beta_max = {self.beta_max:g})")
+        return b
+
+    def sde(self, x, t):
+        """f = -beta(t) x / 2, g = sqrt(beta(t))."""
+        beta = self.beta(t)
+        return -0.5 * bc(beta, x) * x, beta.sqrt().to(x.dtype)
+
+    def marginal_prob(self, x, t):
+        """App. B: p_0t = N(x(0) exp(-int beta / 2), (1 - exp(-int beta)) I)."""
+        B = self.int_beta(t)
+        return bc(torch.exp(-0.5 * B), x) * x, (-torch.expm1(-B)).sqrt().to(x.dtype)
+
+    def discretize(self, x, t, dt):
+        """Eq. 10, the DDPM chain: x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z with beta_i = beta(t) dt."""
+        beta_i = self.beta_i(t, dt)
+        return bc((1 - beta_i).sqrt(), x) * x - x, beta_i.sqrt().to(x.dtype)
+
+    def langevin_alpha(self, t, dt):
+        """Alg. 5: alpha_i = 1 - beta_i, the VP corrector's step-size factor."""
+        return 1 - self.beta_i(t, dt)
+
+
+class subVPSDE(VPSDE):
+    """Eq. 12: the sub-VP SDE dx = -beta x / 2 dt + sqrt(beta (1 - exp(-2 int beta))) dw (variance below VP's)."""
+    name = "subvp"
+    discretize = SDE.discretize  # no Markov chain behind it: Euler-Maruyama (as the official code)
+    # langevin_alpha is inherited: alpha_i = 1 - beta_i with sub-VP's beta(t). The official Langevin corrector
+    # reads `alphas`, which its subVPSDE lacks, and fails; this choice is ours.
+
+    def sde(self, x, t):
+        """f = -beta(t) x / 2, g = sqrt(beta(t) (1 - exp(-2 int_0^t beta)))."""
+        beta = self.beta(t)
+        return -0.5 * bc(beta, x) * x, (beta * -torch.expm1(-2 * self.int_beta(t))).sqrt().to(x.dtype)
+
+    def marginal_prob(self, x, t):
+        """App. B: p_0t = N(x(0) exp(-int beta / 2), (1 - exp(-int beta))^2 I)."""
+        B = self.int_beta(t)
+        return bc(torch.exp(-0.5 * B), x) * x, (-torch.expm1(-B)).to(x.dtype)
+
+
+def make_sde(name, beta_min=0.1, beta_max=20.0, sigma_min=0.02, sigma_max=50.0, N=1000):
+    """The SDE object for a --sde name."""
+    if name == "ve":
+        return VESDE(sigma_min, sigma_max, N)
+    if name in ("vp", "subvp"):
+        return (VPSDE if name == "vp" else subVPSDE)(beta_min, beta_max, N)
+    raise ValueError(f"unknown SDE {name!r}; choose vp, subvp or ve")
+
+
+def sigma_max_technique1(x, n_max=5000):
+    """Technique 1 of Song & Ermon (2020, NCSNv2, arXiv 2006.09011): sigma_max = the largest pairwise
+    Euclidean distance between training points (on a random subset of n_max points for large datasets)."""
+    x = x.flatten(1).double()
+    if len(x) > n_max:
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n_max]]
+    return max(float(torch.cdist(x[i:i + 1000], x).max()) for i in range(0, len(x), 1000))
+
+
+# -----------------------------------------------------------------------------
+# Forward process and loss (Sec. 3.3, Eq. 7)
+
+def ve_noise_input(sde, sigma):
+    """The VE network's noise input: 999 log(sigma / sigma_min) / log(sigma_max / sigma_min), in [0, 999]."""
+    return 999 * torch.log(sigma.double() / sde.sigma_min) / sde.log_ratio
+
+
+def make_score_fn(net, sde):
+    """The score s_theta(x, t) read from a network as the official code does (models/utils.py get_score_fn).
+
+    VP / sub-VP: the network predicts the noise from (x, 999 t), and s = -eps_hat / std_t (std_t from App. B).
+    VE: the network sees a sigma-derived input and outputs sigma_t * score, so s = net / sigma_t.
+    """
+    def score_fn(x, t):
+        std = sde.marginal_prob(x, t)[1]  # (B,)
+        if isinstance(sde, VESDE):
+            out = net(x.float(), ve_noise_input(sde, std).float()).to(x.dtype)
+            return out / bc(std, x)
+        return -net(x.float(), (999 * t).float()).to(x.dtype) / bc(std, x)
+    return score_fn
+
+
+def loss(score_model, sde, x, likelihood_weighting=False, eps=1e-5):
+    """Eq. 7 of Song et al. (2021): continuous-time denoising score matching.
+
+    E_t E_x(0) E_x(t)|x(0) [ lambda(t) |s_theta(x(t), t) - grad log p_0t(x(t) | x(0))|^2 ],  t ~ U[eps, 1],
+    with grad log p_0t = -z / std_t for x(t) = mean_t + std_t z. Weighting: lambda(t) = std_t^2 (Sec. 3.3,
+    proportional to 1 / E|grad log p_0t|^2), giving |std_t s + z|^2; or the likelihood weighting lambda = g(t)^2
+    of Song, Durkan, Murray, Ermon (2021, arXiv 2101.09258), the official code's `likelihood_weighting` flag.
+    Averaged over dimensions (official reduce_mean=True; the other choice, a half-sum, only rescales it).
+    """
+    t = torch.rand(len(x), device=x.device) * (1 - eps) + eps   # t ~ U[eps, 1] from the global RNG
+    z = torch.randn_like(x)
+    mean, std = sde.marginal_prob(x, t)
+    x_t = mean + bc(std, x) * z                                  # a sample of p_0t(x(t) | x(0)) (App. B)
+    score = score_model(x_t, t)
+    if not likelihood_weighting:
+        losses = (score * bc(std, x) + z) ** 2                   # lambda = std_t^2
+    else:
+        g2 = sde.sde(torch.zeros_like(x), t)[1] ** 2
+        losses = (score + z / bc(std, x)) ** 2 * bc(g2, x)       # lambda = g(t)^2
+    return losses.flatten(1).mean(1).mean()
+
+
+# -----------------------------------------------------------------------------
+# Samplers (Sec. 4, App. D-G). Every sampler takes score_fn(x, t), t a (B,) tensor in (0, 1].
+# Predictors and correctors return (x, x_mean): the new state and the same update without its noise.
+
+def time_grid(N, eps):
+    """The (t, t_next) pairs of N steps from t = 1 down to t = eps: t_k = eps + (1 - eps) k / N, k = N ... 0."""
+    ts = [eps + (1 - eps) * k / N for k in range(N, -1, -1)]
+    return list(zip(ts[:-1], ts[1:]))
+
+
+def full(x, t):
+    """A time t (float) as the (B,) tensor the score function takes."""
+    return torch.full((len(x),), t, dtype=torch.float64, device=x.device)
+
+
+def euler_maruyama(score_fn, sde, x, t, t_next, generator=None):
+    """App. E (and D.3): one Euler-Maruyama step of the reverse SDE (Eq. 6) from t to t_next < t."""
+    dt = t - t_next
+    drift, g = sde.reverse_sde(x, full(x, t), score_fn(x, full(x, t)))
+    x_mean = x - drift * dt                                   # deterministic part (time runs backwards)
+    return x_mean + bc(g, x) * math.sqrt(dt) * randn(x, generator), x_mean
+
+
+def reverse_diffusion(score_fn, sde, x, t, t_next, generator=None):
+    """App. E: the reverse-diffusion predictor, the forward chain run backwards in the same discretisation:
+    x_i = x_{i+1} - f_{i+1}(x_{i+1}) + G_{i+1}^2 s(x_{i+1}, t_{i+1}) + G_{i+1} z."""
+    f, G = sde.discretize(x, full(x, t), t - t_next)
+    x_mean = x - f + bc(G ** 2, x) * score_fn(x, full(x, t))
+    return x_mean + bc(G, x) * randn(x, generator), x_mean
+
+
+def ancestral_sampling(score_fn, sde, x, t, t_next, generator=None):
+    """Ancestral sampling of the discrete chain: App. F for VE (SMLD), Eq. 4 (DDPM's step) for VP.
+
+    VE: x_{i-1} = x_i + (sigma_i^2 - sigma_{i-1}^2) s + sqrt(sigma_{i-1}^2 (sigma_i^2 - sigma_{i-1}^2) / sigma_i^2) z.
+    VP: x_{i-1} = (x_i + beta_i s) / sqrt(1 - beta_i) + sqrt(beta_i) z,  beta_i = beta(t) dt.
+    sub-VP (not in the paper; ours): the posterior q(x_{t_next} | x_t, x0_hat) of the Gaussian chain that has
+    sub-VP's marginals, with x0_hat = (x + std_t^2 s) / mean_coef_t (Tweedie). For VE it reduces to App. F.
+    """
+    tt = full(x, t)
+    score = score_fn(x, tt)
+    if isinstance(sde, VESDE):
+        s2, s2_next = sde.sigma(tt) ** 2, sde.sigma(full(x, t_next)) ** 2
+        x_mean = x + bc(s2 - s2_next, x) * score
+        std = (s2_next * (s2 - s2_next) / s2).sqrt()
+    elif isinstance(sde, subVPSDE):
+        m, s = sde.marginal_prob(torch.ones_like(tt), tt)      # mean coefficient and std at t
+        m_next, s_next = sde.marginal_prob(torch.ones_like(tt), full(x, t_next))
+        a = m / m_next                                          # x_t = a x_next + b z in the chain
+        b2 = s ** 2 - a ** 2 * s_next ** 2
+        x0_hat = (x + bc(s ** 2, x) * score) / bc(m, x)         # Tweedie's estimate of x(0)
+        x_mean = (bc(a * s_next ** 2, x) * x + bc(b2 * m_next, x) * x0_hat) / bc(s ** 2, x)
+        std = s_next * b2.sqrt() / s
+    else:
+        beta = sde.beta_i(tt, t - t_next)                       # beta_i of the DDPM chain (Eq. 10)
+        x_mean = (x + bc(beta, x) * score) / bc((1 - beta).sqrt(), x)
+        std = beta.sqrt()
+    return x_mean + bc(std, x) * randn(x, generator), x_mean
+
+
+def no_predictor(score_fn, sde, x, t, t_next, generator=None):
+    """The empty predictor: corrector-only sampling (annealed Langevin dynamics over the grid)."""
+    return x, x
+
+
+PREDICTORS = {"euler_maruyama": euler_maruyama, "reverse_diffusion": reverse_diffusion,
+              "ancestral_sampling": ancestral_sampling, "none": no_predictor}
+
+
+def langevin(score_fn, sde, x, t, dt, snr, n_steps, generator=None):
+    """Algorithms 4 (VE) and 5 (VP) of Song et al. (2021): Langevin corrector with step size from the snr r.
+
+    Repeat M times: g = s(x, t); z ~ N(0, I); e = 2 alpha (r |z| / |g|)^2; x = x + e g + sqrt(2 e) z,
+    with alpha = 1 (VE) or 1 - beta_i (VP, sub-VP). As in the official code, |z| and |g| are the batch
+    averages of the per-sample norms. A score that is exactly zero (an untrained network: its last layer
+    starts at zero) gives step 0 where the formula would give infinity.
+    """
+    tt = full(x, t)
+    alpha = sde.langevin_alpha(tt, dt)
+    x_mean = x
+    for _ in range(n_steps):
+        grad = score_fn(x, tt)                                    # g = s(x, t)
+        z = randn(x, generator)                                   # z ~ N(0, I)
+        grad_norm = grad.flatten(1).norm(dim=1).mean()            # |g|, batch mean of per-sample norms
+        noise_norm = z.flatten(1).norm(dim=1).mean()              # |z|, likewise
+        ratio = torch.where(grad_norm > 0, noise_norm / grad_norm, torch.zeros_like(grad_norm))
+        step = 2 * alpha * (snr * ratio) ** 2                     # e_i, (B,)
+        x_mean = x + bc(step, x) * grad                         # Langevin drift
+        x = x_mean + bc((2 * step).sqrt(), x) * z               # Langevin noise
+    return x, x_mean
+
+
+def ald(score_fn, sde, x, t, dt, snr, n_steps, generator=None):
+    """Annealed Langevin dynamics as in NCSN (Song & Ermon 2019, Alg. 1), in the official code's form:
+    step e = 2 alpha (r std_t)^2, i.e. proportional to the noise variance at t, instead of the norm ratio."""
+    tt = full(x, t)
+    alpha = sde.langevin_alpha(tt, dt)
+    std = sde.marginal_prob(torch.ones_like(tt), tt)[1].double()   # std_t of p_0t (App. B)
+    step = 2 * alpha * (snr * std) ** 2                              # fixed per level, proportional to std_t^2
+    x_mean = x
+    for _ in range(n_steps):
+        grad = score_fn(x, tt)                                       # s(x, t)
+        z = randn(x, generator)
+        x_mean = x + bc(step, x) * grad                              # Langevin drift
+        x = x_mean + bc((2 * step).sqrt(), x) * z                    # Langevin noise
+    return x, x_mean
+
+
+def no_corrector(score_fn, sde, x, t, dt, snr, n_steps, generator=None):
+    """The empty corrector: predictor-only sampling."""
+    return x, x
+
+
+CORRECTORS = {"langevin": langevin, "ald": ald, "none": no_corrector}
+
+
+def pc_sample(score_fn, sde, shape, predictor="reverse_diffusion", corrector="langevin", snr=0.16,
+              n_corrector_steps=1, eps=None, denoise=True, generator=None, n_steps=None, z=None,
+              dtype=torch.float32, device="cpu"):
+    """Algorithm 1 of Song et al. (2021): predictor-corrector sampling (Alg. 2 for VE, Alg. 3 for VP).
+
+    x_N ~ p_T; at each level t_k, k = N ... 1: M corrector steps targeting p_{t_k}, then one predictor step of
+    the reverse SDE from t_k to t_{k-1}. This is the official code's order; Alg. 2/3 print the corrector after
+    the predictor, which is the same chain except that it corrects at t = eps instead of t = 1, and would make
+    the last update a Langevin step. With denoise=True the result is x_mean of the last update (the predictor's
+    step to t = eps without its noise). eps=None takes the paper's per-SDE default (1e-3 VP / sub-VP,
+    1e-5 VE); n_steps=None takes sde.N; z (optional) is the starting x_N.
+    """
+    if predictor not in PREDICTORS:
+        raise ValueError(f"unknown predictor {predictor!r}; choose from {', '.join(PREDICTORS)}")
+    if corrector not in CORRECTORS:
+        raise ValueError(f"unknown corrector {corrector!r}; choose from {', '.join(CORRECTORS)}")
+    eps = sde.sample_eps if eps is None else eps
+    N = n_steps or sde.N
+    x = sde.prior_sampling(shape, generator, dtype, device) if z is None else z.to(dtype)
+    x_mean = x
+    with torch.no_grad():
+        for t, t_next in time_grid(N, eps):
+            # Corrector: M Langevin steps targeting p_t.
+            if corrector != "none":
+                x, x_mean = CORRECTORS[corrector](score_fn, sde, x, t, t - t_next, snr, n_corrector_steps, generator)
+            # Predictor: one step of the reverse-time SDE from t to t_next.
+            if predictor != "none":
+                x, x_mean = PREDICTORS[predictor](score_fn, sde, x, t, t_next, generator)
+    return x_mean if denoise else x
+
+
+# Dormand-Prince 5(4) tableau (Dormand & Prince 1980), the method of scipy's RK45 used by the official code.
+DP_C = [0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1]
+DP_A = [[],
+        [1 / 5],
+        [3 / 40, 9 / 40],
+        [44 / 45, -56 / 15, 32 / 9],
+        [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729],
+        [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656]]
+DP_B = [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84]      # 5th order (also the 7th stage's row)
+DP_E = [71 / 57600, 0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40]  # 5th minus 4th order
+
+
+def rk45(f, y, t0, t1, rtol=1e-5, atol=1e-5, max_steps=100000):
+    """Adaptive Dormand-Prince RK45 for dy/dt = f(t, y) from t0 to t1 (either direction); returns (y(t1), nfe).
+
+    Error control as scipy's solve_ivp: err = RMS over all entries of (local error) / (atol + rtol max(|y|, |y_new|)),
+    accept when err <= 1, next step h * min(10, max(0.2, 0.9 err^(-1/5))). The first stage of each step reuses
+    the last stage of the previous one (FSAL), so an accepted or rejected step costs 6 evaluations.
+    """
+    nfe = 0
+
+    def fn(t, y):
+        nonlocal nfe
+        nfe += 1
+        return f(t, y)
+
+    def rms(v):
+        return float(v.pow(2).mean().sqrt())
+
+    direction = 1.0 if t1 > t0 else -1.0
+    t, k1 = t0, fn(t0, y)
+    # Initial step (Hairer, Norsett & Wanner, Sec. II.4), as in scipy: two evaluations.
+    scale = atol + rtol * y.abs()
+    d0, d1 = rms(y / scale), rms(k1 / scale)
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    h0 = min(h0, abs(t1 - t0))
+    d2 = rms((fn(t + direction * h0, y + direction * h0 * k1) - k1) / scale) / h0
+    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
+    h = min(100 * h0, h1, abs(t1 - t0))
+    for _ in range(max_steps):
+        if direction * (t1 - t) <= 0:
+            return y, nfe
+        h = min(h, abs(t1 - t))
+        hs = direction * h
+        # Six stages (k1 is the previous step's last stage), then the 5th-order solution and its error.
+        k = [k1]
+        for i in range(1, 6):
+            k.append(fn(t + DP_C[i] * hs, y + hs * sum(a * kj for a, kj in zip(DP_A[i], k))))
+        y_new = y + hs * sum(b * kj for b, kj in zip(DP_B, k))
+        k.append(fn(t + hs, y_new))                                 # 7th stage = f at the new point (FSAL)
+        err = hs * sum(e * kj for e, kj in zip(DP_E, k))
+        err_norm = rms(err / (atol + rtol * torch.maximum(y.abs(), y_new.abs())))
+        if err_norm <= 1:                                           # accept: advance, grow the step
+            t, y, k1 = t + hs, y_new, k[6]
+            h *= min(10.0, 0.9 * err_norm ** -0.2) if err_norm > 0 else 10.0
+        else:                                                       # reject: shrink the step, retry
+            h *= max(0.2, 0.9 * err_norm ** -0.2)
+    raise RuntimeError(f"rk45: no convergence in {max_steps} steps")
+
+
+def ode_sample(score_fn, sde, shape, rtol=1e-5, atol=1e-5, eps=None, z=None, generator=None,
+               dtype=torch.float32, device="cpu"):
+    """App. D.3 of Song et al. (2021): sample by solving the probability-flow ODE (Eq. 13) from t = 1 to eps
+    with adaptive RK45 (the whole batch as one state vector, as the official code does); returns (x, nfe)."""
+    eps = sde.sample_eps if eps is None else eps
+    x = sde.prior_sampling(shape, generator, dtype, device) if z is None else z.to(dtype)
+
+    def f(t, y):
+        tt = full(y, t)
+        return sde.probability_flow(y, tt, score_fn(y, tt))
+
+    with torch.no_grad():
+        return rk45(f, x, 1.0, eps, rtol, atol)
+
+
+SAMPLERS = {"pc": None, "ode": None, "em": ("euler_maruyama", "none"),
+            "reverse": ("reverse_diffusion", "none"), "ancestral": ("ancestral_sampling", "none")}
+
+
+def sample(score_fn, sde, cfg, shape, generator=None, device="cpu"):
+    """Run the sampler named in cfg (--sampler, --predictor, --corrector, ...); returns (x, nfe)."""
+    eps = cfg.sample_eps or sde.sample_eps
+    if cfg.sampler == "ode":
+        return ode_sample(score_fn, sde, shape, cfg.rtol, cfg.atol, eps, generator=generator, device=device)
+    pred, corr = (cfg.predictor, cfg.corrector) if cfg.sampler == "pc" else SAMPLERS[cfg.sampler]
+    x = pc_sample(score_fn, sde, shape, pred, corr, cfg.snr, cfg.n_corrector_steps, eps,
+                  generator=generator, n_steps=cfg.n_steps, device=device)
+    nfe = cfg.n_steps * ((pred != "none") + (corr != "none") * cfg.n_corrector_steps)
+    return x, nfe
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: exact likelihood and latent codes through the probability-flow ODE (Sec. 4.3, App. D.2)
+
+def divergence(f, x, estimator="rademacher", generator=None):
+    """div_x f(x) per sample, (B,): exact (d backward passes), or the Skilling-Hutchinson estimate
+    v^T (df/dx) v with one Rademacher or Gaussian probe v per sample (one vector-Jacobian product).
+    Returns (f(x), div)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        fx = f(x)
+        if estimator == "exact":
+            flat = fx.flatten(1)
+            div = sum(torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True)[0].flatten(1)[:, i]
+                      for i in range(flat.shape[1]))
+        else:
+            v = randn(x, generator)
+            if estimator == "rademacher":
+                v = v.sign()
+            elif estimator != "gaussian":
+                raise ValueError(f"unknown estimator {estimator!r}; choose rademacher, gaussian or exact")
+            div = (torch.autograd.grad((fx * v).sum(), x)[0] * v).flatten(1).sum(1)
+    return fx.detach(), div.detach()
+
+
+def likelihood(score_fn, sde, x, estimator="rademacher", dequantize=True, eps=1e-5, levels=None,
+               rtol=1e-5, atol=1e-5, generator=None):
+    """App. D.2 of Song et al. (2021): bits/dim via the instantaneous change of variables along Eq. 13.
+
+    log p_eps(x(eps)) = log p_T(x(1)) + int_eps^1 div f_tilde(x(t), t) dt, with f_tilde the probability-flow
+    drift, solved forwards by RK45 on the joint state [x, int div]. The Hutchinson probe of each sample is drawn
+    once and kept along the path (as the official code). Returns (bits/dim (B,), nfe).
+    dequantize=False: -log p_eps(x) / (d ln 2) for x in the coordinates passed (no rescaling).
+    dequantize=True (x on `levels` grey levels in [-1, 1], bin width delta = 2 / (levels - 1)): x + delta (u - 1/2),
+    u ~ U[0, 1)^d, is scored, and bits/dim = -(log p(x + delta (u - 1/2)) + d log delta) / (d ln 2), an upper bound
+    on -log2 P(x) per dimension of the discrete data (Jensen). The official code skips dequantisation
+    (score_sde issue #24), which scores a density on a point set and understates bits/dim.
+    """
+    B, d = len(x), x[0].numel()
+    x = x.double()
+    if dequantize:
+        if not levels or levels < 2:
+            raise ValueError("dequantize=True needs the number of grey levels of the data (levels >= 2)")
+        delta = 2.0 / (levels - 1)
+        x = x + delta * (torch.rand(x.shape, generator=generator, dtype=x.dtype) - 0.5)
+    probe = torch.Generator().manual_seed(int(torch.randint(2 ** 31, (1,), generator=generator)))
+
+    def f(t, y):
+        xt = y[:, :d].reshape(x.shape)
+        tt = full(xt, t)
+        probe.manual_seed(probe.initial_seed())                      # the same probe v at every t
+        drift, div = divergence(lambda z: sde.probability_flow(z, tt, score_fn(z, tt)), xt, estimator, probe)
+        return torch.cat([drift.flatten(1), div[:, None]], 1)
+
+    y0 = torch.cat([x.flatten(1), torch.zeros(B, 1, dtype=x.dtype)], 1)
+    y1, nfe = rk45(f, y0, eps, 1.0, rtol, atol)
+    z, delta_logp = y1[:, :d].reshape(x.shape), y1[:, d]
+    logp = sde.prior_logp(z) + delta_logp                            # log p_eps(x), nats
+    bpd = -logp / (d * math.log(2))
+    if dequantize:
+        bpd = bpd - math.log2(delta)                                 # density on bins of width delta -> probability
+    return bpd, nfe
+
+
+def encode(score_fn, sde, x, eps=1e-5, rtol=1e-5, atol=1e-5):
+    """Sec. 4.3: the latent code z = x(1) of data x(eps) under the probability-flow ODE (uniquely identifiable)."""
+    with torch.no_grad():
+        return rk45(lambda t, y: sde.probability_flow(y, full(y, t), score_fn(y, full(y, t))), x, eps, 1.0, rtol, atol)[0]
+
+
+def decode(score_fn, sde, z, eps=1e-5, rtol=1e-5, atol=1e-5):
+    """Sec. 4.3: data x(eps) from a latent code z = x(1), the ODE run backwards (ode_sample with a given start)."""
+    return ode_sample(score_fn, sde, z.shape, rtol, atol, eps, z=z, dtype=z.dtype)[0]
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+
+def make_model(cfg, data_shape):
+    """common.MLP for 2-D toys, else common.UNet with the preset; data_shape = one sample's shape."""
+    if cfg.dataset in TOYS:
+        return MLP(dim=data_shape[0])
+    return UNet(in_ch=data_shape[0], image_size=data_shape[-1], **PRESETS[cfg.model])
+
+
+def save_samples(x, path, cfg, data=None):
+    """A grid PNG of images, or a scatter PNG over the data for 2-D toys."""
+    if cfg.dataset in TOYS:
+        save_scatter(x, path, data)
+    else:
+        save_grid(x, path)
+
+
+MUST_MATCH = ("dataset", "image_size", "model", "sde", "beta_min", "beta_max", "sigma_min", "sigma_max")
+
+
+def train(cfg, resume=False):
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)  # one global RNG drives data order, t, noise and dropout
+    data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
+    if cfg.sde == "ve" and cfg.sigma_max == 0:
+        cfg = dataclasses.replace(cfg, sigma_max=sigma_max_technique1(data.x))  # NCSNv2 Technique 1
+        print(f"sigma_max = {cfg.sigma_max:.3f} (largest pairwise distance in the training data)")
+    data_shape = list(data.x.shape[1:])
+    sde = make_sde(cfg.sde, cfg.beta_min, cfg.beta_max, cfg.sigma_min, cfg.sigma_max, cfg.n_steps)
+    model = make_model(cfg, data_shape).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)  # EMA of parameters only (the nets have no buffers)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    score_fn = make_score_fn(model, sde)
+    os.makedirs(cfg.out, exist_ok=True)
+    path, step = os.path.join(cfg.out, "ckpt.pt"), 0
+    if resume:
+        ckpt = load_checkpoint(path)
+        old = ckpt["config"]
+        if cfg.sde == "ve" and old.get("sde") == "ve":
+            cfg = dataclasses.replace(cfg, sigma_max=old["sigma_max"])  # Technique 1 was run once, at the start
+        for k in MUST_MATCH + ("data_shape",):
+            mine = data_shape if k == "data_shape" else getattr(cfg, k)
+            if old.get(k) != mine:
+                raise DataError(f"{path}: checkpoint has {k}={old.get(k)!r}, this run has {mine!r}; "
+                                f"use another --out or the same settings")
+        model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        print(f"resumed from {path} at step {step}")
+    fixed = torch.Generator().manual_seed(cfg.seed + 1)  # fixed noise for the progress grids
+    grid_shape = (min(cfg.n_samples, 64) if cfg.dataset not in TOYS else 2000, *data_shape)
+
+    def checkpoint():
+        save_checkpoint(path, {"script": SCRIPT, "config": {**dataclasses.asdict(cfg), "data_shape": data_shape},
+                               "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+                               "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state()}})
+
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stop, t0, step0 = StopFlag(), time.time(), step
+    model.train()
+    try:
+        while step < cfg.steps and not stop.set:
+            x0 = data.x[torch.randint(len(data.x), (cfg.batch_size,))].to(device)  # i.i.d. minibatch: exact resume
+            if data.flip:
+                x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(-1), x0)
+            L = loss(score_fn, sde, x0, cfg.likelihood_weighting, cfg.train_eps)
+            if not torch.isfinite(L):
+                raise DataError(f"non-finite loss at step {step + 1}; last good checkpoint kept in {path}")
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)  # linear warm-up (App. H)
+            opt.zero_grad(set_to_none=True)
+            L.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not torch.isfinite(gnorm):
+                raise DataError(f"non-finite gradient at step {step + 1}; last good checkpoint kept in {path}")
+            opt.step()
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), model.parameters()):
+                    p_ema.lerp_(p, 1 - cfg.ema_decay)
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                rate = (step - step0) / (time.time() - t0)
+                print(f"step {step}/{cfg.steps}  loss {L.item():.4f}  {rate:.2f} it/s  "
+                      f"ETA {(cfg.steps - step) / rate / 60:.1f} min", flush=True)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop.set:
+                checkpoint()
+            if step % cfg.sample_every == 0 or step == cfg.steps:
+                ema.eval()
+                x, _ = sample(make_score_fn(ema, sde), sde, cfg, grid_shape, fixed.manual_seed(cfg.seed + 1), device)
+                save_samples(x, os.path.join(cfg.out, f"train_{step:06d}.png"), cfg, data.x)
+        if stop.set:
+            checkpoint()
+            print(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume", file=sys.stderr)
+            sys.exit(130)
+        print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {path}")
+    finally:
+        signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
+
+
+def run_sample(cfg):
+    """--sample: rebuild the network and SDE from the checkpoint's config (its --sde, --dataset, ... win over
+    the command line's), sample with the EMA weights using this command line's sampler flags."""
+    device = pick_device(cfg.device)
+    path = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
+    ckpt = load_checkpoint(path)
+    try:
+        saved = Config(**{k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__})
+        data_shape = ckpt["config"]["data_shape"]
+        model = make_model(saved, data_shape)
+        model.load_state_dict(ckpt["ema"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise DataError(f"{path}: checkpoint does not match this script's network ({type(e).__name__})") from None
+    model.to(device).eval()
+    sde = make_sde(saved.sde, saved.beta_min, saved.beta_max, saved.sigma_min, saved.sigma_max, cfg.n_steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.time()
+    x, nfe = sample(make_score_fn(model, sde), sde, cfg, (cfg.n_samples, *data_shape), gen, device)
+    if not torch.isfinite(x).all():
+        raise DataError(f"sampling produced non-finite values (try smaller --snr or more --n-steps)")
+    os.makedirs(cfg.out, exist_ok=True)
+    png = os.path.join(cfg.out, "samples.png")
+    save_samples(x, png, saved, load_data(saved.dataset, train=False).x if saved.dataset in TOYS else None)
+    if saved.dataset in TOYS:  # 2-D points are not images: keep them as float32 (N, 2)
+        np.savez(os.path.join(cfg.out, "samples.npz"), arr_0=x.float().cpu().numpy())
+    else:
+        save_npz(x, os.path.join(cfg.out, "samples.npz"))
+    print(f"{cfg.n_samples} samples ({saved.sde} SDE, {cfg.sampler} sampler, {nfe} score evaluations, "
+          f"{time.time() - t0:.1f} s) -> {png}, {os.path.join(cfg.out, 'samples.npz')}")
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad flags: one line on stderr, exit code 2 (argparse's convention without the usage block)."""
+        print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+CHOICES = {"sde": ("vp", "subvp", "ve"), "sampler": tuple(SAMPLERS), "predictor": tuple(PREDICTORS),
+           "corrector": tuple(CORRECTORS), "model": tuple(PRESETS)}
+
+
+def validate(cfg, args):
+    """Flags that parse but make no sense -> ValueError (one line, exit 2)."""
+    if args.train == args.sample:
+        raise ValueError("give exactly one of --train and --sample")
+    positive = ("steps", "batch_size", "lr", "warmup", "grad_clip", "ckpt_every", "sample_every", "log_every",
+                "beta_min", "sigma_min", "snr", "n_steps", "rtol", "atol", "n_samples")
+    for k in positive:
+        if not getattr(cfg, k) > 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be positive (got {getattr(cfg, k)})")
+    if cfg.beta_max <= cfg.beta_min:
+        raise ValueError(f"--beta-max must exceed --beta-min (got {cfg.beta_max} <= {cfg.beta_min})")
+    if cfg.sigma_max != 0 and cfg.sigma_max <= cfg.sigma_min:
+        raise ValueError(f"--sigma-max must exceed --sigma-min, or be 0 for Technique 1 (got {cfg.sigma_max})")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1) (got {cfg.ema_decay})")
+    if cfg.n_corrector_steps < 0:
+        raise ValueError(f"--n-corrector-steps must be >= 0 (got {cfg.n_corrector_steps})")
+    if cfg.image_size < 0:
+        raise ValueError(f"--image-size must be >= 0 (got {cfg.image_size})")
+    if not 0 < cfg.train_eps < 1:
+        raise ValueError(f"--train-eps must be in (0, 1) (got {cfg.train_eps})")
+    if not (cfg.sample_eps == 0 or 0 < cfg.sample_eps < 1):
+        raise ValueError(f"--sample-eps must be in (0, 1), or 0 for the paper's default (got {cfg.sample_eps})")
+    if args.train and cfg.sde != "ve" and cfg.beta_max / cfg.n_steps >= 1:
+        raise ValueError(f"the VP chain needs beta(t) dt < 1: use --n-steps > beta_max = {cfg.beta_max:g}")
+    if cfg.sampler == "pc" and cfg.predictor == "none" and cfg.corrector == "none":
+        raise ValueError("--predictor none with --corrector none would return the prior noise")
+    try:  # an output folder we cannot write is reported now, not after training
+        os.makedirs(cfg.out, exist_ok=True)
+        probe = os.path.join(cfg.out, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out {cfg.out}: cannot write there ({e.strerror})") from None
+
+
+def main(argv=None):
+    p = Parser(prog=f"{SCRIPT}.py", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train", action="store_true", help="train a score model")
+    p.add_argument("--sample", action="store_true", help="sample from --ckpt (default <out>/ckpt.pt)")
+    p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt to --steps")
+    for f in dataclasses.fields(Config):
+        name = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(name, action="store_true")
+        else:
+            p.add_argument(name, type=type(f.default), default=f.default, choices=CHOICES.get(f.name))
+    args = p.parse_args(argv)
+    try:
+        cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+        validate(cfg, args)
+        if args.train:
+            train(cfg, resume=args.resume)
+        else:
+            run_sample(cfg)
+    except (DataError, ValueError) as e:
+        print(f"{SCRIPT}.py: error: {e}", file=sys.stderr)  # one line, exit code 2 (argparse's convention)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
