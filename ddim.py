@@ -26,6 +26,7 @@ Map (paper -> code):
     Eq. 13 / 14 run backwards and forwards (Sec. 4.3, 5.4)           -> DDIM.encode / DDIM.decode
     Sec. 5.3 + App. D.5 (Eq. 67) spherical interpolation of x_T      -> slerp, DDIM.interpolate
     Table 2 per-dimension reconstruction MSE on [0, 1] pixels        -> reconstruction_error
+    Kingma et al. 2021 (VDM) App. I.1 low-discrepancy training t     -> low_discrepancy_uniform, DDIM.sample_t
 
 Symbols:
     alpha_t      DDIM's alpha_t, the product of (1 - beta_s) for s <= t (code: alpha_bar[i])
@@ -83,6 +84,7 @@ class Config:
     warmup: int = 100             # paper (DDPM App. B): 5000 warm-up steps (CPU default shortened)
     grad_clip: float = 1.0        # paper (DDPM App. B): 1.0
     ema_decay: float = 0.995      # paper (DDPM App. B): 0.9999 (shortened: 2000 steps cannot average over 10k)
+    t_sampling: str = "iid"       # training t per minibatch: "iid" (DDPM Alg. 1) or "low_discrepancy" (VDM App. I.1)
     ckpt_every: int = 500         # steps between checkpoints
     sample_every: int = 500       # steps between sample grids from fixed noise (S, eta, skip, grid as below)
     log_every: int = 100          # steps between progress lines
@@ -190,11 +192,19 @@ def extract(a, i, x):
     return a.to(x.device)[i].to(x.dtype).reshape(-1, *[1] * (x.dim() - 1))
 
 
+def low_discrepancy_uniform(B, device="cpu"):
+    """Kingma et al. (2021, VDM) App. I.1: u_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1) from the global
+    RNG: exactly one u_i in each interval [k/B, (k+1)/B), each u_i alone uniform (so every loss stays unbiased)."""
+    return ((torch.rand((), dtype=torch.float64) + torch.arange(B, dtype=torch.float64) / B) % 1).to(device)
+
+
 class DDIM:
     """The diffusion quantities and samplers of Song et al. (2021) for one schedule of length T."""
 
-    def __init__(self, T=1000, schedule="linear", beta_1=1e-4, beta_T=0.02):
-        self.T = T
+    def __init__(self, T=1000, schedule="linear", beta_1=1e-4, beta_T=0.02, t_sampling="iid"):
+        if t_sampling not in ("iid", "low_discrepancy"):
+            raise ValueError(f"unknown t_sampling {t_sampling!r}; choose iid or low_discrepancy")
+        self.T, self.t_sampling = T, t_sampling
         self.beta = make_beta(schedule, T, beta_1, beta_T)       # (T,) float64
         self.alpha_bar = torch.cumprod(1 - self.beta, dim=0)     # (T,) DDIM's alpha_t = DDPM's alpha-bar_t
 
@@ -209,6 +219,14 @@ class DDIM:
         """Eq. 4 of Song et al. (2021): x_t = sqrt(alpha_t) x_0 + sqrt(1 - alpha_t) eps, t = i + 1."""
         return extract(self.alpha_bar.sqrt(), i, x0) * x0 + extract((1 - self.alpha_bar).sqrt(), i, x0) * eps
 
+    def sample_t(self, B, device):
+        """Training indices (B,): i.i.d. uniform on {0..T-1}, or low-discrepancy (Kingma et al. 2021, App. I.1):
+        i = floor(T u_k) with u_k = mod(u_0 + k/B, 1), one u_0 ~ U(0, 1): one index per stratum of T/B steps,
+        each still uniform on {0..T-1}, so L_simple stays unbiased with less minibatch-to-minibatch variance."""
+        if self.t_sampling == "iid":
+            return torch.randint(self.T, (B,), device=device)
+        return (low_discrepancy_uniform(B) * self.T).long().clamp(max=self.T - 1).to(device)
+
     def loss(self, model, x0):
         """Eq. 5 of Song et al. (2021) with gamma = 1, i.e. DDPM's L_simple: E || eps - eps_theta(x_t, t) ||^2.
 
@@ -216,7 +234,7 @@ class DDIM:
         constant; since eps_theta^(t) is not shared across t, the optimum of L_1 is optimal for every
         sigma. So the one network trained here (exactly DDPM's training) serves every sampler below.
         """
-        i = torch.randint(self.T, (len(x0),), device=x0.device)  # t ~ Uniform{1..T} as index i = t - 1
+        i = self.sample_t(len(x0), x0.device)                    # t ~ Uniform{1..T} as index i = t - 1
         eps = torch.randn_like(x0)                                # the noise the network must recover
         x_t = self.q_sample(x0, i, eps)
         return (eps - model(x_t, i)).pow(2).mean()
@@ -417,7 +435,7 @@ def train(cfg):
     torch.manual_seed(cfg.seed)  # one global RNG drives data order, t, noise and dropout
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
     data_shape = list(data.x.shape[1:])
-    diffusion = DDIM(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T)
+    diffusion = DDIM(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T, cfg.t_sampling)
     model = make_model(cfg.dataset, data_shape, cfg.model).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)  # EMA of parameters only (the nets have no buffers)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -567,7 +585,7 @@ class Parser(argparse.ArgumentParser):
 
 
 CHOICES = {"schedule": ("linear", "cosine"), "skip": ("uniform", "quad"), "grid": ("leading", "trailing"),
-           "clip_denoised": ("auto", "on", "off"),
+           "t_sampling": ("iid", "low_discrepancy"), "clip_denoised": ("auto", "on", "off"),
            "model": tuple(PRESETS)}
 
 

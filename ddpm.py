@@ -24,12 +24,15 @@ Map from the paper to this file
     Eq. 13 discretized Gaussian decoder L_0         -> discretized_gaussian_log_likelihood
     Eq. 14 L_simple; Algorithm 1 (training)         -> DDPM.loss(loss_type="simple"), train
     Algorithm 2 (sampling)                          -> DDPM.p_sample (one step), DDPM.sample (the loop)
-  Noise schedules as SNRs (Kingma et al. 2021, "Variational Diffusion Models", arXiv 2107.00630; issue 8):
+  Noise schedules as SNRs (Kingma et al. 2021, "Variational Diffusion Models", arXiv 2107.00630; issue 8),
+  cited by section: the equation numbers could not be checked against the arXiv text (a transcription gives
+  Eq. 17 for L_inf's eps form, Eq. 14 for L_T's; its appendix numbers differ by one from another source's):
     Sec. 3 SNR(t) = exp(-gamma(t))                  -> gamma_discrete, gamma_linear_snr, gamma_cosine
     Sec. 4 discrete-time loss L_T                   -> vdm_discrete_term, vlb_continuous(T=...)
     Sec. 5 continuous-time loss L_inf (eps form)    -> vlb_continuous
+    Sec. 5.1 L_inf depends on gamma only at 0 and 1 -> VDMNet (--cond gamma: the net sees the noise level)
     Sec. 5.3 schedule trained for low variance      -> vdm_backward (--schedule-grad variance)
-    App. H monotone network gamma_phi               -> MonotoneGamma
+    App. H monotone network gamma_phi               -> MonotoneGamma (--learn-endpoints: gamma(0), gamma(1) too)
     App. I.1 low-discrepancy timesteps              -> low_discrepancy_uniform, --t-sampling low_discrepancy
 
 Symbols (paper -> code)
@@ -85,11 +88,15 @@ class Config:
     beta_T: float = 0.02          # Sec. 4: beta_T = 0.02 (linear schedule only)
     variance: str = "beta"        # Sec. 3.2: sigma_t^2 = beta_t (paper's CIFAR-10 choice) or "beta_tilde"
     loss_type: str = "simple"     # Sec. 3.4: "simple" = L_simple (Eq. 14, the paper's); "elbo" = true bound (Eq. 12 + L_0);
-    #                               "vlb" = VDM's continuous-time bound (Kingma et al. 2021, Sec. 5), net gets 999 t
+    #                               "vlb" = VDM's continuous-time bound (Kingma et al. 2021, Sec. 5), net: see --cond
     clip_denoised: str = "auto"   # official code clips x0_hat to [-1, 1] when sampling: auto = on for images, off for toys
     t_sampling: str = "iid"       # timesteps per minibatch: "iid" uniform (Alg. 1) or "low_discrepancy" (VDM App. I.1)
     schedule_grad: str = "bound"  # --schedule learned: "bound" = whole gamma on the bits/dim loss (VDM's official code);
     #                               "variance" = gamma's interior minimises the estimator's variance (VDM Sec. 5.3)
+    learn_endpoints: bool = False  # --schedule learned: also learn gamma(0), gamma(1) (as VDM's official code);
+    #                               off = fixed at VDM's defaults -13.3, 5.0
+    cond: str = "gamma"           # --loss-type vlb: the net sees the noise level gamma(t), rescaled to 0..999 as VDM's
+    #                               official ScoreUNet does, or "t" (999 t); identical for linear_snr. Ignored otherwise
     steps: int = 1500             # total optimisation steps of the run; paper: 800k (CIFAR-10)
     batch_size: int = 128         # App. B: 128
     lr: float = 1e-3              # App. B: Adam 2e-4 (raised for the short CPU run)
@@ -355,7 +362,8 @@ class DDPM:
 # Models", arXiv 2107.00630; VDM below). VDM writes z_t = alpha_t x + sigma_t eps with alpha_t^2 = alpha_bar_t
 # (this paper's) and sigma_t^2 = 1 - alpha_bar_t, and names a schedule by its log-SNR:
 #     SNR(t) = alpha_t^2 / sigma_t^2 = exp(-gamma(t)),  alpha_t^2 = sigmoid(-gamma(t)), sigma_t^2 = sigmoid(gamma(t)).
-# Continuous time t in [0, 1]; networks get 999 t (the convention of common.py for continuous inputs).
+# Continuous time t in [0, 1]; model callables get 999 t (the convention of common.py for continuous inputs);
+# VDMNet (the trained model) may turn that into the noise level gamma(t) for its network (--cond gamma).
 
 def gamma_discrete(diffusion):
     """VDM Sec. 3 applied to DDPM: gamma_t = -log SNR_t = log((1 - alpha_bar_t) / alpha_bar_t); index i <-> t = (i+1)/T."""
@@ -386,6 +394,7 @@ def gamma_cosine(t, gamma_min=-13.3, gamma_max=5.0):
     return 2 * torch.log(torch.tan(math.pi / 2 * (u0 + (u1 - u0) * t)))
 
 
+GAMMA_REF = (-13.3, 5.0)  # VDM's gamma_min, gamma_max: the fixed schedule's endpoints and the learned one's start
 GAMMAS = {"linear_snr": gamma_linear_snr, "cosine": gamma_cosine}
 
 
@@ -476,14 +485,27 @@ def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t=None, t_sam
 
 
 class VDMNet(torch.nn.Module):
-    """The denoiser eps_hat(z_t; 999 t) plus, for --schedule learned, the schedule gamma_phi: one state_dict."""
+    """The denoiser eps_hat(z_t; .) plus, for --schedule learned, the schedule gamma_phi: one state_dict.
 
-    def __init__(self, net, learned):
+    Called as model(z_t, 999 t), like every continuous-time model here. cond="gamma" hands the network the noise
+    level instead, 999 (gamma(t) - gamma_min) / (gamma_max - gamma_min) with VDM's reference endpoints -13.3, 5.0
+    (the official ScoreUNet's rescaling): then eps_hat is a function of (z, SNR) only, which is what VDM
+    Sec. 5.1's invariance argument assumes -- the loss depends on the schedule only through its endpoints, and a
+    learned gamma can change its shape without moving the denoiser's input. For linear_snr the two coincide
+    (gamma is affine in t with those endpoints). The gradient through gamma(t) reaches gamma_phi, as in the
+    official code. cond="t": the network sees 999 t (checkpoints written before the option existed).
+    """
+
+    def __init__(self, net, learned, learn_endpoints=False, cond="t"):
         super().__init__()
-        self.net, self.gamma = net, MonotoneGamma() if learned else None
+        self.net, self.cond = net, cond
+        self.gamma = MonotoneGamma(learn_endpoints=learn_endpoints) if learned else None
 
-    def forward(self, z, t):
-        return self.net(z, t)
+    def forward(self, z, t999):
+        if self.cond == "gamma":  # t = t999 / 999 (float32 rounding of t: ~1e-7, harmless for gamma)
+            g = self.gamma_fn()(t999.double() / 999)
+            t999 = 999 * (g - GAMMA_REF[0]) / (GAMMA_REF[1] - GAMMA_REF[0])
+        return self.net(z, t999.to(z.dtype))
 
     def gamma_fn(self):
         return self.gamma if self.gamma is not None else gamma_linear_snr
@@ -571,6 +593,8 @@ class StopFlag:
 
 # Fields a resumed run (or a sampler) must share with the checkpoint: they fix the network and the diffusion.
 MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T", "variance", "loss_type")
+# Fields added later (issue 8): a checkpoint without them was written with these values. Checked for --loss-type vlb.
+LEGACY = {"learn_endpoints": False, "cond": "t"}
 
 
 def make_model(config):
@@ -584,7 +608,9 @@ def make_model(config):
         C, H = config["data_shape"][0], config["data_shape"][-1]
         net = UNet(in_ch=C, image_size=H, **PRESETS[config["model"]])
     if config.get("loss_type") == "vlb":  # VDM objective: continuous t, the schedule may be learned
-        return VDMNet(net, learned=config["schedule"] == "learned")
+        return VDMNet(net, learned=config["schedule"] == "learned",
+                      learn_endpoints=config.get("learn_endpoints", LEGACY["learn_endpoints"]),
+                      cond=config.get("cond", LEGACY["cond"]))
     return net
 
 
@@ -605,9 +631,11 @@ def read_ckpt(path, cfg=None):
     if missing or not isinstance(ckpt["config"], dict) or "data_shape" not in ckpt["config"] or any(
             k not in ckpt["config"] for k in MUST_MATCH):
         raise DataError(f"{path}: a {SCRIPT} checkpoint with missing fields ({', '.join(missing) or 'config'})")
-    for k in MUST_MATCH if cfg is not None else ():
-        if ckpt["config"][k] != getattr(cfg, k):
-            raise DataError(f"{path}: trained with {k}={ckpt['config'][k]!r}, this run has {k}={getattr(cfg, k)!r}")
+    check = (*MUST_MATCH, *(LEGACY if cfg.loss_type == "vlb" else ())) if cfg is not None else ()
+    for k in check:
+        old = ckpt["config"].get(k, LEGACY.get(k))
+        if old != getattr(cfg, k):
+            raise DataError(f"{path}: trained with {k}={old!r}, this run has {k}={getattr(cfg, k)!r}")
     return ckpt
 
 
@@ -722,7 +750,7 @@ def load_for_inference(args, cfg_overrides):
     """Rebuild (cfg, diffusion, EMA network, device) from a checkpoint, without loading the data."""
     ckpt = read_ckpt(args.ckpt)
     fields = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
+    cfg = Config(**{**LEGACY, **{k: v for k, v in ckpt["config"].items() if k in fields}})
     cfg = dataclasses.replace(cfg, **cfg_overrides)  # --out, --device, --seed, --clip-denoised, --batch-size
     device = pick_device(cfg.device)
     levels = 17 if cfg.dataset == "digits" else (None if cfg.dataset in TOYS else 256)
@@ -804,7 +832,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 CHOICES = {"model": sorted(PRESETS), "schedule": ["linear", "cosine", "linear_snr", "learned"],
            "variance": ["beta", "beta_tilde"], "loss_type": ["simple", "elbo", "vlb"], "clip_denoised": ["auto", "on", "off"],
-           "t_sampling": ["iid", "low_discrepancy"], "schedule_grad": ["bound", "variance"]}
+           "t_sampling": ["iid", "low_discrepancy"], "schedule_grad": ["bound", "variance"], "cond": ["gamma", "t"]}
 
 
 def field_help():
@@ -837,6 +865,8 @@ def validate(cfg):
     if (cfg.loss_type == "vlb") != (cfg.schedule in ("linear_snr", "learned")):
         raise ValueError(f"--schedule {cfg.schedule} and --loss-type {cfg.loss_type} do not go together: "
                          "linear_snr / learned are log-SNR schedules for --loss-type vlb, linear / cosine for the others")
+    if cfg.learn_endpoints and cfg.schedule != "learned":
+        raise ValueError("--learn-endpoints needs --schedule learned (the fixed schedules have fixed endpoints)")
     if cfg.schedule == "linear" and not 0 < cfg.beta_1 <= cfg.beta_T < 1:
         raise ValueError(f"need 0 < --beta-1 <= --beta-T < 1, got {cfg.beta_1} and {cfg.beta_T}")
     if cfg.T < 2:
@@ -878,6 +908,10 @@ def main(argv=None):
     p.add_argument("--preset", choices=sorted(PRESET_CONFIGS), help="cifar10 = the paper's CIFAR-10 run (Sec. 4, App. B)")
     helps = field_help()
     for f in dataclasses.fields(Config):
+        if isinstance(f.default, bool):  # a switch: --learn-endpoints (absent = the Config default)
+            p.add_argument("--" + f.name.replace("_", "-"), action="store_const", const=True, default=None,
+                           help=f"{helps.get(f.name, '')} (default off)")
+            continue
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None, choices=CHOICES.get(f.name),
                        help=f"{helps.get(f.name, '')} (default {f.default})")
     args = p.parse_args(argv)

@@ -29,6 +29,7 @@ Map from the papers to this file (2019 = NCSN, 2020 = NCSNv2; numbers as printed
     2020 Technique 4 (eps and T from Proposition 3)          -> technique4_step_lr
     2020 Technique 5 (EMA of the weights)                    -> train (--ema-decay)
     2020 final denoising step x + sigma_L^2 s(x, sigma_L)    -> NCSN.sample(denoise=True)
+    VDM (Kingma et al. 2021) App. I.1 low-discrepancy levels -> low_discrepancy_uniform, NCSN.sample_levels
 
 Symbols (paper -> code)
     sigma_1 > ... > sigma_L   noise levels, a geometric sequence          NCSN.sigmas (float64), index i = 0..L-1
@@ -100,6 +101,7 @@ class Config:
     warmup: int = 0               # linear warm-up steps; papers: none
     grad_clip: float = 0.0        # global gradient-norm clip, 0 = off; papers: none
     ema_decay: float = 0.99       # Technique 5: EMA 0.999 (shortened for the 1500-step CPU run); 0 = off (v1)
+    t_sampling: str = "iid"       # level index per example: "iid" (Eq. 6 estimate) or "low_discrepancy" (VDM App. I.1)
     ckpt_every: int = 500         # steps between checkpoints (and one at the end, and on Ctrl-C)
     sample_every: int = 500       # steps between sample grids from fixed noise
     log_every: int = 100          # steps between progress lines
@@ -210,6 +212,12 @@ def expand(a, x):
     return a.reshape(-1, *([1] * (x.dim() - 1)))
 
 
+def low_discrepancy_uniform(B, device="cpu"):
+    """Kingma et al. (2021, VDM) App. I.1: u_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1) from the global
+    RNG: exactly one u_i in each interval [k/B, (k+1)/B), each u_i alone uniform (so every loss stays unbiased)."""
+    return ((torch.rand((), dtype=torch.float64) + torch.arange(B, dtype=torch.float64) / B) % 1).to(device)
+
+
 class NCSN:
     """The noise levels of Song & Ermon (2019) and every objective and sampler built on them.
 
@@ -217,7 +225,10 @@ class NCSN:
     the score model as a plain callable model(x, sigma) -> tensor shaped like x, sigma of shape (B,).
     """
 
-    def __init__(self, sigma_1=1.0, sigma_L=0.01, L=10):
+    def __init__(self, sigma_1=1.0, sigma_L=0.01, L=10, t_sampling="iid"):
+        if t_sampling not in ("iid", "low_discrepancy"):
+            raise ValueError(f"unknown t_sampling {t_sampling!r}; choose iid or low_discrepancy")
+        self.t_sampling = t_sampling
         if not (isinstance(L, int) and L >= 1):
             raise ValueError(f"L must be an integer >= 1, got {L}")
         if not (0 < sigma_L < sigma_1 and math.isfinite(sigma_1)):
@@ -233,10 +244,18 @@ class NCSN:
     # -------------------------------------------------------------------------
     # Objectives
 
+    def sample_levels(self, B, device):
+        """Level indices (B,) for one minibatch: i.i.d. uniform on {0..L-1}, or low-discrepancy (Kingma et al.
+        2021, App. I.1): i = floor(L u_k), u_k = mod(u_0 + k/B, 1) with one u_0 ~ U(0, 1), so every stratum of
+        L/B levels gets one example; each i alone is still uniform, so Eq. 6's estimate stays unbiased."""
+        if self.t_sampling == "iid":
+            return torch.randint(self.L, (B,), device=device)
+        return (low_discrepancy_uniform(B) * self.L).long().clamp(max=self.L - 1).to(device)
+
     def perturb(self, x, i=None, z=None):
         """Draw a level per example (uniform over 1..L: an unbiased estimate of Eq. 6's average) and x~ = x + sigma z."""
         if i is None:
-            i = torch.randint(self.L, (x.shape[0],), device=x.device)
+            i = self.sample_levels(x.shape[0], x.device)
         if z is None:
             z = torch.randn_like(x)
         sigma = self.sigmas.to(x.device)[i].to(x.dtype)  # (B,), float64 -> the data's dtype once
@@ -477,7 +496,7 @@ def train(cfg):
         raise ValueError(f"--loss ism takes the exact Jacobian trace (one backward pass per dimension); "
                          f"{cfg.dataset} has D={data.x[0].numel()} > {ISM_MAX_DIM}: use --loss dsm or --loss ssm")
     cfg = resolve_levels(cfg, data.x)  # Techniques 1, 2, 4 for fields given as 0
-    ncsn = NCSN(cfg.sigma_1, cfg.sigma_L, cfg.L)
+    ncsn = NCSN(cfg.sigma_1, cfg.sigma_L, cfg.L, cfg.t_sampling)
     print(f"noise levels: sigma {cfg.sigma_1:.4g} -> {cfg.sigma_L:.4g}, L = {cfg.L}; sampling: T = "
           f"{cfg.n_steps_each}, eps = {cfg.step_lr:.4g} (paper's form), denoise {cfg.denoise}", flush=True)
     config = {**dataclasses.asdict(cfg), "data_shape": list(data.x.shape[1:])}
@@ -627,7 +646,8 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-CHOICES = {"model": sorted(PRESETS), "loss": ["dsm", "ssm", "ism"], "cond": ["both", "divide", "embed"]}
+CHOICES = {"model": sorted(PRESETS), "loss": ["dsm", "ssm", "ism"], "cond": ["both", "divide", "embed"],
+           "t_sampling": ["iid", "low_discrepancy"]}
 
 
 def parse_bool(s):

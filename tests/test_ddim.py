@@ -539,3 +539,34 @@ def test_clip_keeps_x0_hat_in_range_and_is_off_by_default():
     point = lambda x, i: (x - d.alpha_bar[i].sqrt()[:, None] * 0.5) / (1 - d.alpha_bar[i]).sqrt()[:, None]  # noqa
     a, b = d.sample(point, None, 20, x_T=x_T), d.sample(point, None, 20, x_T=x_T, clip=True)
     assert torch.allclose(a, b, atol=1e-12) and torch.allclose(a, torch.full_like(a, 0.5), atol=1e-9)
+
+
+def test_low_discrepancy_t_sampling_and_resume(tmp_path, capsys):
+    """Issue 8 (VDM App. I.1 copied here): with --t-sampling low_discrepancy a minibatch of B indices has exactly one
+    index in each stratum [kT/B, (k+1)T/B), each index is marginally uniform on {0..T-1}, the loss draws its t
+    through it, and a run with it resumes bitwise exactly (and differs from the i.i.d. run of the same seed).
+    Catches: the i.i.d. sampler in its place, the option not reaching the training loop, u_0 not from the
+    global RNG (resume no longer exact)."""
+    torch.manual_seed(0)
+    d = ddim.DDIM(T=1000, t_sampling="low_discrepancy")
+    seen = []
+    d.loss(lambda x, i: seen.append(i) or torch.zeros_like(x), torch.zeros(8, 2))
+    assert sorted((seen[0] // 125).tolist()) == list(range(8))
+    first = torch.stack([d.sample_t(8, "cpu")[0] for _ in range(4000)]).double()  # one slot: uniform marginally
+    assert abs(first.mean().item() - 499.5) < 4 * 288.7 / math.sqrt(4000)
+    assert abs(first.var().item() / (1000 ** 2 / 12) - 1) < 0.1
+    args = ["--train", "--dataset", "moons", "--T", "50", "--batch-size", "16", "--ckpt-every", "100",
+            "--sample-every", "1000", "--log-every", "1", "--warmup", "2", "--sample-steps", "2"]
+    runs = {n: tmp_path / n for n in ("ld", "split", "iid")}
+    ld = ["--t-sampling", "low_discrepancy"]
+    assert main_inproc(capsys, *args, "--steps", "4", "--out", str(runs["ld"]), *ld).returncode == 0
+    assert main_inproc(capsys, *args, "--steps", "4", "--out", str(runs["iid"])).returncode == 0
+    assert main_inproc(capsys, *args, "--steps", "2", "--out", str(runs["split"]), *ld).returncode == 0
+    r = main_inproc(capsys, *args, "--steps", "4", "--out", str(runs["split"]), *ld, "--resume")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    ca, cb, ci = (torch.load(p / "ckpt.pt", weights_only=True) for p in runs.values())
+    assert ca["config"]["t_sampling"] == "low_discrepancy" and ca["step"] == cb["step"] == 4
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]) and torch.equal(ca["ema"][k], cb["ema"][k]), k
+    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
+    assert any(not torch.equal(ca["model"][k], ci["model"][k]) for k in ca["model"])

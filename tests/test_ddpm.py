@@ -403,13 +403,27 @@ def test_cli_train_sample_resume_eval(tmp_path, capsys):
 
 
 def test_cli_vdm_objective_round_trip(tmp_path, capsys):
-    """Issue 8 from the CLI (in-process): --loss-type vlb --schedule learned trains jointly (the checkpoint holds
-    gamma_phi's weights), --sample runs the discretised ancestral sampler, --eval-nll prints the continuous bound."""
+    """Issue 8 from the CLI (in-process): --loss-type vlb --schedule learned --learn-endpoints --cond t trains jointly
+    (the checkpoint holds gamma_phi's weights, the two flags are in its config), --resume refuses another --cond or
+    a missing --learn-endpoints, --sample runs the discretised ancestral sampler, --eval-nll prints the continuous
+    bound, and a checkpoint written before the two options existed still loads (as cond t, fixed endpoints)."""
     out = str(tmp_path / "vlb")
     common = ["--dataset", "moons", "--loss-type", "vlb", "--schedule", "learned", "--T", "20", "--out", out]
-    ddpm.main(["--train", "--steps", "4", "--batch-size", "32", "--log-every", "2", "--sample-every", "4", *common])
+    ddpm.main(["--train", "--steps", "4", "--batch-size", "32", "--log-every", "2", "--sample-every", "4", *common,
+               "--learn-endpoints", "--cond", "t"])
     ck = state(out)
     assert ck["step"] == 4 and any(k.startswith("gamma.") for k in ck["ema"])
+    assert ck["config"]["learn_endpoints"] is True and ck["config"]["cond"] == "t"
+    for flags, word in ((["--learn-endpoints"], "cond"), (["--cond", "t"], "learn_endpoints")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            ddpm.main(["--train", "--resume", "--steps", "5", *common, *flags])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and word in err, err
+    old = {**ck, "config": {k: v for k, v in ck["config"].items() if k not in ("cond", "learn_endpoints")}}
+    torch.save(old, os.path.join(out, "old.pt"))
+    assert ddpm.make_model(old["config"]).cond == "t"
+    ddpm.main(["--sample", "--ckpt", os.path.join(out, "old.pt"), "--n-samples", "5", "--out", str(tmp_path / "o")])
     ddpm.main(["--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-samples", "50", "--out", out])
     assert np.load(os.path.join(out, "samples.npz"))["arr_0"].shape == (50, 2)
     capsys.readouterr()
@@ -440,19 +454,26 @@ def assert_same_state(a, b):
     assert a["step"] == b["step"] and torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 
-@pytest.mark.parametrize("dataset", ["moons", "digits", "moons-vlb-learned"])
+@pytest.mark.parametrize("dataset", ["moons", "digits", "moons-vlb-learned", "moons-vlb-learned-ends"])
 def test_resume_is_bitwise_exact(tmp_path, dataset):
     """2N steps straight == N steps, stop, resume to 2N: model, EMA, Adam state and RNG bitwise equal
     (the digits U-Net has dropout, so the RNG state must be restored too). Catches a resume that re-seeds,
-    restarts warm-up, skips the optimizer state or the EMA."""
+    restarts warm-up, skips the optimizer state or the EMA. The learned schedule's endpoints stay at
+    (-13.3, 5.0) by default and move with learn_endpoints=True (catches the flag not reaching MonotoneGamma)."""
     kw = {"digits": dict(dataset="digits", batch_size=4), "moons": {},
-          "moons-vlb-learned": dict(loss_type="vlb", schedule="learned")}[dataset]
+          "moons-vlb-learned": dict(loss_type="vlb", schedule="learned", cond="t"),
+          "moons-vlb-learned-ends": dict(loss_type="vlb", schedule="learned", learn_endpoints=True)}[dataset]
     ddpm.train(cfg_for(tmp_path, "straight", steps=6, **kw))
     ddpm.train(cfg_for(tmp_path, "split", steps=3, **kw))
     c = cfg_for(tmp_path, "split", steps=6, **kw)
     c.resume = True
     ddpm.train(c)
-    assert_same_state(state(str(tmp_path / "straight")), state(str(tmp_path / "split")))
+    straight = state(str(tmp_path / "straight"))
+    assert_same_state(straight, state(str(tmp_path / "split")))
+    if "learned" in dataset:
+        ends = straight["model"]["gamma.ends"]
+        moved = (ends - torch.tensor([-13.3, 5.0], dtype=F64)).abs()
+        assert (moved > 1e-4).all() if "ends" in dataset else (moved == 0).all(), ends
 
 
 def test_sigkill_then_resume(tmp_path):
@@ -542,6 +563,8 @@ BAD = [  # (flags, a word the one-line message must contain)
     (["--train", "--beta-1", "0.5", "--beta-T", "0.1"], "beta"),
     (["--train", "--schedule", "learned"], "do not go together"),
     (["--train", "--loss-type", "vlb"], "do not go together"),
+    (["--train", "--loss-type", "vlb", "--schedule", "linear_snr", "--learn-endpoints"], "--learn-endpoints"),
+    (["--train", "--loss-type", "vlb", "--schedule", "learned", "--cond", "sigma"], "cond"),
     (["--train", "--image-size", "2"], "--image-size"),
     (["--train", "--device", "cuda:7"], "device"),
     (["--train", "--dataset", "no_such_data"], "no_such_data"),
@@ -713,6 +736,36 @@ def test_learned_gamma_monotone_with_endpoints_and_trainable():
         opt.step()
     vals = g(t).detach()
     assert (vals.diff() > 0).all() and abs(vals[0] + 13.3) < 1e-9 and abs(vals[-1] - 5.0) < 1e-9
+
+
+def test_vdm_net_conditioning_on_gamma():
+    """VDMNet(cond="gamma") hands the network 999 (gamma(t) + 13.3) / 18.3: for the fixed linear-SNR schedule that is
+    999 t again (the two options coincide), for a learned gamma it is the noise level, not t, and the gradient of
+    the network's output reaches gamma_phi through it. cond="t" passes 999 t unchanged. Catches the conditioning
+    not applied, applied with the learned endpoints instead of VDM's reference ones, or detached."""
+    seen = []
+
+    class Spy(torch.nn.Module):  # a "network" that records its time input and depends on it smoothly
+        def forward(self, z, c):
+            seen.append(c)
+            return z * c[:, None] / 999
+
+    torch.manual_seed(0)
+    t = torch.rand(16, dtype=F64)
+    t999 = (999 * t).float()
+    z = torch.randn(16, 2)
+    ddpm.VDMNet(Spy(), learned=False, cond="gamma")(z, t999)
+    assert torch.allclose(seen[-1].double(), 999 * t, atol=1e-3)
+    m = ddpm.VDMNet(Spy(), learned=True, learn_endpoints=True, cond="gamma")
+    with torch.no_grad():
+        m.gamma.ends.copy_(torch.tensor([-10.0, 3.0], dtype=F64))  # learned endpoints away from the reference
+    out = m(z, t999)
+    want = 999 * (m.gamma(t) + 13.3) / 18.3
+    assert torch.allclose(seen[-1].double(), want, atol=1e-3) and (seen[-1].double() - 999 * t).abs().max() > 10
+    out.sum().backward()
+    assert m.gamma.w2.grad is not None and m.gamma.w2.grad.abs().sum() > 0
+    ddpm.VDMNet(Spy(), learned=True, cond="t")(z, t999)
+    assert torch.equal(seen[-1], t999)
 
 
 def test_variance_gradient_lowers_estimator_variance_keeps_bound():

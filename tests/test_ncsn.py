@@ -594,3 +594,39 @@ def test_bad_flags_subprocess(tmp_path):
         lines = err.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("ncsn.py: error:"), (args, err)
         assert msg in lines[0] and "Traceback" not in err, (args, lines[0])
+
+
+def test_low_discrepancy_levels_and_resume(tmp_path, capsys):
+    """Issue 8 (VDM App. I.1 copied here): with --t-sampling low_discrepancy a minibatch of B level indices has exactly
+    one in each stratum [kL/B, (k+1)L/B), each index is marginally uniform on {0..L-1}, the loss draws its levels
+    through it, and a run with it resumes bitwise exactly (and differs from the i.i.d. run of the same seed).
+    Catches: the i.i.d. sampler in its place, the option not reaching the training loop, u_0 not from the
+    global RNG (resume no longer exact)."""
+    torch.manual_seed(0)
+    n = NCSN(1.0, 0.01, 8, t_sampling="low_discrepancy")
+    seen = []
+    n.loss(lambda x, s: seen.append(s) or torch.zeros_like(x), torch.zeros(8, 2))
+    assert sorted(seen[0].tolist()) == sorted(n.sigmas.float().tolist())  # B = L: every level exactly once
+    first = torch.stack([n.sample_levels(4, "cpu")[0] for _ in range(4000)]).double()  # one slot: uniform on 0..7
+    assert abs(first.mean().item() - 3.5) < 4 * math.sqrt(63 / 12) / math.sqrt(4000)
+    assert sorted((n.sample_levels(4, "cpu") // 2).tolist()) == [0, 1, 2, 3]  # B = 4: one per pair of levels
+
+    def main(*argv):
+        try:
+            ncsn.main(list(argv))
+        finally:  # undo StopFlag's signal handlers
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        capsys.readouterr()
+
+    args = ["--train", "--dataset", "moons", "--L", "8", "--sigma-1", "1.0", "--sigma-L", "0.05", "--batch-size", "16",
+            "--n-steps-each", "1", "--ckpt-every", "100", "--sample-every", "1000", "--log-every", "1"]
+    ld = ["--t-sampling", "low_discrepancy"]
+    main(*args, "--steps", "4", "--out", str(tmp_path / "ld"), *ld)
+    main(*args, "--steps", "4", "--out", str(tmp_path / "iid"))
+    main(*args, "--steps", "2", "--out", str(tmp_path / "split"), *ld)
+    main(*args, "--steps", "4", "--out", str(tmp_path / "split"), *ld, "--resume")
+    a, b, i = (state(tmp_path / d / "ckpt.pt") for d in ("ld", "split", "iid"))
+    assert a["config"]["t_sampling"] == "low_discrepancy"
+    assert_same_state(a, b)
+    assert any(not torch.equal(a["model"][k], i["model"][k]) for k in a["model"])
