@@ -14,6 +14,14 @@ Commands (outputs under runs/score_sde):
     python score_sde.py --sample --predictor euler_maruyama --corrector ald --snr 0.1 --n-steps 200
     python score_sde.py --train --resume                 # continue an interrupted run exactly
     python score_sde.py --train --dataset moons          # 2-D toy (MLP instead of the U-Net)
+    python score_sde.py --eval-nll --estimator rademacher  # bits/dim of held-out digits (also: gaussian, exact)
+    python score_sde.py --encode                         # held-out | code | decode(code)  -> encode.png
+    python score_sde.py --interpolate                    # slerp between two codes, decoded -> interpolate.png
+    python score_sde.py --inpaint                        # held-out | bottom half removed | completed -> inpaint.png
+    python score_sde.py --colorize                       # RGB data only (grey digits: explained, exit 2)
+    python score_sde.py --train-classifier               # time-dependent classifier p_t(y | x) -> classifier.pt
+    python score_sde.py --sample --class 3               # class-conditional samples (--class all: a row per class)
+    python score_sde.py --train --t-sampling low_discrepancy   # one training t per stratum of the batch
 
 Map of the paper onto this file:
     Eq. 5   forward SDE  dx = f(x, t) dt + g(t) dw          -> VESDE / VPSDE / subVPSDE .sde()
@@ -32,6 +40,10 @@ Map of the paper onto this file:
     App. G  Alg. 1 PC sampling; Alg. 2 / 3 PC for VE / VP; Alg. 4 / 5 correctors   -> pc_sample, langevin, ald
     Sec. 4.3, App. D.2  exact likelihood by the instantaneous change of variables, latent codes
                                                               -> likelihood (+ divergence), encode, decode
+    Sec. 5, App. I.2  inpainting (known part replaced by its forward-noised copy) -> pc_known, inpaint
+    App. I.3  colourisation in the orthogonal colour basis    -> COLOR_M, decouple, couple, colorize
+    Sec. 5, App. I.1  conditional score grad log p_t(x) + grad log p_t(y | x), time-dependent classifier
+                                                              -> guided_score, class_sample, TimeClassifier, classifier_loss
 
 Symbols (paper -> code):
     t in [eps, 1]  continuous time             t            (B,) float tensor
@@ -78,7 +90,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import MLP, PRESETS, TOYS, DataError, UNet, load_data, save_grid, save_npz, save_scatter
+from common import (MLP, PRESETS, TOYS, DataError, ResBlock, UNet, load_data, save_grid, save_npz, save_scatter,
+                    timestep_embedding)
 
 SCRIPT = "score_sde"  # the name written into every checkpoint
 
@@ -101,6 +114,7 @@ class Config:
     # training (Sec. 3.3, Eq. 7; App. H)
     likelihood_weighting: bool = False  # lambda = g^2 (Song, Durkan, Murray, Ermon 2021); default lambda = std_t^2
     train_eps: float = 1e-5       # App. C: t ~ U[1e-5, 1] while training
+    t_sampling: str = "iid"       # iid (paper) | low_discrepancy (one t per stratum of the batch; VDM, issue 8)
     steps: int = 1600             # total optimisation steps of the run (paper: 1.3 M; CPU default shortened)
     batch_size: int = 128         # paper: 128
     lr: float = 2e-4              # paper: Adam 2e-4
@@ -125,6 +139,12 @@ class Config:
     rtol: float = 1e-5            # App. D: RK45 rtol = atol = 1e-5
     atol: float = 1e-5
     n_samples: int = 64           # images written by --sample
+    # evaluation and controllable generation (Sec. 4.3, Sec. 5, App. D.2, App. I)
+    estimator: str = "rademacher" # --eval-nll trace estimator: rademacher | gaussian (App. D.2) | exact (d backward passes)
+    n_eval: int = 64              # held-out images for --eval-nll / --encode / --interpolate / --inpaint / --colorize
+    classifier_steps: int = 800   # --train-classifier steps (paper's CIFAR-10 classifier: a WRN on noisy data, App. I.1)
+    classifier_scale: float = 1.0 # weight of grad log p_t(y | x) in the conditional score (paper: 1)
+    classifier_ckpt: str = ""     # classifier for --class ("" = <out>/classifier.pt)
 
 
 # -----------------------------------------------------------------------------
@@ -358,7 +378,19 @@ def make_score_fn(net, sde):
     return score_fn
 
 
-def loss(score_model, sde, x, likelihood_weighting=False, eps=1e-5):
+def sample_t(B, eps, t_sampling="iid", device="cpu"):
+    """Training times t in [eps, 1], (B,). iid: t ~ U[eps, 1]. low_discrepancy (Kingma, Salimans, Poole, Ho 2021,
+    Variational Diffusion Models, arXiv 2107.00630; issue 8): one uniform u_0 per batch, t_i = eps + (1 - eps) mod(u_0 + i / B, 1), one t in each of B strata:
+    each t_i is still U[eps, 1], so the loss stays unbiased, with lower variance across the batch."""
+    if t_sampling == "iid":
+        return torch.rand(B, device=device) * (1 - eps) + eps
+    if t_sampling == "low_discrepancy":
+        u0 = torch.rand(1, device=device)
+        return eps + (1 - eps) * torch.remainder(u0 + torch.arange(B, device=device) / B, 1.0)
+    raise ValueError(f"unknown t sampling {t_sampling!r}; choose iid or low_discrepancy")
+
+
+def loss(score_model, sde, x, likelihood_weighting=False, eps=1e-5, t_sampling="iid"):
     """Eq. 7 of Song et al. (2021): continuous-time denoising score matching.
 
     E_t E_x(0) E_x(t)|x(0) [ lambda(t) |s_theta(x(t), t) - grad log p_0t(x(t) | x(0))|^2 ],  t ~ U[eps, 1],
@@ -367,7 +399,7 @@ def loss(score_model, sde, x, likelihood_weighting=False, eps=1e-5):
     of Song, Durkan, Murray, Ermon (2021, arXiv 2101.09258), the official code's `likelihood_weighting` flag.
     Averaged over dimensions (official reduce_mean=True; the other choice, a half-sum, only rescales it).
     """
-    t = torch.rand(len(x), device=x.device) * (1 - eps) + eps   # t ~ U[eps, 1] from the global RNG
+    t = sample_t(len(x), eps, t_sampling, x.device)             # t ~ U[eps, 1] from the global RNG
     z = torch.randn_like(x)
     mean, std = sde.marginal_prob(x, t)
     x_t = mean + bc(std, x) * z                                  # a sample of p_0t(x(t) | x(0)) (App. B)
@@ -693,6 +725,157 @@ def decode(score_fn, sde, z, eps=1e-5, rtol=1e-5, atol=1e-5):
 
 
 # -----------------------------------------------------------------------------
+# Controllable generation (Sec. 5, App. I): inpainting, colourisation, class-conditional sampling
+
+def check_mask(x, mask):
+    """The mask must have the data's shape (B, ...) or one sample's shape (...); 1 = known, 0 = to fill in."""
+    if tuple(mask.shape) not in (tuple(x.shape), tuple(x.shape[1:])):
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match data of shape {tuple(x.shape)} "
+                         f"(give one sample's shape {tuple(x.shape[1:])} or the batch's)")
+    return mask.to(x.dtype).expand_as(x)
+
+
+def pc_known(score_fn, sde, known, mask, couple=None, decouple=None, predictor="reverse_diffusion",
+             corrector="langevin", snr=0.16, n_corrector_steps=1, eps=None, n_steps=None, generator=None):
+    """App. I.2 / I.3 of Song et al. (2021): PC sampling of the unknown part with the known part imposed.
+
+    Works in coordinates u = decouple(x) (identity for inpainting; the orthogonal colour transform for
+    colourisation). After every corrector and predictor update at time t -> t', the known coordinates are
+    replaced by a fresh forward-noised copy of the data, u_known(t') ~ p_0t'(. | known) (App. B), while the
+    unknown ones keep what the sampler produced; x_mean gets the noise-free mean m_t' known. The official code
+    (controllable_generation.py) re-noises the known part to the level t the predictor started from; we noise
+    it to the level t' it arrives at, so the state is consistent with p_t' (identical in the limit N -> inf).
+    """
+    couple = couple or (lambda u: u)
+    decouple = decouple or (lambda u: u)
+    eps = sde.sample_eps if eps is None else eps
+    N = n_steps or sde.N
+    u_known = decouple(known)
+
+    def impose(x, x_mean, t):
+        mean, std = sde.marginal_prob(u_known, full(x, t))             # p_0t(u(t) | u_known)
+        noisy = mean + bc(std, x) * randn(x, generator)
+        x = couple(decouple(x) * (1 - mask) + noisy * mask)
+        x_mean = couple(decouple(x_mean) * (1 - mask) + mean * mask)
+        return x, x_mean
+
+    prior = sde.prior_sampling(known.shape, generator, known.dtype, known.device)
+    x, x_mean = impose(prior, prior, 1.0)                              # start: prior noise, known part noised to t=1
+    with torch.no_grad():
+        for t, t_next in time_grid(N, eps):
+            if corrector != "none":
+                x, x_mean = CORRECTORS[corrector](score_fn, sde, x, t, t - t_next, snr, n_corrector_steps, generator)
+                x, x_mean = impose(x, x_mean, t)
+            if predictor != "none":
+                x, x_mean = PREDICTORS[predictor](score_fn, sde, x, t, t_next, generator)
+                x, x_mean = impose(x, x_mean, t_next)
+    return x_mean
+
+
+def inpaint(score_fn, sde, x, mask, predictor="reverse_diffusion", corrector="langevin", snr=0.16,
+            n_corrector_steps=1, eps=None, n_steps=None, generator=None):
+    """App. I.2 of Song et al. (2021): inpainting. mask = 1 where x is known; returns the completed x
+    (known entries equal to x, up to the last step's m_eps factor: exactly x(eps)'s mean)."""
+    mask = check_mask(x, mask)
+    return pc_known(score_fn, sde, x, mask, predictor=predictor, corrector=corrector, snr=snr,
+                    n_corrector_steps=n_corrector_steps, eps=eps, n_steps=n_steps, generator=generator)
+
+
+# App. I.3: the orthogonal colour transform of the official code (first column = (1, 1, 1) / sqrt(3), so the
+# first decoupled channel is sqrt(3) x the grey value; the other two span the colour plane).
+COLOR_M = torch.tensor([[5.7735014e-01, -8.1649649e-01, 4.7008697e-08],
+                        [5.7735026e-01, 4.0824834e-01, 7.0710671e-01],
+                        [5.7735026e-01, 4.0824822e-01, -7.0710683e-01]], dtype=torch.float64)
+
+
+def decouple(x):
+    """RGB (B, 3, H, W) -> decoupled channels u_j = sum_i x_i M_ij (u_0 = grey channel)."""
+    return torch.einsum("bihw,ij->bjhw", x, COLOR_M.to(x))
+
+
+def couple(u):
+    """Inverse of decouple: x_i = sum_j u_j M^-1_ji (M is orthogonal, so M^-1 = M^T up to float32 rounding)."""
+    return torch.einsum("bjhw,ji->bihw", u, torch.linalg.inv(COLOR_M).to(u))
+
+
+def colorize(score_fn, sde, x_grey, predictor="reverse_diffusion", corrector="langevin", snr=0.16,
+             n_corrector_steps=1, eps=None, n_steps=None, generator=None):
+    """App. I.3 of Song et al. (2021): colourisation. x_grey (B, 3, H, W): an RGB image whose channel mean is the
+    grey value (a colour image is reduced to it first). In the decoupled coordinates of COLOR_M the grey channel
+    is known and the two colour channels are inpainted; returns RGB images with the same grey channel."""
+    if x_grey.dim() != 4 or x_grey.shape[1] != 3:
+        raise ValueError(f"colorize needs RGB data (B, 3, H, W); got shape {tuple(x_grey.shape)} "
+                         f"(grey data has no colour to restore)")
+    grey = x_grey.mean(1, keepdim=True).expand_as(x_grey)
+    mask = torch.zeros_like(grey)
+    mask[:, 0] = 1                                                     # decoupled channel 0 (grey) is known
+    return pc_known(score_fn, sde, grey, mask, couple, decouple, predictor, corrector, snr, n_corrector_steps,
+                    eps, n_steps, generator)
+
+
+def guided_score(score_fn, log_prob_fn, y, scale=1.0):
+    """Sec. 5 of Song et al. (2021): the conditional score
+    grad_x log p_t(x | y) = grad_x log p_t(x) + grad_x log p_t(y | x), with the classifier term scaled
+    (scale = 1 is the paper's; > 1 sharpens towards the class). log_prob_fn(x, t) -> (B, K) log p_t(. | x)."""
+    def score(x, t):
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            logp_y = log_prob_fn(xg, t).gather(1, y[:, None]).sum()   # sum_b log p_t(y_b | x_b)
+            grad = torch.autograd.grad(logp_y, xg)[0]
+        return score_fn(x, t) + scale * grad
+    return score
+
+
+def class_sample(score_fn, log_prob_fn, sde, shape, y, scale=1.0, **pc_kwargs):
+    """Sec. 5 / App. I.1 of Song et al. (2021): class-conditional PC sampling (labels y (B,)): pc_sample with the
+    guided score of guided_score."""
+    return pc_sample(guided_score(score_fn, log_prob_fn, y, scale), sde, shape, **pc_kwargs)
+
+
+class TimeClassifier(torch.nn.Module):
+    """App. I.1: a time-dependent classifier p_t(y | x(t)) for noisy images, built from common.py's U-Net pieces:
+    the downsampling half of a small U-Net (ResBlocks with the sinusoidal time embedding, average-pool
+    downsampling), then global average pooling and a linear layer to K logits. The paper uses a Wide-ResNet
+    conditioned on the noise level; this is a CPU-sized stand-in. Called as net(x, t_in) with the score net's
+    time input (999 t; VE: the sigma-derived input), so it shares make_score_fn's convention."""
+
+    def __init__(self, in_ch, n_classes, ch=32, emb_dim=128):
+        super().__init__()
+        self.ch, self.embed = ch, timestep_embedding
+        self.emb = torch.nn.Sequential(torch.nn.Linear(ch, emb_dim), torch.nn.SiLU(), torch.nn.Linear(emb_dim, emb_dim))
+        self.conv_in = torch.nn.Conv2d(in_ch, ch, 3, padding=1)
+        self.blocks = torch.nn.ModuleList([ResBlock(ch, ch, emb_dim, 0.0), ResBlock(ch, 2 * ch, emb_dim, 0.0)])
+        self.head = torch.nn.Sequential(torch.nn.GroupNorm(8, 2 * ch), torch.nn.SiLU())
+        self.out = torch.nn.Linear(2 * ch, n_classes)
+
+    def forward(self, x, t_in):
+        emb = self.emb(self.embed(t_in, self.ch))
+        h = self.blocks[0](self.conv_in(x), emb)
+        h = self.blocks[1](torch.nn.functional.avg_pool2d(h, 2, ceil_mode=True), emb)   # downsample x2
+        return self.out(self.head(h).mean((2, 3)))                                        # (B, K) logits
+
+
+def net_time(sde, t):
+    """The networks' time input for continuous t (B,): 999 t (VP, sub-VP), the sigma-derived input (VE)."""
+    if isinstance(sde, VESDE):
+        return ve_noise_input(sde, sde.marginal_prob(torch.ones_like(t), t)[1])
+    return 999 * t
+
+
+def make_log_prob_fn(classifier, sde):
+    """log p_t(. | x) (B, K) from the time-dependent classifier, for guided_score."""
+    return lambda x, t: torch.log_softmax(classifier(x.float(), net_time(sde, t).float()), 1).to(x.dtype)
+
+
+def classifier_loss(classifier, sde, x, y, eps=1e-5):
+    """App. I.1: cross-entropy of the classifier on x(t) ~ p_0t(x(t) | x(0)), t ~ U[eps, 1] (noisy training data)."""
+    t = sample_t(len(x), eps, "iid", x.device)
+    mean, std = sde.marginal_prob(x, t)
+    x_t = (mean + bc(std, x) * torch.randn_like(x)).float()
+    return torch.nn.functional.cross_entropy(classifier(x_t, net_time(sde, t).float()), y)
+
+
+# -----------------------------------------------------------------------------
 # Training loop
 
 def make_model(cfg, data_shape):
@@ -758,7 +941,7 @@ def train(cfg, resume=False):
             x0 = data.x[torch.randint(len(data.x), (cfg.batch_size,))].to(device)  # i.i.d. minibatch: exact resume
             if data.flip:
                 x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(-1), x0)
-            L = loss(score_fn, sde, x0, cfg.likelihood_weighting, cfg.train_eps)
+            L = loss(score_fn, sde, x0, cfg.likelihood_weighting, cfg.train_eps, cfg.t_sampling)
             if not torch.isfinite(L):
                 raise DataError(f"non-finite loss at step {step + 1}; last good checkpoint kept in {path}")
             for g in opt.param_groups:
@@ -823,6 +1006,205 @@ def run_sample(cfg):
           f"{time.time() - t0:.1f} s) -> {png}, {os.path.join(cfg.out, 'samples.npz')}")
 
 
+def train_classifier(cfg):
+    """--train-classifier: fit TimeClassifier on noisy labelled training data (App. I.1) for the SDE of the
+    score checkpoint (--ckpt, so the two share the schedule), or of --sde when there is none; writes
+    <out>/classifier.pt (EMA weights used for guidance)."""
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    spath = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
+    if os.path.isfile(spath):                       # the score model's SDE, sigma_max and dataset win
+        old = load_checkpoint(spath)["config"]
+        cfg = dataclasses.replace(cfg, **{k: old[k] for k in MUST_MATCH if k in old})
+    data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
+    if data.y is None or data.x.dim() != 4:
+        raise DataError(f"--train-classifier needs labelled image data; {cfg.dataset} has none")
+    if cfg.sde == "ve" and cfg.sigma_max == 0:
+        cfg = dataclasses.replace(cfg, sigma_max=sigma_max_technique1(data.x))
+    sde = make_sde(cfg.sde, cfg.beta_min, cfg.beta_max, cfg.sigma_min, cfg.sigma_max, cfg.n_steps)
+    K = int(data.y.max()) + 1
+    net = TimeClassifier(data.x.shape[1], K).to(device)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr * 5)   # a classifier tolerates a larger step than the score net
+    t0 = time.time()
+    for step in range(1, cfg.classifier_steps + 1):
+        idx = torch.randint(len(data.x), (cfg.batch_size,))
+        L = classifier_loss(net, sde, data.x[idx].to(device), data.y[idx].to(device), cfg.train_eps)
+        if not torch.isfinite(L):
+            raise DataError(f"non-finite classifier loss at step {step}")
+        opt.zero_grad(set_to_none=True)
+        L.backward()
+        opt.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), net.parameters()):
+                p_ema.lerp_(p, 1 - cfg.ema_decay)
+        if step % cfg.log_every == 0 or step == cfg.classifier_steps:
+            print(f"classifier step {step}/{cfg.classifier_steps}  cross-entropy {L.item():.4f}  "
+                  f"{step / (time.time() - t0):.2f} it/s", flush=True)
+    # Held-out accuracy at three noise levels, so a person can see what the guidance has to work with.
+    test = load_data(cfg.dataset, train=False, image_size=cfg.image_size or None)
+    with torch.no_grad():
+        for t in (0.1, 0.5, 0.9):
+            tt = torch.full((len(test.x),), t)
+            mean, std = sde.marginal_prob(test.x, tt)
+            xt = (mean + bc(std, test.x) * torch.randn_like(test.x)).float()
+            acc = (ema(xt.to(device), net_time(sde, tt).float().to(device)).argmax(1).cpu() == test.y).float().mean()
+            print(f"held-out accuracy at t = {t}: {acc:.3f}")
+    path = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt")
+    save_checkpoint(path, {"script": SCRIPT, "kind": "classifier",
+                           "config": {**dataclasses.asdict(cfg), "data_shape": list(data.x.shape[1:]), "n_classes": K},
+                           "step": cfg.classifier_steps, "model": net.state_dict(), "ema": ema.state_dict(),
+                           "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state()}})
+    print(f"classifier -> {path}")
+
+
+def load_score_model(cfg):
+    """The EMA score network and SDE of --ckpt (default <out>/ckpt.pt): (saved config, data_shape, score_fn, sde)."""
+    device = pick_device(cfg.device)
+    path = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
+    ckpt = load_checkpoint(path)
+    try:
+        if ckpt.get("kind") == "classifier":
+            raise KeyError("kind")
+        saved = Config(**{k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__})
+        data_shape = ckpt["config"]["data_shape"]
+        model = make_model(saved, data_shape)
+        model.load_state_dict(ckpt["ema"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise DataError(f"{path}: checkpoint does not match this script's network ({type(e).__name__})") from None
+    model.to(device).eval()
+    sde = make_sde(saved.sde, saved.beta_min, saved.beta_max, saved.sigma_min, saved.sigma_max, cfg.n_steps)
+    return saved, data_shape, make_score_fn(model, sde), sde
+
+
+def held_out(saved, cfg, what):
+    """The first --n-eval held-out images of the checkpoint's dataset (image modes refuse 2-D toys)."""
+    if saved.dataset in TOYS and what != "--eval-nll":
+        raise ValueError(f"{what} needs image data; the checkpoint was trained on the 2-D toy {saved.dataset}")
+    data = load_data(saved.dataset, train=False, image_size=saved.image_size or None)
+    return data, data.x[:cfg.n_eval].double()
+
+
+def run_eval_nll(cfg):
+    """--eval-nll: bits/dim (App. D.2) of --n-eval held-out points with --estimator, mean +- standard error."""
+    saved, _, score_fn, sde = load_score_model(cfg)
+    data, x = held_out(saved, cfg, "--eval-nll")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.time()
+    bpd, nfe = likelihood(score_fn, sde, x, cfg.estimator, dequantize=data.levels is not None,
+                          levels=data.levels, rtol=cfg.rtol, atol=cfg.atol, generator=gen)
+    se = float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
+    unit = "bits/dim (dequantised, %d levels)" % data.levels if data.levels else "bits/dim (continuous)"
+    print(f"{float(bpd.mean()):.4f} +- {se:.4f} {unit} on {len(x)} held-out points ({saved.sde} SDE, "
+          f"{cfg.estimator} trace, NFE {nfe}, {time.time() - t0:.1f} s)")
+    os.makedirs(cfg.out, exist_ok=True)
+    if saved.dataset not in TOYS:  # held-out images from most to least likely under the model
+        png = os.path.join(cfg.out, "nll_sorted.png")
+        save_grid(x[bpd.argsort()].float(), png)
+        print(f"images sorted by bits/dim (lowest first) -> {png}")
+    return float(bpd.mean()), se, nfe
+
+
+def slerp(z0, z1, lam):
+    """Spherical interpolation of Gaussian codes (keeps the norm typical of N(0, I))."""
+    a, b = z0.flatten(), z1.flatten()
+    omega = torch.arccos((a @ b / (a.norm() * b.norm())).clamp(-1, 1))
+    return (torch.sin((1 - lam) * omega) * z0 + torch.sin(lam * omega) * z1) / torch.sin(omega)
+
+
+def run_encode(cfg, interpolate=False):
+    """--encode: rows of held-out images | their codes z = x(1) | decode(z) (Sec. 4.3).
+    --interpolate: 8 rows, each decoding slerp(z_a, z_b, lambda) for 9 lambdas between two encoded images."""
+    saved, _, score_fn, sde = load_score_model(cfg)
+    _, x = held_out(saved, cfg, "--interpolate" if interpolate else "--encode")
+    x = x[:16 if interpolate else 8]
+    eps = cfg.sample_eps or 1e-5
+    z = encode(score_fn, sde, x, eps, cfg.rtol, cfg.atol)
+    os.makedirs(cfg.out, exist_ok=True)
+    if interpolate:
+        lams = torch.linspace(0, 1, 9, dtype=z.dtype)
+        zs = torch.cat([torch.stack([slerp(z[2 * i], z[2 * i + 1], l) for l in lams]) for i in range(len(z) // 2)])
+        out, png = decode(score_fn, sde, zs, eps, cfg.rtol, cfg.atol), os.path.join(cfg.out, "interpolate.png")
+        save_grid(out.float(), png, nrow=9)
+        print(f"{len(z) // 2} interpolations (9 steps, ends = decoded codes of two held-out images) -> {png}")
+        return
+    rec = decode(score_fn, sde, z, eps, cfg.rtol, cfg.atol)
+    png = os.path.join(cfg.out, "encode.png")
+    save_grid(torch.cat([x, (z / 3).clamp(-1, 1), rec]).float(), png, nrow=len(x))
+    print(f"rows: held-out | code / 3 | decoded; max |decode(encode(x)) - x| = {float((rec - x).abs().max()):.4f}, "
+          f"code std {float(z.std()):.3f} (N(0, I) would be 1) -> {png}")
+
+
+def run_inpaint(cfg, colour=False):
+    """--inpaint: rows originals | masked (bottom half removed) | completed (App. I.2).
+    --colorize: rows originals | grey | colourised (App. I.3); grey data -> a one-line explanation."""
+    saved, data_shape, score_fn, sde = load_score_model(cfg)
+    if colour and data_shape[0] != 3:
+        raise ValueError(f"--colorize needs RGB data; {saved.dataset} has {data_shape[0]} channel(s), so there is "
+                         f"no colour to restore (App. I.3 works on 3-channel images)")
+    _, x = held_out(saved, cfg, "--colorize" if colour else "--inpaint")
+    x = x[:16]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    kw = dict(predictor=cfg.predictor, corrector=cfg.corrector, snr=cfg.snr, n_corrector_steps=cfg.n_corrector_steps,
+              eps=cfg.sample_eps or None, n_steps=cfg.n_steps, generator=gen)
+    if colour:
+        shown = x.mean(1, keepdim=True).expand_as(x)
+        out, png = colorize(score_fn, sde, shown, **kw), os.path.join(cfg.out, "colorize.png")
+    else:
+        mask = torch.ones(x.shape[1:], dtype=x.dtype)
+        mask[..., x.shape[-2] // 2:, :] = 0                              # bottom half unknown
+        shown = x * mask - (1 - mask)                                    # masked part drawn black
+        out, png = inpaint(score_fn, sde, x, mask, **kw), os.path.join(cfg.out, "inpaint.png")
+    os.makedirs(cfg.out, exist_ok=True)
+    save_grid(torch.cat([x, shown, out]).float(), png, nrow=len(x))
+    print(f"rows: held-out | {'grey' if colour else 'bottom half removed'} | "
+          f"{'colourised' if colour else 'completed'} -> {png}")
+
+
+def run_class(cfg, label):
+    """--sample --class K: class-conditional PC samples (Sec. 5) with the time-dependent classifier of
+    --classifier-ckpt; --class all: one row per class."""
+    saved, data_shape, score_fn, sde = load_score_model(cfg)
+    path = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt")
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != "classifier":
+        raise DataError(f"{path}: not a classifier checkpoint (train one with --train-classifier)")
+    cc = ckpt["config"]
+    for k in ("sde", "beta_min", "beta_max", "sigma_min", "sigma_max", "dataset"):
+        if cc.get(k) != getattr(saved, k):
+            raise DataError(f"{path}: classifier has {k}={cc.get(k)!r}, the score model {getattr(saved, k)!r}")
+    K = cc["n_classes"]
+    if label == "all":
+        n = max(1, cfg.n_samples // K)
+        y = torch.arange(K).repeat_interleave(n)
+    else:
+        try:
+            k = int(label)
+        except ValueError:
+            raise ValueError(f"--class must be an integer in [0, {K - 1}] or 'all' (got {label!r})") from None
+        if not 0 <= k < K:
+            raise ValueError(f"--class {k} is out of range: the classifier knows classes 0..{K - 1}")
+        n, y = cfg.n_samples, torch.full((cfg.n_samples,), k)
+    clf = TimeClassifier(data_shape[0], K)
+    clf.load_state_dict(ckpt["ema"])
+    clf.eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    pred, corr = (cfg.predictor, cfg.corrector) if cfg.sampler == "pc" else SAMPLERS.get(cfg.sampler) or ("x", "x")
+    if pred == "x":
+        raise ValueError("--class needs an SDE sampler (pc, em, reverse, ancestral), not the ODE")
+    x = class_sample(score_fn, make_log_prob_fn(clf, sde), sde, (len(y), *data_shape), y, cfg.classifier_scale,
+                     predictor=pred, corrector=corr, snr=cfg.snr, n_corrector_steps=cfg.n_corrector_steps,
+                     eps=cfg.sample_eps or None, generator=gen, n_steps=cfg.n_steps)
+    os.makedirs(cfg.out, exist_ok=True)
+    png = os.path.join(cfg.out, f"class_{label}.png")
+    save_grid(x.float(), png, nrow=n if label == "all" else None)
+    with torch.no_grad():
+        acc = float((make_log_prob_fn(clf, sde)(x, torch.full((len(x),), sde.sample_eps, dtype=x.dtype)).argmax(1)
+                     == y).double().mean())
+    print(f"{len(y)} samples of class {label} (scale {cfg.classifier_scale}); the classifier at t = eps agrees "
+          f"on {acc:.0%} -> {png}")
+
+
 # -----------------------------------------------------------------------------
 # CLI
 
@@ -833,14 +1215,27 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-CHOICES = {"sde": ("vp", "subvp", "ve"), "sampler": tuple(SAMPLERS), "predictor": tuple(PREDICTORS),
+CHOICES = {"sde": ("vp", "subvp", "ve"), "estimator": ("rademacher", "gaussian", "exact"),
+           "t_sampling": ("iid", "low_discrepancy"), "sampler": tuple(SAMPLERS), "predictor": tuple(PREDICTORS),
            "corrector": tuple(CORRECTORS), "model": tuple(PRESETS)}
+
+
+MODES = ("train", "sample", "train_classifier", "eval_nll", "encode", "interpolate", "inpaint", "colorize")
 
 
 def validate(cfg, args):
     """Flags that parse but make no sense -> ValueError (one line, exit 2)."""
-    if args.train == args.sample:
-        raise ValueError("give exactly one of --train and --sample")
+    modes = [m for m in MODES if getattr(args, m)]
+    if len(modes) != 1:
+        raise ValueError("give exactly one of " + ", ".join("--" + m.replace("_", "-") for m in MODES)
+                         + (f" (got {len(modes)})" if modes else ""))
+    if args.klass and not args.sample:
+        raise ValueError("--class goes with --sample (and --classifier-ckpt)")
+    for k in ("n_eval", "classifier_steps"):
+        if getattr(cfg, k) <= 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be positive (got {getattr(cfg, k)})")
+    if cfg.classifier_scale < 0:
+        raise ValueError(f"--classifier-scale must be >= 0 (got {cfg.classifier_scale})")
     positive = ("steps", "batch_size", "lr", "warmup", "grad_clip", "ckpt_every", "sample_every", "log_every",
                 "beta_min", "sigma_min", "snr", "n_steps", "rtol", "atol", "n_samples")
     for k in positive:
@@ -879,6 +1274,14 @@ def main(argv=None):
     p.add_argument("--train", action="store_true", help="train a score model")
     p.add_argument("--sample", action="store_true", help="sample from --ckpt (default <out>/ckpt.pt)")
     p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt to --steps")
+    p.add_argument("--train-classifier", action="store_true",
+                   help="train a time-dependent classifier p_t(y | x) on noisy data -> <out>/classifier.pt (App. I.1)")
+    p.add_argument("--eval-nll", action="store_true", help="bits/dim of held-out data under --ckpt (App. D.2)")
+    p.add_argument("--encode", action="store_true", help="encode / decode held-out images (Sec. 4.3) -> encode.png")
+    p.add_argument("--interpolate", action="store_true", help="slerp between codes of held-out images -> interpolate.png")
+    p.add_argument("--inpaint", action="store_true", help="fill in the bottom half of held-out images (App. I.2)")
+    p.add_argument("--colorize", action="store_true", help="colourise grey versions of RGB images (App. I.3)")
+    p.add_argument("--class", dest="klass", default="", help="with --sample: class K, or 'all' (one row per class)")
     for f in dataclasses.fields(Config):
         name = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
@@ -891,6 +1294,16 @@ def main(argv=None):
         validate(cfg, args)
         if args.train:
             train(cfg, resume=args.resume)
+        elif args.train_classifier:
+            train_classifier(cfg)
+        elif args.eval_nll:
+            run_eval_nll(cfg)
+        elif args.encode or args.interpolate:
+            run_encode(cfg, interpolate=args.interpolate)
+        elif args.inpaint or args.colorize:
+            run_inpaint(cfg, colour=args.colorize)
+        elif args.klass:
+            run_class(cfg, args.klass)
         else:
             run_sample(cfg)
     except (DataError, ValueError) as e:

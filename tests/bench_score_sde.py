@@ -11,10 +11,19 @@ points (common.load_data(train=False)); the floor is the distance between two he
 same size. Mean over 2 sampling seeds.
 
 Run: OMP_NUM_THREADS=1 python3 tests/bench_score_sde.py [--dataset 8gaussians] [--steps 4000]
+
+Issue 7's likelihood benchmark (--nll): trains VP, sub-VP and VE digits U-Nets (the script's CLI, the same
+--nll-steps each, same seed) and reports bits/dim of the first --n-eval held-out digits (dequantised, 17 levels,
+Hutchinson Rademacher trace, RK45 rtol = atol = 1e-5) with its standard error over images and the ODE's NFE.
+The paper's finding to compare (Table 2): sub-VP <= VP in bits/dim.
+Run: OMP_NUM_THREADS=1 python3 tests/bench_score_sde.py --nll [--nll-steps 600] [--n-eval 64]
 """
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -56,12 +65,39 @@ def train_toy(sde, data, steps, batch=256, lr=2e-3, seed=0):
     return ema.eval(), float(loss.detach())
 
 
+def nll_benchmark(steps, n_eval, out_root=None):
+    """Issue 7: bits/dim on held-out digits for VP, sub-VP and VE trained the same number of steps."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "score_sde.py")
+    out_root = out_root or tempfile.mkdtemp(prefix="bench_nll_")
+    rows = []
+    for name in ("vp", "subvp", "ve"):
+        out = os.path.join(out_root, name)
+        t0 = time.time()
+        subprocess.run([sys.executable, script, "--train", "--sde", name, "--steps", str(steps), "--n-steps", "100",
+                        "--sample-every", str(10 ** 9), "--out", out], check=True, capture_output=True)
+        t_train = time.time() - t0
+        r = subprocess.run([sys.executable, script, "--eval-nll", "--n-eval", str(n_eval), "--out", out],
+                           check=True, capture_output=True, text=True)
+        m = re.search(r"([\d.]+) \+- ([\d.]+) .*NFE (\d+), ([\d.]+) s", r.stdout)
+        rows.append((name, float(m[1]), float(m[2]), int(m[3]), t_train, float(m[4])))
+        print(f"{name}: {r.stdout.splitlines()[0]} (training {t_train:.0f} s)", flush=True)
+    print(f"\n| SDE | steps | bits/dim (held-out, n = {n_eval}) | SE | NFE (whole batch) | train s | eval s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, bpd, se, nfe, tt, te in rows:
+        print(f"| {name} | {steps} | {bpd:.3f} | {se:.3f} | {nfe} | {tt:.0f} | {te:.0f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", default="8gaussians")
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--n", type=int, default=6000)
+    ap.add_argument("--nll", action="store_true", help="issue 7: bits/dim of VP / sub-VP / VE digits models")
+    ap.add_argument("--nll-steps", type=int, default=600)
+    ap.add_argument("--n-eval", type=int, default=64)
     args = ap.parse_args()
+    if args.nll:
+        return nll_benchmark(args.nll_steps, args.n_eval)
     train = load_data(args.dataset, train=True).x
     held = load_data(args.dataset, train=False).x[: 2 * args.n]
     ref = held[: args.n]

@@ -446,6 +446,119 @@ def test_encode_decode_round_trip():
 
 
 # -----------------------------------------------------------------------------
+# 6. Controllable generation (Sec. 5, App. I)
+
+def conditional_x1(x0):
+    """Analytic p(x1 | x0) of the mixture: weights, means and variances of its components."""
+    lw, ms, vs = [], [], []
+    for k in range(2):
+        c = C[k]
+        lw.append(math.log(W[k]) - 0.5 * math.log(2 * math.pi * c[0, 0]) - 0.5 * (x0 - MU[k, 0]) ** 2 / c[0, 0])
+        ms.append(float(MU[k, 1] + c[1, 0] / c[0, 0] * (x0 - MU[k, 0])))
+        vs.append(float(c[1, 1] - c[1, 0] ** 2 / c[0, 0]))
+    return torch.softmax(torch.tensor(lw), 0), ms, vs
+
+
+@pytest.mark.parametrize("name,x0", [("vp", -1.5), ("ve", 1.0)])
+def test_inpaint_matches_analytic_conditional(name, x0):
+    """App. I.2 inpainting with the exact joint score, x0 known: samples of x1 have the analytic conditional's
+    weights, mean and variance (x0 at a component's mean, where that component's posterior weight is > 0.999).
+    Caught (each mutation applied, test failed): known part imposed without its forward noise (mean only) and
+    std of p_0t squared in the re-noising (both only by the check of what the score sees: the x1 moments at
+    a component mean do not notice them); known part not re-imposed after the predictor (moments).
+    Honest limit (measured, not asserted): the paper's replacement method is an approximation of conditioning,
+    not exact. At x0 = -0.3, where the analytic conditional is 99.7% component 0, it returns ~50% / 50%:
+    the unknown coordinate picks its component at noise levels where the known one is drowned in fresh noise."""
+    sde, g = SDES[name](), torch.Generator().manual_seed(0)
+    w, ms, vs = conditional_x1(x0)
+    x = torch.zeros(4000, 2, dtype=F64)
+    x[:, 0] = x0
+    seen, exact = [], mix_score(sde)
+
+    def spy(x, t):  # the known coordinate the score sees must be a fresh draw of p_0t(. | x0) (App. B)
+        m, s = sde.marginal_prob(torch.full((1,), x0, dtype=F64), t[:1])
+        seen.append((float((x[:, 0].mean() - m) / s), float(x[:, 0].std() / s)))
+        return exact(x, t)
+
+    out = S.inpaint(spy, sde, x, torch.tensor([1.0, 0.0], dtype=F64), n_steps=200, generator=g)
+    assert max(abs(z) for z, _ in seen) < 0.1 and max(abs(r - 1) for _, r in seen) < 0.07, "known part's noise"
+    assert float((out[:, 0] - x0).abs().max()) < 1e-3                      # the known coordinate is kept
+    x1 = out[:, 1]
+    mean = sum(float(w[k]) * ms[k] for k in range(2))
+    var = sum(float(w[k]) * (vs[k] + ms[k] ** 2) for k in range(2)) - mean ** 2
+    assert float(w.max()) > 0.999                                       # one component dominates
+    assert abs(float(x1.mean()) - mean) < 0.015, (float(x1.mean()), mean)       # ~4.5 SE
+    assert abs(float(x1.var()) / var - 1) < 0.1, (float(x1.var()), var)         # ~4.5 SE
+
+
+def test_inpaint_mask_of_wrong_shape_is_one_error():
+    sde = S.VPSDE()
+    with pytest.raises(ValueError, match=r"mask of shape \(3,\) does not match data of shape \(5, 2\)"):
+        S.inpaint(mix_score(sde), sde, torch.zeros(5, 2, dtype=F64), torch.ones(3, dtype=F64))
+
+
+def test_colorize_keeps_grey_and_transform_is_orthogonal():
+    """App. I.3: COLOR_M is orthogonal (M M^T = I to float32 rounding) with first column (1,1,1)/sqrt(3); colorize
+    with the exact score of a 3-D Gaussian over (R, G, B) keeps every pixel's grey value and fills in colour
+    with the Gaussian's conditional mean. Caught: grey channel taken as mask index 1; couple using M instead of M^-1."""
+    M = S.COLOR_M
+    assert torch.allclose(M @ M.T, torch.eye(3, dtype=F64), atol=1e-6)
+    assert torch.allclose(M[:, 0], torch.full((3,), 3 ** -0.5, dtype=F64), atol=1e-6)
+    mu = torch.tensor([0.3, -0.2, 0.1], dtype=F64)
+    A = torch.tensor([[0.2, 0.05, 0.0], [0.0, 0.15, 0.04], [0.03, 0.0, 0.1]], dtype=F64)
+    Sig = A @ A.T + 0.01 * torch.eye(3, dtype=F64)
+    sde, g = S.VPSDE(), torch.Generator().manual_seed(1)
+
+    def score(x, t):
+        m, s = sde.marginal_prob(torch.ones(1, dtype=F64), t[:1])
+        cov = m ** 2 * Sig + s ** 2 * torch.eye(3, dtype=F64)
+        d = x.flatten(1) - m * mu
+        return -(d @ torch.linalg.inv(cov)).reshape(x.shape)
+
+    grey = torch.full((2000, 3, 1, 1), 0.2, dtype=F64)
+    out = S.colorize(score, sde, grey, n_steps=200, generator=g)
+    assert float((out.mean(1) - 0.2).abs().max()) < 1e-3                 # grey value kept
+    # Conditional mean of x given its channel mean = 0.2 (a linear Gaussian condition a^T x = 0.2, a = 1/3).
+    a = torch.full((3,), 1 / 3, dtype=F64)
+    want = mu + Sig @ a * (0.2 - a @ mu) / (a @ Sig @ a)
+    assert float((out.flatten(1).mean(0) - want).abs().max()) < 0.02, (out.flatten(1).mean(0), want)
+
+
+def test_colorize_refuses_grey_data():
+    sde = S.VPSDE()
+    with pytest.raises(ValueError, match="colorize needs RGB data"):
+        S.colorize(lambda x, t: x, sde, torch.zeros(2, 1, 4, 4))
+
+
+def mixture_log_posterior(sde):
+    """Exact log p_t(y | x) of the labelled mixture (label = component): log_softmax_k(log w_k + log N_k(x; t))."""
+    def log_prob(x, t):
+        mean, cov = mixture_at(sde, float(t[0]))
+        d = x[:, None, :] - mean[None]
+        Pd = torch.einsum("kij,bkj->bki", torch.linalg.inv(cov), d)
+        return torch.log_softmax(torch.log(W) - 0.5 * torch.logdet(cov) - 0.5 * (d * Pd).sum(-1), 1)
+    return log_prob
+
+
+@pytest.mark.parametrize("name,y", [("vp", 0), ("ve", 1)])
+def test_class_guidance_with_exact_posterior_samples_the_class(name, y):
+    """Sec. 5: score + grad log p_t(y | x) with the exact posterior is the exact score of component y, so every
+    sample lands in it with its mean and covariance. Caught: scale 0 (weight error 0.3 / 0.7); sign of the
+    classifier gradient flipped; log p_t summed over all classes instead of taking class y."""
+    sde, g = SDES[name](), torch.Generator().manual_seed(2)
+    labels = torch.full((3000,), y, dtype=torch.long)
+    x = S.class_sample(mix_score(sde), mixture_log_posterior(sde), sde, (3000, 2), labels, scale=1.0,
+                       n_steps=200, generator=g, dtype=F64)
+    near = (x - MU[1]).norm(dim=1) < (x - MU[0]).norm(dim=1)
+    frac = float((near == bool(y)).double().mean())
+    assert frac > 0.99, frac
+    xs = x[near == bool(y)]
+    sd = C[y].diagonal().sqrt()
+    assert float((xs.mean(0) - MU[y]).abs().max()) < 0.05
+    assert float(((torch.cov(xs.T) - C[y]).abs() / sd.outer(sd)).max()) < 0.15
+
+
+# -----------------------------------------------------------------------------
 # 5 (and issue 9). CLI: smoke tests, exact resume, interruption, bad input
 
 def run(*args, cwd=None, timeout=300):
@@ -489,6 +602,68 @@ def test_cli_digits_default_paths(tmp_path):
     assert r.returncode == 0, r.stderr
     import numpy as np
     assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (4, 8, 8, 1)
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory):
+    """A 2-step digits U-Net (VP, low-discrepancy t: the training-loop path of issue 8's option) and a 3-step
+    time-dependent classifier next to it, both in-process."""
+    out = tmp_path_factory.mktemp("digits")
+    S.main(["--train", "--steps", "2", "--n-steps", "25", "--n-samples", "4", "--t-sampling", "low_discrepancy",
+            "--out", str(out)])
+    S.main(["--train-classifier", "--classifier-steps", "3", "--batch-size", "16", "--out", str(out)])
+    ckpt = torch.load(out / "classifier.pt", weights_only=True)
+    assert ckpt["kind"] == "classifier" and ckpt["config"]["n_classes"] == 10 and ckpt["config"]["sde"] == "vp"
+    return out
+
+
+FAST = ["--n-eval", "4", "--n-steps", "25", "--rtol", "1e-2", "--atol", "1e-2", "--n-samples", "10"]
+
+
+@pytest.mark.parametrize("mode,png,words", [
+    (["--eval-nll"], "nll_sorted.png", "bits/dim (dequantised, 17 levels)"),
+    (["--eval-nll", "--estimator", "gaussian"], "nll_sorted.png", "gaussian trace"),
+    (["--encode"], "encode.png", "max |decode(encode(x)) - x|"),
+    (["--interpolate"], "interpolate.png", "interpolations"),
+    (["--inpaint"], "inpaint.png", "bottom half removed"),
+    (["--sample", "--class", "3"], "class_3.png", "samples of class 3"),
+    (["--sample", "--class", "all"], "class_all.png", "samples of class all"),
+])
+def test_cli_modes_write_pngs(digits_ckpt, mode, png, words, capsys):
+    """Each issue-7 mode on the tiny digits checkpoint: runs, prints its summary, writes its PNG."""
+    S.main([*mode, "--out", str(digits_ckpt), *FAST])
+    assert words in capsys.readouterr().out
+    assert (digits_ckpt / png).exists()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--colorize"], "--colorize needs RGB data; digits has 1 channel(s)"),
+    (["--sample", "--class", "10"], "--class 10 is out of range: the classifier knows classes 0..9"),
+    (["--sample", "--class", "seven"], "--class must be an integer"),
+    (["--sample", "--class", "1", "--classifier-ckpt", "{ckpt}"], "not a classifier checkpoint"),
+])
+def test_cli_mode_errors_are_one_line(digits_ckpt, args, words, capsys):
+    """Colourising grey digits, a class out of range, a score checkpoint given as classifier -> one line, exit 2."""
+    args = [a.replace("{ckpt}", str(digits_ckpt / "ckpt.pt")) for a in args]
+    with pytest.raises(SystemExit) as e:
+        S.main([*args, "--out", str(digits_ckpt), *FAST])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and words in err, err
+
+
+def test_low_discrepancy_t_one_per_stratum():
+    """Issue 8's low-discrepancy times: t_i = eps + (1 - eps) mod(u_0 + i/B, 1) put exactly one t in each of the
+    B strata [eps + (1-eps) j/B, eps + (1-eps)(j+1)/B), and consecutive t differ by (1 - eps)/B modulo the wrap;
+    iid times (the default) do not. Caught: mod dropped (t > 1); u_0 drawn per sample (strata with two t)."""
+    torch.manual_seed(0)
+    eps, B = 1e-5, 64
+    for _ in range(20):
+        t = S.sample_t(B, eps, "low_discrepancy")
+        assert float(t.min()) >= eps and float(t.max()) <= 1
+        strata = ((t - eps) / (1 - eps) * B).floor().long()
+        assert sorted(strata.tolist()) == list(range(B))
+    t = S.sample_t(B, eps, "iid")
+    assert len(set(((t - eps) / (1 - eps) * B).floor().long().tolist())) < B   # iid collides (p(no collision) ~ 1e-27)
 
 
 def test_resume_is_exact(tmp_path, capsys):
@@ -581,13 +756,19 @@ BAD = [  # (arguments, words the one-line message must contain)
     (["--train", "--steps", "abc"], "invalid int"),
     (["--train", "--dataset", "nope"], "unknown dataset"),
     (["--sample", "--predictor", "none", "--corrector", "none"], "prior noise"),
-    ([], "exactly one of --train and --sample"),
-    (["--train", "--sample"], "exactly one of --train and --sample"),
+    ([], "exactly one of --train, --sample"),
+    (["--train", "--sample"], "exactly one of --train, --sample"),
     (["--sample", "--ckpt", "{tmp}/missing.pt"], "no such checkpoint"),
     (["--sample", "--ckpt", "{tmp}/corrupt.pt"], "not a readable checkpoint"),
     (["--sample", "--ckpt", "{tmp}/ddpm.pt"], "a ddpm checkpoint"),
     (["--sample", "--ckpt", "{tmp}/foreign.pt"], "not a checkpoint of this project"),
     (["--train", "--out", "{tmp}/a_file/sub"], "cannot write"),
+    (["--train", "--class", "3"], "--class goes with --sample"),
+    (["--eval-nll", "--estimator", "bogus"], "invalid choice"),
+    (["--train", "--t-sampling", "sobol"], "invalid choice"),
+    (["--eval-nll", "--n-eval", "0"], "--n-eval must be positive"),
+    (["--train-classifier", "--classifier-steps", "0"], "--classifier-steps must be positive"),
+    (["--encode", "--inpaint"], "exactly one of --train, --sample"),
 ]
 
 
