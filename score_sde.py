@@ -979,20 +979,10 @@ def run_sample(cfg):
     """--sample: rebuild the network and SDE from the checkpoint's config (its --sde, --dataset, ... win over
     the command line's), sample with the EMA weights using this command line's sampler flags."""
     device = pick_device(cfg.device)
-    path = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
-    ckpt = load_checkpoint(path)
-    try:
-        saved = Config(**{k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__})
-        data_shape = ckpt["config"]["data_shape"]
-        model = make_model(saved, data_shape)
-        model.load_state_dict(ckpt["ema"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise DataError(f"{path}: checkpoint does not match this script's network ({type(e).__name__})") from None
-    model.to(device).eval()
-    sde = make_sde(saved.sde, saved.beta_min, saved.beta_max, saved.sigma_min, saved.sigma_max, cfg.n_steps)
+    saved, data_shape, score_fn, sde = load_score_model(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.time()
-    x, nfe = sample(make_score_fn(model, sde), sde, cfg, (cfg.n_samples, *data_shape), gen, device)
+    x, nfe = sample(score_fn, sde, cfg, (cfg.n_samples, *data_shape), gen, device)
     if not torch.isfinite(x).all():
         raise DataError(f"sampling produced non-finite values (try smaller --snr or more --n-steps)")
     os.makedirs(cfg.out, exist_ok=True)
