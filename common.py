@@ -94,7 +94,8 @@ class Attention(nn.Module):
 
 
 class UNet(nn.Module):
-    """The DDPM U-Net: net(x, t) -> tensor shaped like x (the noise eps, or a score).
+    """The DDPM U-Net: net(x, t) -> tensor shaped like x (the noise eps, or a score); out_ch channels if given
+    (ddpm.py's VDM Fourier features widen the input only).
 
     Levels: len(ch_mult) resolutions, each with num_res_blocks ResBlocks on the way down and
     num_res_blocks + 1 on the way up (these also take the skip connections); attention after the
@@ -111,7 +112,7 @@ class UNet(nn.Module):
     """
 
     def __init__(self, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
-                 dropout=0.1, image_size=32):
+                 dropout=0.1, image_size=32, out_ch=None):
         super().__init__()
         self.factor = 2 ** (len(ch_mult) - 1)
         emb_dim = 4 * ch
@@ -144,7 +145,7 @@ class UNet(nn.Module):
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                              nn.Conv2d(cur, cur, 3, padding=1)))
                 res *= 2
-        self.out = nn.Sequential(group_norm(cur), nn.SiLU(), nn.Conv2d(cur, in_ch, 3, padding=1))
+        self.out = nn.Sequential(group_norm(cur), nn.SiLU(), nn.Conv2d(cur, out_ch or in_ch, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)  # the official code scales this layer's init by 1e-10
 
     def forward(self, x, t):

@@ -12,7 +12,7 @@ Commands
     python ddpm.py --train --resume                         # continue runs/ddpm/ckpt.pt exactly
     python ddpm.py --train --dataset moons --steps 3000     # a 2-D toy (MLP instead of the U-Net)
     python ddpm.py --train --preset cifar10                 # the paper's CIFAR-10 run (35.7 M U-Net, 800k steps; a GPU)
-    python ddpm.py --train --loss-type vlb --schedule learned   # VDM's continuous bound, learned log-SNR schedule
+    python ddpm.py --train --loss-type vlb --schedule learned   # VDM: continuous bound, learned log-SNR, Fourier features
 
 Map from the paper to this file
     Eq. 2  forward step q(x_t | x_{t-1})           -> make_schedule (beta), DDPM.__init__ (alpha)
@@ -24,14 +24,16 @@ Map from the paper to this file
     Eq. 13 discretized Gaussian decoder L_0         -> discretized_gaussian_log_likelihood
     Eq. 14 L_simple; Algorithm 1 (training)         -> DDPM.loss(loss_type="simple"), train
     Algorithm 2 (sampling)                          -> DDPM.p_sample (one step), DDPM.sample (the loop)
-  Noise schedules as SNRs (Kingma et al. 2021, "Variational Diffusion Models", arXiv 2107.00630; issue 8),
-  cited by section: the equation numbers could not be checked against the arXiv text (a transcription gives
-  Eq. 17 for L_inf's eps form, Eq. 14 for L_T's; its appendix numbers differ by one from another source's):
-    Sec. 3 SNR(t) = exp(-gamma(t))                  -> gamma_discrete, gamma_linear_snr, gamma_cosine
-    Sec. 4 discrete-time loss L_T                   -> vdm_discrete_term, vlb_continuous(T=...)
-    Sec. 5 continuous-time loss L_inf (eps form)    -> vlb_continuous
-    Sec. 5.1 L_inf depends on gamma only at 0 and 1 -> VDMNet (--cond gamma: the net sees the noise level)
-    Sec. 5.3 schedule trained for low variance      -> vdm_backward (--schedule-grad variance)
+  Noise schedules as SNRs (Kingma, Salimans, Poole, Ho 2021, "Variational Diffusion Models", arXiv 2107.00630v6,
+  the NeurIPS 2021 text; issue 8). Main-text equation numbers as printed there; appendix equations by section:
+    Eqs. 2, 5 SNR(t) = alpha_t^2/sigma_t^2 = exp(-gamma(t)) -> gamma_discrete, gamma_linear_snr, gamma_cosine
+    Eq. 9  p(z_s | z_t) = q(z_s | z_t, x = x_hat)   -> vdm_sampler (the DDPM step with sigma^2 = beta~)
+    Sec. 3.4, App. C Fourier features of z          -> fourier_features, VDMNet (--fourier auto|on|off)
+    Eq. 11 -VLB = prior + reconstruction + diffusion -> vlb_continuous (terms "prior", "recon", "diffusion")
+    Eq. 13 discrete-time diffusion loss L_T         -> vdm_discrete_term, vlb_continuous(T=...)
+    Eq. 17 continuous-time loss L_inf, eps form     -> vlb_continuous
+    Eq. 18 (Sec. 5.1) L_inf sees gamma only at 0, 1 -> VDMNet (--cond gamma: the net sees the noise level)
+    Sec. 5.3, App. I.2 schedule for low variance    -> vdm_backward (--schedule-grad variance)
     App. H monotone network gamma_phi               -> MonotoneGamma (--learn-endpoints: gamma(0), gamma(1) too)
     App. I.1 low-discrepancy timesteps              -> low_discrepancy_uniform, --t-sampling low_discrepancy
 
@@ -88,13 +90,15 @@ class Config:
     beta_T: float = 0.02          # Sec. 4: beta_T = 0.02 (linear schedule only)
     variance: str = "beta"        # Sec. 3.2: sigma_t^2 = beta_t (paper's CIFAR-10 choice) or "beta_tilde"
     loss_type: str = "simple"     # Sec. 3.4: "simple" = L_simple (Eq. 14, the paper's); "elbo" = true bound (Eq. 12 + L_0);
-    #                               "vlb" = VDM's continuous-time bound (Kingma et al. 2021, Sec. 5), net: see --cond
+    #                               "vlb" = VDM's continuous-time bound (Kingma et al. 2021, Eqs. 11, 17), net: see --cond
     clip_denoised: str = "auto"   # official code clips x0_hat to [-1, 1] when sampling: auto = on for images, off for toys
     t_sampling: str = "iid"       # timesteps per minibatch: "iid" uniform (Alg. 1) or "low_discrepancy" (VDM App. I.1)
     schedule_grad: str = "bound"  # --schedule learned: "bound" = whole gamma on the bits/dim loss (VDM's official code);
     #                               "variance" = gamma's interior minimises the estimator's variance (VDM Sec. 5.3)
     learn_endpoints: bool = False  # --schedule learned: also learn gamma(0), gamma(1) (as VDM's official code);
     #                               off = fixed at VDM's defaults -13.3, 5.0
+    fourier: str = "auto"         # VDM's Fourier features of z as extra input channels (Sec. 3.4, App. C; on in VDM's
+    #                               models and official code): auto = on for --loss-type vlb on image data, else off
     cond: str = "gamma"           # --loss-type vlb: the net sees the noise level gamma(t), rescaled to 0..999 as VDM's
     #                               official ScoreUNet does, or "t" (999 t); identical for linear_snr. Ignored otherwise
     steps: int = 1500             # total optimisation steps of the run; paper: 800k (CIFAR-10)
@@ -359,19 +363,19 @@ class DDPM:
 
 # -----------------------------------------------------------------------------
 # Noise schedules as signal-to-noise ratios (Kingma, Salimans, Poole, Ho 2021, "Variational Diffusion
-# Models", arXiv 2107.00630; VDM below). VDM writes z_t = alpha_t x + sigma_t eps with alpha_t^2 = alpha_bar_t
-# (this paper's) and sigma_t^2 = 1 - alpha_bar_t, and names a schedule by its log-SNR:
+# Models", arXiv 2107.00630; VDM below). VDM writes z_t = alpha_t x + sigma_t eps (Eq. 1) with alpha_t^2 =
+# alpha_bar_t (this paper's) and sigma_t^2 = 1 - alpha_bar_t, and names a schedule by its log-SNR (Eqs. 2, 4, 5):
 #     SNR(t) = alpha_t^2 / sigma_t^2 = exp(-gamma(t)),  alpha_t^2 = sigmoid(-gamma(t)), sigma_t^2 = sigmoid(gamma(t)).
 # Continuous time t in [0, 1]; model callables get 999 t (the convention of common.py for continuous inputs);
 # VDMNet (the trained model) may turn that into the noise level gamma(t) for its network (--cond gamma).
 
 def gamma_discrete(diffusion):
-    """VDM Sec. 3 applied to DDPM: gamma_t = -log SNR_t = log((1 - alpha_bar_t) / alpha_bar_t); index i <-> t = (i+1)/T."""
+    """VDM Eq. 5 applied to DDPM: gamma_t = -log SNR_t = log((1 - alpha_bar_t) / alpha_bar_t); index i <-> t = (i+1)/T."""
     return torch.log1p(-diffusion.alpha_bar) - torch.log(diffusion.alpha_bar)
 
 
 def vdm_discrete_term(diffusion, x0, x0_hat, t):
-    """VDM Sec. 4 (discrete-time loss) = Eq. 5's L_{t-1} of Ho et al. when sigma_t^2 = beta~_t:
+    """VDM Eq. 13 (one term of the discrete-time loss) = Eq. 5's L_{t-1} of Ho et al. when sigma_t^2 = beta~_t:
     KL(q(x_{t-1} | x_t, x0) || q(x_{t-1} | x_t, x0_hat)) = (SNR_{t-1} - SNR_t) / 2 * || x0 - x0_hat ||^2, per example.
     (SNR before the first step is infinite; t = 1 is the decoder's term, so t >= 2 here.)"""
     snr = diffusion.alpha_bar / (1 - diffusion.alpha_bar)
@@ -380,7 +384,8 @@ def vdm_discrete_term(diffusion, x0, x0_hat, t):
 
 
 def gamma_linear_snr(t, gamma_min=-13.3, gamma_max=5.0):
-    """VDM Sec. 4 / App. (fixed schedule): log-SNR linear in t, gamma(t) = gamma_min + (gamma_max - gamma_min) t."""
+    """VDM's fixed schedule (official code: "fixed_linear"), log-SNR linear in t:
+    gamma(t) = gamma_min + (gamma_max - gamma_min) t."""
     return gamma_min + (gamma_max - gamma_min) * t
 
 
@@ -402,7 +407,7 @@ class MonotoneGamma(torch.nn.Module):
     """VDM App. H: a learned schedule gamma_phi(t), monotone in t because every weight is kept positive.
 
     gamma~(t) = l1(t) + l3(sigmoid(l2(l1(t)))) with positive-weight linear layers (1 -> 1, 1 -> n, n -> 1; the
-    weights pass through softplus), then rescaled to the endpoints:
+    weights pass through softplus), then rescaled to the endpoints (App. I.2):
     gamma(t) = gamma_0 + (gamma_1 - gamma_0) (gamma~(t) - gamma~(0)) / (gamma~(1) - gamma~(0)).
     The endpoints (VDM defaults -13.3, 5.0) are fixed, or learned with learn_endpoints=True. float64 throughout.
     """
@@ -436,9 +441,9 @@ def low_discrepancy_uniform(B, device="cpu"):
 
 
 def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t=None, t_sampling="iid", T=None):
-    """VDM Sec. 5: the continuous-time (T -> infinity) bound, eps-parameterised, in bits/dim per example.
+    """VDM Eq. 11 with Eq. 17: the continuous-time (T -> infinity) bound, eps-parameterised, in bits/dim per example.
 
-    -log p(x) <= L_prior + L_recon + L_inf with
+    -log p(x) <= L_prior + L_recon + L_inf (Eq. 11) with
       L_inf   = 1/2 E_{t ~ U(0,1), eps} [ gamma'(t) || eps - eps_hat(z_t; t) ||^2 ],  z_t = alpha_t x + sigma_t eps;
       L_prior = KL(q(z_1 | x) || N(0, I));
       L_recon = -log p(x | z_0) with z_0 ~ q(z_0 | x): here the Gaussian N(z_0 / alpha_0, sigma_0^2 / alpha_0^2)
@@ -446,9 +451,9 @@ def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t=None, t_sam
     gamma'(t) comes from autograd, so a learned gamma gets gradients too. One t per example (i.i.d. or
     low-discrepancy). Returns (total, {"prior", "diffusion", "recon"}) as (B,) tensors in bits/dim.
 
-    T (optional): VDM Sec. 4's discrete-time loss on the same schedule instead of L_inf,
+    T (optional): VDM's discrete-time loss (Eq. 13) on the same schedule instead of L_inf,
       L_T = T/2 E_{i ~ U{1..T}, eps} [ (SNR(s) - SNR(t)) || x - x_hat(z_t; t) ||^2 ],  t = i/T, s = (i-1)/T,
-    which lies above L_inf and decreases towards it as T grows (VDM: doubling T never hurts).
+    which lies above L_inf and decreases towards it as T grows (VDM Sec. 4.1: doubling T never hurts).
     """
     B, D = x0.shape[0], x0[0].numel()
     x0 = x0.double()
@@ -467,9 +472,9 @@ def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t=None, t_sam
     z_t = alpha * x0 + sigma * eps
     net_dtype = torch.float32 if isinstance(model, torch.nn.Module) else torch.float64  # oracles take float64
     eps_hat = model(z_t.to(net_dtype), (999 * t.detach()).to(net_dtype))      # eps_hat(z_t; t), t passed as 999 t
-    if T is None:   # L_inf: 1/2 gamma'(t) ||eps - eps_hat||^2
+    if T is None:   # L_inf (Eq. 17): 1/2 gamma'(t) ||eps - eps_hat||^2
         diffusion = 0.5 * dg_dt * (eps - eps_hat.double()).flatten(1).pow(2).sum(1)
-    else:           # L_T: T/2 (SNR(s) - SNR(t)) ||x - x_hat||^2, x_hat = (z_t - sigma_t eps_hat) / alpha_t
+    else:           # L_T (Eq. 13): T/2 (SNR(s) - SNR(t)) ||x - x_hat||^2, x_hat = (z_t - sigma_t eps_hat) / alpha_t (Eq. 10)
         x_hat = (z_t - sigma * eps_hat.double()) / alpha
         d_snr = torch.exp(-gamma(t.detach() - 1.0 / T)) - torch.exp(-g_t)
         diffusion = 0.5 * T * d_snr * (x0 - x_hat).flatten(1).pow(2).sum(1)
@@ -484,27 +489,46 @@ def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t=None, t_sam
     return terms["prior"] + terms["diffusion"] + terms["recon"], terms
 
 
+def fourier_features(z, levels):
+    """VDM Sec. 3.4 and App. C: extra input channels sin(f z), cos(f z) that resolve z at the scale of the data's
+    quantisation, where the denoiser must otherwise learn a sharp function of z by itself (at high SNR the data's
+    K discrete values make q(z_t) sharply peaked). VDM uses f = 2^n pi, n in {7, 8}, for 8-bit data, i.e. periods
+    of two and one quantisation steps; our K levels sit 2/(K-1) apart (common.levels_to_unit), so
+    f in {(K-1) pi / 2, (K-1) pi}: 127.5 pi and 255 pi for 8-bit images, 8 pi and 16 pi for the 17-level digits.
+    z (B, C, H, W) -> (B, 4C, H, W) features, in the order sin f1, cos f1, sin f2, cos f2."""
+    f = [(levels - 1) * math.pi / 2, (levels - 1) * math.pi]
+    return torch.cat([fn(w * z) for w in f for fn in (torch.sin, torch.cos)], dim=1)
+
+
+def data_levels(dataset):
+    """K, the number of discrete values per dimension of a dataset as common.load_data delivers it (None: continuous)."""
+    return 17 if dataset == "digits" else (None if dataset in TOYS else 256)
+
+
 class VDMNet(torch.nn.Module):
     """The denoiser eps_hat(z_t; .) plus, for --schedule learned, the schedule gamma_phi: one state_dict.
 
     Called as model(z_t, 999 t), like every continuous-time model here. cond="gamma" hands the network the noise
     level instead, 999 (gamma(t) - gamma_min) / (gamma_max - gamma_min) with VDM's reference endpoints -13.3, 5.0
     (the official ScoreUNet's rescaling): then eps_hat is a function of (z, SNR) only, which is what VDM
-    Sec. 5.1's invariance argument assumes -- the loss depends on the schedule only through its endpoints, and a
+    Sec. 5.1's invariance argument (Eq. 18) assumes -- the loss depends on the schedule only through its endpoints, and a
     learned gamma can change its shape without moving the denoiser's input. For linear_snr the two coincide
     (gamma is affine in t with those endpoints). The gradient through gamma(t) reaches gamma_phi, as in the
     official code. cond="t": the network sees 999 t (checkpoints written before the option existed).
+    fourier_levels = K > 0: the network also sees fourier_features(z, K) (its input has 5 C channels).
     """
 
-    def __init__(self, net, learned, learn_endpoints=False, cond="t"):
+    def __init__(self, net, learned, learn_endpoints=False, cond="t", fourier_levels=0):
         super().__init__()
-        self.net, self.cond = net, cond
+        self.net, self.cond, self.fourier_levels = net, cond, fourier_levels
         self.gamma = MonotoneGamma(learn_endpoints=learn_endpoints) if learned else None
 
     def forward(self, z, t999):
         if self.cond == "gamma":  # t = t999 / 999 (float32 rounding of t: ~1e-7, harmless for gamma)
             g = self.gamma_fn()(t999.double() / 999)
             t999 = 999 * (g - GAMMA_REF[0]) / (GAMMA_REF[1] - GAMMA_REF[0])
+        if self.fourier_levels:
+            z = torch.cat([z, fourier_features(z, self.fourier_levels)], dim=1)
         return self.net(z, t999.to(z.dtype))
 
     def gamma_fn(self):
@@ -514,7 +538,7 @@ class VDMNet(torch.nn.Module):
 def vdm_backward(model, bpd, terms, schedule_grad):
     """Gradients for one VDM minibatch. "bound": everything descends the mean bits/dim. "variance" (VDM Sec. 5.3):
     the bound's expectation depends on the schedule only through its endpoints (Sec. 5.1), so the interior of
-    gamma_phi is free to minimise the estimator's variance, whose gradient is that of E[L_diff^2]; the denoiser
+    gamma_phi is free to minimise the estimator's variance, whose gradient is that of E[L_diff^2] (App. I.2); the denoiser
     and the endpoints still descend the bound."""
     loss = bpd.mean()
     if schedule_grad != "variance" or getattr(model, "gamma", None) is None:
@@ -533,7 +557,7 @@ def vdm_sampler(vdm_net, T, variance="beta_tilde", clip=False, levels=None):
     """Ancestral sampling for a continuous-time model: the DDPM chain on the grid t_i = (i+1)/T with
     alpha_bar_i = sigmoid(-gamma(t_i)) / sigmoid(-gamma(0)) (z_0 at gamma(0) = -13.3 is treated as the clean data: its
     noise sd is 1e-3); returns (DDPM, model) with model(x, i) = net(x, 999 t_i). With sigma^2 = beta~ each step is
-    VDM's ancestral step p(z_s | z_t) = q(z_s | z_t, x = x_hat)."""
+    VDM's ancestral step p(z_s | z_t) = q(z_s | z_t, x = x_hat) (Eq. 9)."""
     gamma = vdm_net.gamma_fn()
     ab = torch.sigmoid(-gamma(torch.arange(1, T + 1, dtype=torch.float64) / T))
     ab_prev = torch.cat([torch.sigmoid(-gamma(torch.zeros(1, dtype=torch.float64))), ab[:-1]])
@@ -594,7 +618,7 @@ class StopFlag:
 # Fields a resumed run (or a sampler) must share with the checkpoint: they fix the network and the diffusion.
 MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T", "variance", "loss_type")
 # Fields added later (issue 8): a checkpoint without them was written with these values. Checked for --loss-type vlb.
-LEGACY = {"learn_endpoints": False, "cond": "t"}
+LEGACY = {"learn_endpoints": False, "cond": "t", "fourier": "off"}
 
 
 def make_model(config):
@@ -602,15 +626,18 @@ def make_model(config):
 
     config is a dict with "dataset", "model" and "data_shape" ([C, H, W] for images), as stored in ckpt.pt.
     """
+    vlb = config.get("loss_type") == "vlb"
+    fourier = vlb and config.get("fourier", LEGACY["fourier"]) == "on"
     if config["dataset"] in TOYS:
         net = MLP()
     else:
         C, H = config["data_shape"][0], config["data_shape"][-1]
-        net = UNet(in_ch=C, image_size=H, **PRESETS[config["model"]])
-    if config.get("loss_type") == "vlb":  # VDM objective: continuous t, the schedule may be learned
+        net = UNet(in_ch=5 * C if fourier else C, image_size=H, out_ch=C, **PRESETS[config["model"]])
+    if vlb:  # VDM objective: continuous t, the schedule may be learned
         return VDMNet(net, learned=config["schedule"] == "learned",
                       learn_endpoints=config.get("learn_endpoints", LEGACY["learn_endpoints"]),
-                      cond=config.get("cond", LEGACY["cond"]))
+                      cond=config.get("cond", LEGACY["cond"]),
+                      fourier_levels=data_levels(config["dataset"]) if fourier else 0)
     return net
 
 
@@ -657,6 +684,8 @@ def train(cfg):
     torch.manual_seed(cfg.seed)  # one global RNG drives data order, t, noise and dropout
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
     is_toy = cfg.dataset in TOYS
+    if cfg.fourier == "auto":  # resolved before it is stored or compared with a checkpoint's
+        cfg.fourier = "on" if cfg.loss_type == "vlb" and not is_toy else "off"
     config = {**dataclasses.asdict(cfg), "data_shape": list(data.x.shape[1:])}
     model = make_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # EMA of parameters only (the nets have no buffers)
@@ -702,7 +731,7 @@ def train(cfg):
         if data.flip:  # random horizontal flips (the paper's CIFAR-10 augmentation)
             flip = (torch.rand(len(x0), device=device) < 0.5).reshape(-1, 1, 1, 1)
             x0 = torch.where(flip, x0.flip(-1), x0)
-        if vlb:  # VDM Sec. 5: the bound itself, bits/dim (a learned gamma trains jointly on it)
+        if vlb:  # VDM Eqs. 11, 17: the bound itself, bits/dim (a learned gamma trains jointly on it)
             bpd, terms = vlb_continuous(model, x0, model.gamma_fn(), data.levels, t_sampling=cfg.t_sampling)
             loss = bpd.mean()
         else:
@@ -753,7 +782,7 @@ def load_for_inference(args, cfg_overrides):
     cfg = Config(**{**LEGACY, **{k: v for k, v in ckpt["config"].items() if k in fields}})
     cfg = dataclasses.replace(cfg, **cfg_overrides)  # --out, --device, --seed, --clip-denoised, --batch-size
     device = pick_device(cfg.device)
-    levels = 17 if cfg.dataset == "digits" else (None if cfg.dataset in TOYS else 256)
+    levels = data_levels(cfg.dataset)
     net = make_model(ckpt["config"])
     try:
         net.load_state_dict(ckpt["ema"])
@@ -799,7 +828,7 @@ def run_eval_nll(args, cfg_overrides):
     totals, parts = [], {"prior": [], "diffusion": [], "decoder": []}
     for start in range(0, len(x), cfg.batch_size):
         xb = x[start:start + cfg.batch_size].to(device)
-        if cfg.loss_type == "vlb":  # VDM Sec. 5 bound, averaged over 16 low-discrepancy draws of t
+        if cfg.loss_type == "vlb":  # VDM Eq. 11 bound (Eq. 17 diffusion term), averaged over 16 low-discrepancy draws of t
             vdm_net = diffusion.vdm_net
             with torch.no_grad():
                 runs = [vlb_continuous(vdm_net, xb, vdm_net.gamma_fn(), data.levels, t_sampling="low_discrepancy")
@@ -832,7 +861,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 CHOICES = {"model": sorted(PRESETS), "schedule": ["linear", "cosine", "linear_snr", "learned"],
            "variance": ["beta", "beta_tilde"], "loss_type": ["simple", "elbo", "vlb"], "clip_denoised": ["auto", "on", "off"],
-           "t_sampling": ["iid", "low_discrepancy"], "schedule_grad": ["bound", "variance"], "cond": ["gamma", "t"]}
+           "t_sampling": ["iid", "low_discrepancy"], "schedule_grad": ["bound", "variance"], "cond": ["gamma", "t"],
+           "fourier": ["auto", "on", "off"]}
 
 
 def field_help():
@@ -865,6 +895,8 @@ def validate(cfg):
     if (cfg.loss_type == "vlb") != (cfg.schedule in ("linear_snr", "learned")):
         raise ValueError(f"--schedule {cfg.schedule} and --loss-type {cfg.loss_type} do not go together: "
                          "linear_snr / learned are log-SNR schedules for --loss-type vlb, linear / cosine for the others")
+    if cfg.fourier == "on" and (cfg.loss_type != "vlb" or cfg.dataset in TOYS):
+        raise ValueError("--fourier on goes with --loss-type vlb on image data (its features resolve the data's levels)")
     if cfg.learn_endpoints and cfg.schedule != "learned":
         raise ValueError("--learn-endpoints needs --schedule learned (the fixed schedules have fixed endpoints)")
     if cfg.schedule == "linear" and not 0 < cfg.beta_1 <= cfg.beta_T < 1:
