@@ -9,6 +9,7 @@ Commands (run from the repository root):
     python ddim.py --sample --ckpt runs/ddim/ckpt.pt --steps 50 --eta 0 --n-samples 64
     python ddim.py --sample --ckpt runs/ddpm/ckpt.pt --steps 50 --eta 0   # a ddpm.py checkpoint works too
     python ddim.py --sample --ckpt runs/ddim/ckpt.pt --steps 20 --eta 1 --skip quad --grid trailing
+    python ddim.py --sample --ckpt runs/ddim/ckpt.pt --steps 100 --sigma hat   # Table 1's sigma-hat row
     python ddim.py --encode --ckpt runs/ddim/ckpt.pt --steps 100      # x_0 -> x_T -> x_0, prints Table-2 error
     python ddim.py --interpolate --ckpt runs/ddim/ckpt.pt --steps 50  # slerp between two latents x_T
     python ddim.py --train --resume                                   # finish an interrupted run exactly
@@ -21,6 +22,7 @@ Map (paper -> code):
     Eq. 9  predicted x_0 f_theta(x_t)                                -> DDIM.predict_x0
     Eq. 12 generalised generative step                               -> DDIM.step
     Eq. 16 sigma_tau_i(eta)                                          -> DDIM.sigma
+    Table 1's sigma-hat (DDPM's larger variance, --sigma hat)        -> DDIM.sigma_hat, DDIM.step(hat=True)
     Sec. 4.2 + App. D.2 sub-sequence tau ("uniform"/"quad")          -> DDIM.timesteps
     Sec. 4.2, Eq. 12 on tau: the sampler                             -> DDIM.sample
     Eq. 13 / 14 run backwards and forwards (Sec. 4.3, 5.4)           -> DDIM.encode / DDIM.decode
@@ -94,6 +96,7 @@ class Config:
     ckpt: str = ""                # checkpoint to sample from (--sample / --encode / --interpolate)
     sample_steps: int = 50        # S = dim(tau); Table 1 uses S in {10, 20, 50, 100, 1000}
     eta: float = 0.0              # Eq. 16: 0 = DDIM (deterministic), 1 = DDPM-like
+    sigma: str = "eta"           # "eta" = sigma_tau_i(eta) of Eq. 16; "hat" = Table 1's sigma-hat (ignores eta)
     skip: str = "uniform"         # App. D.2: "uniform" tau_i ~ i (default), "quad" tau_i ~ i^2 (CIFAR-10)
     grid: str = "leading"         # "leading" = official range(0, T, T//S); "trailing" starts at t = T (Lin et al. 2024)
     clip_denoised: str = "auto"   # clamp x0_hat to [-1, 1] when sampling: auto = on for images, off for 2-D toys.
@@ -289,12 +292,22 @@ class DDIM:
         a_t, a_prev = self.a(t), self.a(t_prev)
         return eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
 
+    def sigma_hat(self, t, t_prev):
+        """Table 1's last row: sigma-hat_tau_i = sqrt(1 - alpha_tau_i / alpha_tau_{i-1}), the "larger variance" of
+        DDPM (its sigma_t^2 = beta_t) on the sub-sequence; 0 on the last step (t_prev = -1), as in the official code.
+
+        It is larger than sigma(eta = 1) and cannot go into Eq. 12 as it stands: 1 - a_prev - sigma-hat^2 is
+        negative wherever a_prev^2 > a_t. The official code (ddpm_steps, sample type "ddpm_noisy") keeps the
+        eta = 1 mean -- DDPM's posterior mean on tau -- and only swaps the noise; `step(hat=True)` does the same.
+        """
+        return math.sqrt(1 - self.a(t) / self.a(t_prev)) if t_prev >= 0 else 0.0
+
     def predict_x0(self, x_t, eps, t):
         """Eq. 9 of Song et al. (2021): f_theta(x_t) = (x_t - sqrt(1 - alpha_t) eps_theta(x_t)) / sqrt(alpha_t)."""
         a_t = self.a(t)
         return (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
 
-    def step(self, x_t, eps, t, t_prev, eta=0.0, z=None, clip=False):
+    def step(self, x_t, eps, t, t_prev, eta=0.0, z=None, clip=False, hat=False):
         """Eq. 12 of Song et al. (2021): one generative step from index t to index t_prev.
 
         x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma z,   sigma from Eq. 16.
@@ -303,9 +316,10 @@ class DDIM:
         clip=True clamps x0_hat to the data range [-1, 1] and re-derives eps from it, so that
         x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) eps still holds (not in the paper or its official code;
         DDPM's official sampler clips the same way; see Config.clip_denoised).
+        hat=True: the eta = 1 mean with sigma-hat noise instead (Table 1's last row; see sigma_hat).
         """
         a_prev = self.a(t_prev)
-        sigma = self.sigma(t, t_prev, eta) if eta > 0 else 0.0
+        sigma = self.sigma(t, t_prev, 1.0 if hat else eta) if (eta > 0 or hat) else 0.0
         c = 1 - a_prev - sigma ** 2  # squared weight of the "direction pointing to x_t"
         if c < -1e-12:
             raise ValueError(f"eta={eta} too large: sigma^2 exceeds 1 - alpha_prev at t={t + 1}")
@@ -314,35 +328,37 @@ class DDIM:
             x0_hat = x0_hat.clamp(-1, 1)
             eps = (x_t - math.sqrt(self.a(t)) * x0_hat) / math.sqrt(1 - self.a(t))
         x_prev = math.sqrt(a_prev) * x0_hat + math.sqrt(max(c, 0.0)) * eps  # + "direction pointing to x_t"
+        if hat:
+            sigma = self.sigma_hat(t, t_prev)
         if sigma > 0:
             x_prev = x_prev + sigma * z                           # + "random noise"
         return x_prev
 
-    def run(self, model, x, pairs, eta=0.0, generator=None, clip=False):
+    def run(self, model, x, pairs, eta=0.0, generator=None, clip=False, hat=False):
         """Eq. 12 of Song et al. (2021) along a list of (t, t_prev) pairs; returns the final x."""
         for t, t_prev in pairs:
             i = torch.full((len(x),), t, dtype=torch.long, device=x.device)
             eps = model(x, i).to(x.dtype)                         # eps_theta(x_t, t)
             # Fresh noise for every step when eta > 0 (the last step has sigma = 0 since alpha_prev = 1).
-            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) if eta > 0 else None
-            x = self.step(x, eps, t, t_prev, eta, z, clip)        # x_t -> x_{t_prev}
+            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) if eta > 0 or hat else None
+            x = self.step(x, eps, t, t_prev, eta, z, clip, hat)   # x_t -> x_{t_prev}
         return x
 
     @torch.no_grad()
     def sample(self, model, shape, steps=50, eta=0.0, skip="uniform", generator=None, grid="leading",
-               x_T=None, dtype=torch.float32, device="cpu", clip=False):
+               x_T=None, dtype=torch.float32, device="cpu", clip=False, hat=False):
         """Sec. 4.2 of Song et al. (2021): Eq. 12 along reversed(tau), dim(tau) = steps, sigma from Eq. 16.
 
         x_T ~ N(0, I) (drawn from `generator`, or given), then one Eq. 12 step per (t, t_prev) pair;
         the last pair goes to alpha = 1 and returns x0_hat without noise. eta = 0 is deterministic.
-        clip=True clamps every x0_hat to [-1, 1] (off in the paper; see `step`).
+        clip=True clamps every x0_hat to [-1, 1] (off in the paper; see `step`). hat=True: sigma-hat (Table 1).
         """
         if eta < 0:
             raise ValueError(f"eta must be >= 0 (Eq. 16), got {eta}")
         pairs = self.timesteps(steps, skip, grid)  # the grid, built once
         if x_T is None:
             x_T = torch.randn(shape, generator=generator, dtype=dtype, device=device)
-        return self.run(model, x_T, pairs, eta, generator, clip)
+        return self.run(model, x_T, pairs, eta, generator, clip, hat)
 
     @torch.no_grad()
     def decode(self, model, x_T, steps, skip="uniform", grid="leading", clip=False):
@@ -493,7 +509,7 @@ def train(cfg):
         if step % cfg.sample_every == 0 or step == cfg.steps:
             ema.eval()
             x = diffusion.sample(ema, None, cfg.sample_steps, cfg.eta, cfg.skip, g, cfg.grid, x_T=x_T_fixed,
-                                 device=device, clip=clip_for(cfg, cfg.dataset))
+                                 device=device, clip=clip_for(cfg, cfg.dataset), hat=cfg.sigma == "hat")
             save_samples(x, os.path.join(cfg.out, f"train_{step:06d}.png"), cfg.dataset)
     if stop.set:
         print(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume", file=sys.stderr)
@@ -532,11 +548,12 @@ def sample_cmd(cfg):
     x_T = torch.randn(shape, generator=g, device=device)
     t0 = time.time()
     x = batched(lambda xb: diffusion.sample(net, xb.shape, cfg.sample_steps, cfg.eta, cfg.skip, g, cfg.grid,
-                                            x_T=xb, device=device, clip=clip_for(cfg, c["dataset"])), x_T)
+                                            x_T=xb, device=device, clip=clip_for(cfg, c["dataset"]),
+                                            hat=cfg.sigma == "hat"), x_T)
     save_samples(x, os.path.join(cfg.out, "samples.png"), c["dataset"])
     save_npz(x if x.dim() == 4 else x[:, None, None, :], os.path.join(cfg.out, "samples.npz"))
     print(f"{cfg.n_samples} samples from a {c['dataset']} {c['script']} checkpoint, S={cfg.sample_steps} "
-          f"eta={cfg.eta} {cfg.skip}/{cfg.grid} clip={clip_for(cfg, c['dataset'])} in {time.time() - t0:.1f} s -> "
+          f"{'sigma-hat' if cfg.sigma == 'hat' else f'eta={cfg.eta}'} {cfg.skip}/{cfg.grid} clip={clip_for(cfg, c['dataset'])} in {time.time() - t0:.1f} s -> "
           f"{cfg.out}/samples.png, samples.npz")
 
 
@@ -585,7 +602,7 @@ class Parser(argparse.ArgumentParser):
 
 
 CHOICES = {"schedule": ("linear", "cosine"), "skip": ("uniform", "quad"), "grid": ("leading", "trailing"),
-           "t_sampling": ("iid", "low_discrepancy"), "clip_denoised": ("auto", "on", "off"),
+           "t_sampling": ("iid", "low_discrepancy"), "clip_denoised": ("auto", "on", "off"), "sigma": ("eta", "hat"),
            "model": tuple(PRESETS)}
 
 

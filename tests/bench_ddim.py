@@ -53,8 +53,9 @@ def mmd2(x, y):
 
 
 def table(name, net, diffusion, shape, held_out, floor_set, rows=((0.0, "leading"), (1.0, "leading"),
-                                                                  (0.0, "trailing")), clip=False):
-    """Print SW2 / MMD for every (eta, grid) row and S column, with the paper's FIDs beside them."""
+                                                                  ("hat", "leading"), (0.0, "trailing")), clip=False):
+    """Print SW2 / MMD for every (eta, grid) row and S column, with the paper's FIDs beside them.
+    eta "hat" is Table 1's sigma-hat row (`ddim.py --sigma hat`)."""
     flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
     print(f"\n{name}: {shape[0]} samples vs {len(held_out)} held-out; "
           f"floor SW2 {sliced_w2(flat(floor_set), flat(held_out)):.4f}, "
@@ -65,10 +66,12 @@ def table(name, net, diffusion, shape, held_out, floor_set, rows=((0.0, "leading
         for S in STEPS:
             g = torch.Generator().manual_seed(1)
             t0 = time.time()
-            x = diffusion.sample(net, shape, steps=S, eta=eta, generator=g, grid=grid, clip=clip)
+            x = diffusion.sample(net, shape, steps=S, eta=0.0 if eta == "hat" else eta, generator=g, grid=grid,
+                                 clip=clip, hat=eta == "hat")
             secs += time.time() - t0
             cells.append(f"{sliced_w2(flat(x), flat(held_out)):.4f}/{mmd2(flat(x), flat(held_out)):.3f}")
-        print(f"eta={eta:.0f} {grid:8s} SW2/MMD " + "".join(f"{c:16s}" for c in cells) + f"  ({secs:.0f} s)")
+        label = "sigma-hat" if eta == "hat" else f"eta={eta:.0f}"
+        print(f"{label:9s} {grid:8s} SW2/MMD " + "".join(f"{c:16s}" for c in cells) + f"  ({secs:.0f} s)")
     for eta in (0.0, 1.0):
         print(f"paper eta={eta:.0f} CIFAR-10 FID " + "".join(f"{v:<16.2f}" for v in PAPER_FID[eta]))
 
@@ -110,7 +113,8 @@ def main():
         floor = load_data("digits", train=True).x[:297]                    # 297 training digits
         with torch.no_grad():
             table(f"digits ({c['script']} checkpoint step {torch.load(args.ckpt, weights_only=True)['step']})",
-                  net, diffusion, (297, 1, 8, 8), held, floor, rows=((0.0, "leading"), (1.0, "leading")),
+                  net, diffusion, (297, 1, 8, 8), held, floor,
+                  rows=((0.0, "leading"), (1.0, "leading"), ("hat", "leading")),
                   clip=True)  # as the CLI samples images (clip_denoised=auto)
 
 

@@ -134,6 +134,48 @@ def test_sigma_eq16_values():
     assert d.a(-1) == 1.0 and d.a(0) == pytest.approx(1 - 1e-4)
 
 
+def test_sigma_hat_is_ddpm_with_larger_variance():
+    """--sigma hat (Table 1's last row, the official code's "ddpm_noisy"): with S = T it is Algorithm 2 of Ho et al.
+    (2020) with sigma_t^2 = beta_t -- the reference is written from the DDPM paper, same noise draws -- to 1e-6;
+    on a 10-step grid each step is the eta = 1 mean plus sigma-hat z, sigma-hat = sqrt(1 - a_t / a_prev) is
+    larger than sigma(eta = 1) and 0 on the last step. With the exact predictor, S = T = 1000 samples the mixture
+    (mean, covariance, weight within 0.05); on a 5-step grid sigma-hat overshoots var(y) by 0.20 where eta = 1
+    falls short by 0.23 (the larger noise is not removed again on a short grid).
+    Caught (each applied alone): sigma(eta = 1) in place of sigma-hat; noise on the last step; the Eq. 12 mean
+    with sigma-hat; the square root dropped from sigma-hat."""
+    T, B = 1000, 256
+    d = ddim.DDIM(T)
+    oracle = Oracle(d)
+    x = d.sample(oracle, (B, 2), steps=T, hat=True, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    beta = ddim.make_beta("linear", T, 1e-4, 0.02)
+    alpha, abar = 1 - beta, torch.cumprod(1 - beta, 0)
+    g = torch.Generator().manual_seed(4)
+    y = torch.randn((B, 2), generator=g, dtype=torch.float64)
+    for t in range(T, 0, -1):  # paper t; tensor index t - 1; no noise at t = 1 (Algorithm 2)
+        eps = oracle(y, torch.full((B,), t - 1, dtype=torch.long))
+        z = torch.randn((B, 2), generator=g, dtype=torch.float64)
+        y = (y - beta[t - 1] / (1 - abar[t - 1]).sqrt() * eps) / alpha[t - 1].sqrt() + (t > 1) * beta[t - 1].sqrt() * z
+    assert (x - y).abs().max() < 1e-6
+
+    pairs = d.timesteps(10)
+    x_t, z = torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    for t, t_prev in pairs:
+        eps = oracle(x_t, torch.full((8,), t, dtype=torch.long))
+        want = d.step(x_t, eps, t, t_prev, eta=1.0, z=torch.zeros_like(z))
+        s_hat = math.sqrt(1 - float(d.alpha_bar[t]) / d.a(t_prev)) if t_prev >= 0 else 0.0
+        assert d.sigma_hat(t, t_prev) == pytest.approx(s_hat, rel=1e-12)
+        assert (t_prev < 0 and s_hat == 0) or s_hat > d.sigma(t, t_prev, 1.0)
+        assert (d.step(x_t, eps, t, t_prev, z=z, hat=True) - (want + s_hat * z)).abs().max() < 1e-12
+
+    full = d.sample(oracle, (10000, 2), steps=T, hat=True, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    assert (stats(full) - TRUE).abs().max() < 0.05
+    short = [d.sample(oracle, (10000, 2), steps=5, eta=1.0, hat=hat, generator=torch.Generator().manual_seed(0),
+                      dtype=torch.float64) for hat in (True, False)]
+    dev_yy = [(stats(x) - TRUE)[4].item() for x in short]  # var(y) minus its true value
+    assert dev_yy[0] > 0.1 and dev_yy[1] < -0.1, dev_yy
+
+
 # -----------------------------------------------------------------------------
 # 2. Exact-oracle sampling matches the data statistics
 
@@ -328,6 +370,9 @@ def test_cli_samples_a_ddpm_checkpoint(tmp_path, capsys):
     r = main_inproc(capsys, "--sample", "--ckpt", str(tmp_path / "ddpm.pt"), "--steps", "5", "--n-samples", "12",
                     "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
+    r = main_inproc(capsys, "--sample", "--ckpt", str(tmp_path / "ddpm.pt"), "--steps", "5", "--n-samples", "12",
+                    "--sigma", "hat", "--out", str(tmp_path / "hat"))
+    assert r.returncode == 0 and "sigma-hat" in r.stdout, r.stderr
     assert "ddpm checkpoint" in r.stdout
     import numpy as np
     assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (12, 8, 8, 1)
@@ -410,6 +455,7 @@ def bad_flag_cases(tmp_path, ck):
         ([], ["--train"]),
         (["--train", "--dataset", "nonsense"], ["nonsense"]),
         (["--train", "--steps", "abc"], ["--steps"]),
+        (["--sample", "--ckpt", ck, "--sigma", "large"], ["sigma"]),
     ]
 
 
