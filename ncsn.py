@@ -10,6 +10,7 @@ Commands
     python ncsn.py --train                                  # 8x8 digits on the CPU, ~6 CPU-min, runs/ncsn/
     python ncsn.py --sample --ckpt runs/ncsn/ckpt.pt --n-samples 64   # samples.png + samples.npz
     python ncsn.py --inpaint --ckpt runs/ncsn/ckpt.pt       # inpaint.png: original | masked | inpainted
+    python ncsn.py --inpaint --ckpt runs/ncsn/ckpt.pt --mask center   # unknown: right|left|top|bottom|center
     python ncsn.py --train --resume                         # continue runs/ncsn/ckpt.pt exactly
     python ncsn.py --train --preset v1                      # the 2019 paper's settings (sigma, eps on [-1, 1])
     python ncsn.py --train --preset v2                      # NCSNv2: Techniques 1-5 computed for the data
@@ -616,16 +617,29 @@ def run_sample(args, cfg_overrides):
     print(f"wrote {cfg.out}/samples.png and {cfg.out}/samples.npz ({len(x)} samples)")
 
 
+MASKS = ("right", "left", "top", "bottom", "center")  # --mask: which part of the image is unknown
+
+
+def known_mask(shape, unknown="right"):
+    """1 where a pixel is known, 0 where --inpaint must fill it: a half of the image (right, left, top, bottom)
+    or the centre square of half the height and width. shape = (B, C, H, W)."""
+    H, W = shape[-2:]
+    mask = torch.ones(shape)
+    region = {"right": (slice(None), slice(W // 2, None)), "left": (slice(None), slice(None, W - W // 2)),
+              "top": (slice(None, H - H // 2), slice(None)), "bottom": (slice(H // 2, None), slice(None)),
+              "center": (slice(H // 4, H - H // 4), slice(W // 4, W - W // 4))}[unknown]
+    mask[(..., *region)] = 0
+    return mask
+
+
 def run_inpaint(args, cfg_overrides):
-    """--inpaint: the right half of held-out images is unknown -> inpaint.png, rows of original | masked | inpainted."""
+    """--inpaint: the --mask part of held-out images is unknown -> inpaint.png, rows of original | masked | inpainted."""
     cfg, ckpt, ncsn, net, device = load_for_inference(args, cfg_overrides)
     if cfg.dataset in TOYS:
         raise ValueError("--inpaint needs an image dataset (the checkpoint was trained on a 2-D toy)")
     data = load_data(cfg.dataset, train=False, image_size=cfg.image_size or None)
     x = data.x[:args.n_inpaint].to(device)
-    W = x.shape[-1]
-    mask = torch.zeros_like(x)
-    mask[..., :W // 2] = 1  # known: the left half
+    mask = known_mask(x.shape, args.mask).to(device)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     x_hat = ncsn.inpaint(net, x, mask, cfg.n_steps_each, cfg.step_lr, generator=g)
     masked = x * mask  # unknown pixels shown as mid-grey (0 in [-1, 1])
@@ -721,11 +735,12 @@ def main(argv=None):
     mode = p.add_argument_group("what to do (pick one)")
     mode.add_argument("--train", action="store_true", help="train (Eq. 6); writes <out>/ckpt.pt and grids")
     mode.add_argument("--sample", action="store_true", help="sample (Algorithm 1) from --ckpt's EMA weights")
-    mode.add_argument("--inpaint", action="store_true", help="inpaint the right half of held-out images (Algorithm 2)")
+    mode.add_argument("--inpaint", action="store_true", help="inpaint held-out images, --mask unknown (Algorithm 2)")
     p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt exactly (--steps is the run's total)")
     p.add_argument("--ckpt", help="checkpoint for --sample / --inpaint")
     p.add_argument("--n-samples", type=int, default=64, help="number of samples for --sample (default 64)")
     p.add_argument("--n-inpaint", type=int, default=8, help="held-out images for --inpaint (default 8)")
+    p.add_argument("--mask", choices=MASKS, default="right", help="--inpaint: the unknown part (default right half)")
     p.add_argument("--preset", choices=sorted(PRESET_CONFIGS), help="v1 / v2 / v2-cifar10: the papers' settings")
     helps = field_help()
     for f in dataclasses.fields(Config):

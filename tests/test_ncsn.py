@@ -443,9 +443,26 @@ def test_cli_train_sample_inpaint(straight, tmp_path):
     import numpy as np
     arr = np.load(tmp_path / "samples.npz")["arr_0"]
     assert arr.shape == (5, 8, 8, 1) and arr.dtype == np.uint8 and (tmp_path / "samples.png").exists()
-    r = run(["--inpaint", "--ckpt", str(straight / "ckpt.pt"), "--n-inpaint", "2", "--out", str(tmp_path)], tmp_path)
+    r = run(["--inpaint", "--ckpt", str(straight / "ckpt.pt"), "--n-inpaint", "2", "--mask", "center",
+             "--out", str(tmp_path)], tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "inpaint.png").exists()
+
+
+@pytest.mark.parametrize("H,W", [(8, 8), (7, 9)])
+def test_inpaint_masks(H, W):
+    """--mask: the unknown part is the named half (its larger half when the side is odd) or the centre square;
+    'right' is the default and keeps the left W // 2 columns, as before the option existed."""
+    ones = lambda m: int(m.sum())  # noqa: E731
+    masks = {k: ncsn.known_mask((2, 1, H, W), k) for k in ncsn.MASKS}
+    assert all(m.shape == (2, 1, H, W) and set(m.unique().tolist()) <= {0.0, 1.0} for m in masks.values())
+    assert (masks["right"][..., :W // 2] == 1).all() and (masks["right"][..., W // 2:] == 0).all()
+    assert (masks["left"][..., W - W // 2:] == 1).all() and (masks["left"][..., :W - W // 2] == 0).all()
+    assert (masks["top"][..., H - H // 2:, :] == 1).all() and (masks["top"][..., :H - H // 2, :] == 0).all()
+    assert (masks["bottom"][..., :H // 2, :] == 1).all() and (masks["bottom"][..., H // 2:, :] == 0).all()
+    c = masks["center"][0, 0]
+    assert ones(1 - c) == (H - 2 * (H // 4)) * (W - 2 * (W // 4))
+    assert c[0].all() and c[-1].all() and c[:, 0].all() and c[:, -1].all() and c[H // 2, W // 2] == 0
 
 
 @pytest.mark.parametrize("loss", ["ssm", "ism"])
@@ -563,6 +580,7 @@ BAD_FLAGS = [  # (arguments, part of the one-line message)
     (["--train", "--sample"], "choose exactly one of"),
     (["--train", "--resume"], "no such checkpoint"),
     (["--sample", "--ckpt", "x.pt", "--n-samples", "0"], "--n-samples and --n-inpaint must be positive"),
+    (["--inpaint", "--ckpt", "x.pt", "--mask", "middle"], "argument --mask: invalid choice"),
 ]
 
 
