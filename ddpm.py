@@ -6,7 +6,7 @@ Official code (TensorFlow): github.com/hojonathanho/diffusion. This file is a Py
 paper; it imports only common.py (the U-Net, the data loaders, the PNG writers).
 
 Commands
-    python ddpm.py --train                                  # 8x8 digits, runs/ddpm/; 7.7 min of one CPU core
+    python ddpm.py --train                                  # 8x8 digits, runs/ddpm/; ~6 min on 2 CPU cores
     python ddpm.py --sample --ckpt runs/ddpm/ckpt.pt --n-samples 64   # samples.png + samples.npz
     python ddpm.py --eval-nll --ckpt runs/ddpm/ckpt.pt      # variational bound on held-out data, bits/dim
     python ddpm.py --train --resume                         # continue runs/ddpm/ckpt.pt exactly
