@@ -96,7 +96,7 @@ class Config:
     ckpt: str = ""                # checkpoint to sample from (--sample / --encode / --interpolate)
     sample_steps: int = 50        # S = dim(tau); Table 1 uses S in {10, 20, 50, 100, 1000}
     eta: float = 0.0              # Eq. 16: 0 = DDIM (deterministic), 1 = DDPM-like
-    sigma: str = "eta"           # "eta" = sigma_tau_i(eta) of Eq. 16; "hat" = Table 1's sigma-hat (ignores eta)
+    sigma: str = "eta"            # "eta" = sigma_tau_i(eta) of Eq. 16; "hat" = Table 1's sigma-hat (ignores eta)
     skip: str = "uniform"         # App. D.2: "uniform" tau_i ~ i (default), "quad" tau_i ~ i^2 (CIFAR-10)
     grid: str = "leading"         # "leading" = official range(0, T, T//S); "trailing" starts at t = T (Lin et al. 2024)
     clip_denoised: str = "auto"   # clamp x0_hat to [-1, 1] when sampling: auto = on for images, off for 2-D toys.
@@ -328,7 +328,7 @@ class DDIM:
             x0_hat = x0_hat.clamp(-1, 1)
             eps = (x_t - math.sqrt(self.a(t)) * x0_hat) / math.sqrt(1 - self.a(t))
         x_prev = math.sqrt(a_prev) * x0_hat + math.sqrt(max(c, 0.0)) * eps  # + "direction pointing to x_t"
-        if hat:
+        if hat:  # Table 1's sigma-hat: the eta = 1 mean above, the larger noise here
             sigma = self.sigma_hat(t, t_prev)
         if sigma > 0:
             x_prev = x_prev + sigma * z                           # + "random noise"
@@ -552,8 +552,9 @@ def sample_cmd(cfg):
                                             hat=cfg.sigma == "hat"), x_T)
     save_samples(x, os.path.join(cfg.out, "samples.png"), c["dataset"])
     save_npz(x if x.dim() == 4 else x[:, None, None, :], os.path.join(cfg.out, "samples.npz"))
+    noise = "sigma-hat" if cfg.sigma == "hat" else f"eta={cfg.eta}"
     print(f"{cfg.n_samples} samples from a {c['dataset']} {c['script']} checkpoint, S={cfg.sample_steps} "
-          f"{'sigma-hat' if cfg.sigma == 'hat' else f'eta={cfg.eta}'} {cfg.skip}/{cfg.grid} clip={clip_for(cfg, c['dataset'])} in {time.time() - t0:.1f} s -> "
+          f"{noise} {cfg.skip}/{cfg.grid} clip={clip_for(cfg, c['dataset'])} in {time.time() - t0:.1f} s -> "
           f"{cfg.out}/samples.png, samples.npz")
 
 
