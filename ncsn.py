@@ -62,6 +62,7 @@ Notation clashes
     2019 paper's eps (see above). Score SDE's VE sigma_max / sigma_min are sigma_1 / sigma_L here.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import math
@@ -405,6 +406,15 @@ def make_model(config):
 
 
 # BEGIN COPY -------------------------------------------------------------------
+# Running it: checkpoints, devices, precision, random numbers, EMA, stop flag. Not in the paper. This block
+# is byte-identical in ddpm.py, ddim.py, ncsn.py and score_sde.py (tests/test_common.py checks it).
+#
+# Devices, one rule for every mode: the model's device is the run's device. Every tensor a mode makes
+# lives there; random numbers come from make_generator(seed, device), a generator that feeds that device;
+# float64 tables are kept on the CPU and cast to float32 before they move (MPS has no float64). Training
+# and sampling loops make no per-step host syncs: .item() and finiteness checks wait for log and
+# checkpoint steps.
+#
 # Checkpoints: one dict {"script", "config", "step", "model", "ema", "optimizer", "rng"} of plain
 # tensors / numbers / strings, written atomically and read with weights_only=True (no code runs).
 
@@ -431,11 +441,81 @@ def load_checkpoint(path):
 
 
 def pick_device(name):
+    """--device: auto = cuda, else mps, else cpu."""
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def make_generator(seed, device):
+    """A torch.Generator seeded with seed that feeds tensors made on device (CPU, CUDA and MPS each have their own)."""
+    return torch.Generator(device=torch.device(device)).manual_seed(seed)
+
+
+def rng_state():
+    """Every global RNG stream the run draws from, for exact resume: the CPU's, and CUDA's or MPS's where used."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # one ByteTensor per visible GPU
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what rng_state() saved (a stream this machine lacks is skipped: resume on another device type)."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) <= torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
+
+
+def setup_precision(device, precision, deterministic=False):
+    """--precision and --deterministic; returns the context manager that the network's forward pass runs in.
+
+    fp32: strict float32. tf32: TensorFloat-32 matmuls and convolutions on CUDA (float32 range, 10-bit
+    mantissa inputs, float32 accumulation; elsewhere the same as fp32). bf16: the network runs under bfloat16
+    autocast; weights, optimizer, schedules, losses and sampler arithmetic stay float32/float64.
+    deterministic: deterministic kernels (cuDNN and cuBLAS included), so a CUDA run repeats bitwise.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision in ("tf32", "bf16")
+        torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must be set before cuBLAS starts
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def network(net, autocast=contextlib.nullcontext, use_compile=False):
+    """The callable that losses and samplers are given: net(x, t) in autocast, output back in float32.
+
+    use_compile=True wraps the network in torch.compile (the parameters stay net's own, so checkpoints and the
+    EMA are unchanged); where torch.compile is unsupported, one line says so and the eager network is used.
+    """
+    fn = net
+    if use_compile:
+        try:
+            fn = torch.compile(net)
+        except Exception as e:  # e.g. no compiler toolchain on this platform
+            print(f"{SCRIPT}.py: torch.compile unavailable ({type(e).__name__}); running eagerly", file=sys.stderr)
+
+    def call(x, t):
+        with autocast():
+            return fn(x, t).float()
+    return call
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """EMA of the weights, p_ema <- decay p_ema + (1 - decay) p, over every parameter in one fused call."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 class StopFlag:

@@ -272,3 +272,16 @@ def test_grid_scatter_and_npz(tmp_path):
     arr = np.load(tmp_path / "s.npz")["arr_0"]
     assert arr.dtype == np.uint8 and arr.shape == (10, 8, 8, 1)
     assert np.array_equal(arr[..., 0], common.unit_to_levels(x, 256)[:, 0])
+
+
+# ----------------------------------------------------------------------------- the shared block
+
+def test_copy_blocks_are_identical_in_the_four_scripts():
+    """The fenced machinery between BEGIN COPY and END COPY is byte-identical in all four scripts."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    blocks = {}
+    for name in ("ddpm", "ddim", "ncsn", "score_sde"):
+        text = open(os.path.join(root, f"{name}.py")).read()
+        assert text.count("# BEGIN COPY") == 1 and text.count("# END COPY") == 1, name
+        blocks[name] = text[text.index("# BEGIN COPY"):text.index("# END COPY")]
+    assert len(set(blocks.values())) == 1, {k: len(v) for k, v in blocks.items()}
