@@ -1,11 +1,13 @@
 """
 common.py -- the only module the four algorithm scripts import.
 
-It holds three things and nothing else:
+It holds four things and nothing else:
   1. UNet: the DDPM U-Net (Ho et al. 2020, App. B; a PixelCNN++ / Wide-ResNet backbone),
      and MLP: a tiny network with the same call signature for 2-D toy data.
-  2. Data in: load_data(name, ...) returns tensors in [-1, 1] (+ labels) for every dataset.
-  3. Data out: save_grid (PNG grid), save_scatter (2-D scatter PNG), save_npz (ADM-style .npz).
+  2. Pretrained weights: load_pretrained(path) reads the paper's released models as converted to the
+     diffusers format (google/ddpm-cifar10-32, -celebahq-256, -church-256, -bedroom-256, -cat-256).
+  3. Data in: load_data(name, ...) returns tensors in [-1, 1] (+ labels) for every dataset.
+  4. Data out: save_grid (PNG grid), save_scatter (2-D scatter PNG), save_npz (ADM-style .npz).
 
 The data-range contract (stated once, owned by two functions):
   a dataset stores K discrete grey levels u in {0, ..., K-1} (K = 256 for 8-bit images,
@@ -22,6 +24,7 @@ constant (ncsn). Each script states the scaling it uses.
 """
 import gzip
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -56,7 +59,8 @@ def timestep_embedding(t, dim):
 
 
 def group_norm(ch):
-    return nn.GroupNorm(math.gcd(32, ch), ch)  # 32 groups as in the paper; fewer for narrow CPU presets
+    """32 groups as in the paper (fewer for narrow CPU presets); eps 1e-6 as the official TF code's group_norm."""
+    return nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6)
 
 
 class ResBlock(nn.Module):
@@ -93,6 +97,18 @@ class Attention(nn.Module):
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
+class Downsample(nn.Conv2d):
+    """Stride-2 3x3 convolution padded as TensorFlow's "SAME" pads it (the official model's, and diffusers'
+    downsample_padding=0): one zero row at the bottom and one zero column at the right, none at the top/left.
+    A subclass of Conv2d, so its parameters keep the names of a plain convolution."""
+
+    def __init__(self, ch):
+        super().__init__(ch, ch, 3, stride=2)
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (0, 1, 0, 1)))  # (B, C, H, W) -> (B, C, H/2, W/2) for even H, W
+
+
 class UNet(nn.Module):
     """The DDPM U-Net: net(x, t) -> tensor shaped like x (the noise eps, or a score); out_ch channels if given
     (ddpm.py's VDM Fourier features widen the input only).
@@ -106,9 +122,24 @@ class UNet(nn.Module):
 
     Presets (PRESETS below), with parameter counts:
       cifar10: ch 128, mult (1,2,2,2), 2 blocks, attention at 16, dropout 0.1 -- 35.7 M at 3x32x32, the paper's model
+      lsun256, celebahq256: ch 128, mult (1,1,2,2,4,4), 2 blocks, attention at 16, dropout 0 -- 113.7 M at 3x256x256,
+               the paper's CelebA-HQ and LSUN church / bedroom / cat models ("114 M", App. B)
       small:   ch 64,  mult (1,2,2),   2 blocks, attention at 8,  dropout 0.1 -- 6.5 M at 3x32x32 (6.1 M at 1x28x28: no 8x8 level)
       tiny:    ch 32,  mult (1,2),     1 block,  attention at 4,  dropout 0.1 -- 0.70 M at 1x8x8, the CPU default
                                                                                   for the embedded digits
+
+    The same network as the official TensorFlow model (hojonathanho/diffusion, diffusion_tf/models/unet.py) at
+    every preset, so that the released weights load (load_pretrained) and our own training uses the paper's
+    architecture: GroupNorm with eps 1e-6; stride-2 downsampling convolutions padded as TF "SAME" pads them,
+    one extra zero row/column at the bottom/right (Downsample; diffusers: downsample_padding=0); nearest-neighbour
+    upsampling then a 3x3 convolution; single-head attention scaled by C^-1/2; the sinusoidal embedding with
+    sin first and frequencies 10000^(-k/(half-1)) (diffusers: flip_sin_to_cos=False, freq_shift=1); skip
+    connections concatenated after the current features. Outputs match diffusers' UNet2DModel with the
+    google/ddpm-* configs to float32 rounding (tests/test_pretrained.py).
+    Initialisation differs from the official code, and only it: the official code draws every weight from
+    the fan-average uniform ("variance scaling", = xavier_uniform) with zero biases and scales the last conv of
+    each ResBlock, the attention output and the output conv by 1e-10; here those three are zero and every other
+    layer keeps PyTorch's default (kaiming-uniform weights with a = sqrt(5), uniform biases).
     """
 
     def __init__(self, in_ch=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,),
@@ -116,7 +147,7 @@ class UNet(nn.Module):
         super().__init__()
         self.factor = 2 ** (len(ch_mult) - 1)
         emb_dim = 4 * ch
-        self.ch = ch
+        self.ch, self.ch_mult, self.num_res_blocks = ch, tuple(ch_mult), num_res_blocks
         self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
         res = image_size + (-image_size) % self.factor  # size after padding
@@ -129,7 +160,7 @@ class UNet(nn.Module):
                 cur = ch * mult
                 skips.append(cur)
             if level != len(ch_mult) - 1:
-                self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))  # downsample by 2
+                self.down.append(Downsample(cur))  # downsample by 2
                 skips.append(cur)
                 res //= 2
         self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, dropout), Attention(cur),
@@ -151,7 +182,7 @@ class UNet(nn.Module):
     def forward(self, x, t):
         H, W = x.shape[-2:]
         x = F.pad(x, (0, (-W) % self.factor, 0, (-H) % self.factor))  # pad right/bottom to a multiple
-        emb = self.emb(timestep_embedding(t, self.ch))  # (B, 4*ch)
+        emb = self.emb(timestep_embedding(t, self.ch).to(x.dtype))  # (B, 4*ch)
         hs = [self.conv_in(x)]
         for layer in self.down:
             hs.append(layer[1](layer[0](hs[-1], emb)) if isinstance(layer, nn.ModuleList) else layer(hs[-1]))
@@ -166,6 +197,11 @@ class UNet(nn.Module):
 
 PRESETS = {
     "cifar10": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_res=(16,), dropout=0.1),
+    # The 256x256 models (App. B; official scripts/run_celebahq.py and run_lsun.py: "unet2d16b2c112244", dropout
+    # 0.0); the config.json of google/ddpm-celebahq-256, -church-256, -bedroom-256 and -cat-256 is this network:
+    # block_out_channels [128, 128, 256, 256, 512, 512], layers_per_block 2, AttnDownBlock2D at level 4 (16x16).
+    "lsun256": dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_res=(16,), dropout=0.0),
+    "celebahq256": dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_res=(16,), dropout=0.0),
     "small": dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(8,), dropout=0.1),
     "tiny": dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0.1),
 }
@@ -185,6 +221,305 @@ class MLP(nn.Module):
 
     def forward(self, x, t):
         return self.net(torch.cat([x, timestep_embedding(t, self.emb_dim)], dim=1))
+
+
+# -----------------------------------------------------------------------------
+# Pretrained weights: the paper's released models in the diffusers format (config.json + weights)
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """Read a .safetensors file into {name: tensor} (CPU), without the safetensors package.
+
+    The format: 8 bytes, the header length N as a little-endian uint64; N bytes of JSON
+    {name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}};
+    then the tensors' raw little-endian bytes, offsets counted from the end of the header.
+    """
+    try:
+        with open(path, "rb") as f:
+            buf = bytearray(f.read())
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(buf) < 8:
+        raise DataError(f"{path}: truncated safetensors file ({len(buf)} bytes, no header)")
+    n = struct.unpack("<Q", buf[:8])[0]
+    if n > len(buf) - 8:
+        raise DataError(f"{path}: not a safetensors file, or truncated (header of {n} bytes, file of {len(buf)})")
+    try:
+        header = json.loads(buf[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise DataError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise DataError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    start, out = 8 + n, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+            numel = math.prod(int(s) for s in shape)
+        except (TypeError, KeyError, ValueError):
+            raise DataError(f"{path}: malformed safetensors header entry for {name!r}") from None
+        if dtype is None:
+            raise DataError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}, which this reader does not "
+                            f"support ({', '.join(SAFETENSORS_DTYPES)})")
+        size = numel * torch.empty((), dtype=dtype).element_size()
+        if not 0 <= begin <= end or end - begin != size:
+            raise DataError(f"{path}: tensor {name!r} holds {end - begin} bytes, its shape {shape} needs {size}")
+        if start + end > len(buf):
+            raise DataError(f"{path}: truncated safetensors file (tensor {name!r} ends at byte {start + end}, "
+                            f"the file has {len(buf)})")
+        if numel == 0:
+            out[name] = torch.zeros(shape, dtype=dtype)
+            continue
+        t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=start + begin)
+        out[name] = t.reshape(shape).clone()  # a copy: aligned, and independent of the file buffer
+    return out
+
+
+def read_weights(path):
+    """{name: tensor} from a diffusers weight file: .safetensors (read_safetensors) or .bin (a torch pickle,
+    read with weights_only=True so that no code in the file runs)."""
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or a pickle that is not plain data
+        raise DataError(f"{path}: not a readable PyTorch weight file ({type(e).__name__})") from None
+    if isinstance(sd, dict) and "script" in sd:
+        raise DataError(f"{path}: a {sd['script']} checkpoint of this project, not a diffusers weight file")
+    if not (isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())):
+        raise DataError(f"{path}: not a diffusers weight file (expected a dict of tensors)")
+    return sd
+
+
+# diffusers' UNet2DModel settings that common.UNet is built with: (key, the value it must have, what ours does).
+# Keys missing from a config.json take diffusers' default, which is the same for every key not listed here with
+# a default (see unet_config).
+UNET_FIXED = (
+    ("_class_name", "UNet2DModel", "a diffusers UNet2DModel"),
+    ("time_embedding_type", "positional", "a sinusoidal time embedding"),
+    ("flip_sin_to_cos", False, "sin first in the time embedding (the official code)"),
+    ("freq_shift", 1, "frequencies 10000^(-k/(half-1)) (the official code)"),
+    ("downsample_padding", 0, 'TF "SAME" padding of the downsampling convs (the official code)'),
+    ("downsample_type", "conv", "a strided conv to downsample"),
+    ("upsample_type", "conv", "nearest-neighbour upsampling then a conv"),
+    ("resnet_time_scale_shift", "default", "the time embedding added to the features (no scale-shift)"),
+    ("act_fn", "silu", "SiLU activations"),
+    ("norm_num_groups", 32, "GroupNorm with 32 groups"),
+    ("mid_block_type", "UNetMidBlock2D", "a ResBlock-attention-ResBlock middle"),
+    ("mid_block_scale_factor", 1, "unscaled residuals in the middle"),
+    ("add_attention", True, "attention in the middle"),
+    ("attention_head_dim", None, "single-head attention"),
+    ("attn_norm_num_groups", None, "GroupNorm with 32 groups before attention"),
+    ("center_input_sample", False, "inputs already in [-1, 1]"),
+    ("class_embed_type", None, "no class conditioning"),
+    ("num_class_embeds", None, "no class conditioning"),
+    ("time_embedding_dim", None, "a time embedding of 4 x block_out_channels[0]"),
+)
+UNET_DEFAULTS = {  # UNet2DModel's other settings and their defaults where these differ from UNET_FIXED's values
+    "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "attention_head_dim": 8,
+    "block_out_channels": (224, 448, 672, 896), "layers_per_block": 2, "dropout": 0.0, "in_channels": 3,
+    "out_channels": 3, "sample_size": None, "num_train_timesteps": None,  # (used by a "learned" time embedding only)
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")}
+
+
+def unet_config(config, where="config.json"):
+    """common.UNet keyword arguments for a diffusers UNet2DModel config.json, or DataError naming the first setting
+    that common.UNet cannot express."""
+    fixed = {k: v for k, v, _ in UNET_FIXED}
+    unknown = [k for k, v in config.items()
+               if not k.startswith("_") and v not in (None, False) and k not in fixed and k not in UNET_DEFAULTS]
+    if unknown:
+        raise DataError(f"{where}: setting {unknown[0]}={json.dumps(config[unknown[0]])} is unknown to common.UNet")
+    get = lambda key: config.get(key, UNET_DEFAULTS.get(key, fixed.get(key)))  # noqa: E731 (diffusers' defaults)
+    try:
+        channels, down, up = list(get("block_out_channels")), list(get("down_block_types")), list(get("up_block_types"))
+        ch, size = int(channels[0]), get("sample_size")
+        for key, value, ours in UNET_FIXED:
+            v = get(key)
+            if v != value and not (key == "time_embedding_dim" and v == 4 * ch):
+                raise DataError(f"{where}: {key}={json.dumps(v)}; common.UNet has {ours} ({key}={json.dumps(value)})")
+        if abs(float(get("norm_eps")) - 1e-6) > 1e-12:
+            raise DataError(f"{where}: norm_eps={get('norm_eps')}; common.UNet's GroupNorm has eps 1e-6 (as official)")
+        if len(down) != len(channels) or len(up) != len(channels):
+            raise DataError(f"{where}: {len(channels)} block_out_channels, {len(down)} down and {len(up)} up blocks")
+        if any(c % ch or c % 32 for c in channels):
+            raise DataError(f"{where}: block_out_channels {channels}; common.UNet needs multiples of the first "
+                            f"and of 32 (its GroupNorm groups)")
+        for level, (d, u) in enumerate(zip(down, reversed(up))):
+            if d not in ("DownBlock2D", "AttnDownBlock2D") or u != d.replace("Down", "Up"):
+                raise DataError(f"{where}: level {level} has {d} / {u}; common.UNet builds DownBlock2D / UpBlock2D, "
+                                f"or AttnDownBlock2D / AttnUpBlock2D (single-head attention) at the same level")
+        size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
+        if not isinstance(size, int) or size % 2 ** (len(channels) - 1):
+            raise DataError(f"{where}: sample_size={json.dumps(get('sample_size'))}; common.UNet needs one size, "
+                            f"a multiple of 2^{len(channels) - 1}")
+        return dict(in_ch=int(get("in_channels")), ch=ch, ch_mult=tuple(c // ch for c in channels),
+                    num_res_blocks=int(get("layers_per_block")),
+                    attn_res=tuple(size >> level for level, d in enumerate(down) if d == "AttnDownBlock2D"),
+                    dropout=float(get("dropout")), image_size=size, out_ch=int(get("out_channels")))
+    except (TypeError, ValueError, IndexError, ZeroDivisionError) as e:
+        raise DataError(f"{where}: not a UNet2DModel config ({type(e).__name__}: {e})") from None
+
+
+ATTENTION_NAMES = {"norm": ("group_norm",), "proj": ("to_out.0", "proj_attn"),  # ours -> diffusers (and
+                   "q": ("to_q", "query"), "k": ("to_k", "key"), "v": ("to_v", "value")}  # diffusers < 0.15)
+RESBLOCK_NAMES = {"norm1": ("norm1",), "conv1": ("conv1",), "emb": ("time_emb_proj",), "norm2": ("norm2",),
+                  "conv2": ("conv2",), "skip": ("conv_shortcut",)}
+
+
+def diffusers_names(net):
+    """The one mapping from diffusers' UNet2DModel parameter names to common.UNet's, for the network net.
+
+    Returns {our parameter name: [part, ...]}, each part a tuple of diffusers names for the same tensor (the current
+    name first, then that of diffusers < 0.15, which the released google/ddpm-* files use: query, key, value,
+    proj_attn). Our attention's qkv has three parts (to_q, to_k, to_v, stacked in that order); every other
+    parameter has one.
+    """
+    modules = {"emb.0": "time_embedding.linear_1", "emb.2": "time_embedding.linear_2", "conv_in": "conv_in",
+               "mid.0": "mid_block.resnets.0", "mid.1": "mid_block.attentions.0", "mid.2": "mid_block.resnets.1",
+               "out.0": "conv_norm_out", "out.2": "conv_out"}
+    levels, k = len(net.ch_mult), 0
+    for level in range(levels):  # down_blocks.level: num_res_blocks (ResBlock, attention) pairs, then a Downsample
+        for j in range(net.num_res_blocks):
+            modules[f"down.{k}.0"] = f"down_blocks.{level}.resnets.{j}"
+            modules[f"down.{k}.1"] = f"down_blocks.{level}.attentions.{j}"
+            k += 1
+        if level != levels - 1:
+            modules[f"down.{k}"] = f"down_blocks.{level}.downsamplers.0.conv"
+            k += 1
+    k = 0
+    for i in range(levels):  # up_blocks.i from the coarsest level: num_res_blocks + 1 pairs, then upsample + conv
+        for j in range(net.num_res_blocks + 1):
+            modules[f"up.{k}.0"] = f"up_blocks.{i}.resnets.{j}"
+            modules[f"up.{k}.1"] = f"up_blocks.{i}.attentions.{j}"
+            k += 1
+        if i != levels - 1:
+            modules[f"up.{k}.1"] = f"up_blocks.{i}.upsamplers.0.conv"
+            k += 1
+    inner = {**RESBLOCK_NAMES, **ATTENTION_NAMES, "": ("",)}
+    names = {}
+    for name in net.state_dict():
+        module, _, param = name.rpartition(".")  # e.g. "down.0.0.conv1", "weight"
+        outer = max((m for m in modules if module == m or module.startswith(m + ".")), key=len)
+        sub = module[len(outer) + 1:]  # "" for a plain layer, else a ResBlock or Attention part
+        names[name] = [tuple(".".join(filter(None, (modules[outer], alt, param))) for alt in inner[part])
+                       for part in (("q", "k", "v") if sub == "qkv" else (sub,))]
+    return names
+
+
+def from_diffusers(sd, net, where="weights"):
+    """A state dict for net from diffusers' UNet2DModel weights sd (names by diffusers_names); DataError on a missing,
+    extra or misshapen tensor. diffusers keeps attention projections as Linear (C, C) weights and q, k, v apart;
+    ours are 1x1 convs (C, C, 1, 1), q, k, v stacked in one (3C, C, 1, 1) conv."""
+    used, out, shapes = set(), {}, {name: p.shape for name, p in net.state_dict().items()}
+    for name, parts in diffusers_names(net).items():
+        ts = []
+        for alts in parts:
+            key = next((n for n in alts if n in sd), None)
+            if key is None:
+                raise DataError(f"{where}: no tensor {alts[0]} (the network of config.json has one)")
+            used.add(key)
+            ts.append(sd[key])
+        t, shape = torch.cat(ts), shapes[name]
+        if t.numel() != shape.numel() or (t.dim() == len(shape) and t.shape != shape):
+            raise DataError(f"{where}: {parts[0][0]} has shape {tuple(t.shape)}, common.UNet needs {tuple(shape)}")
+        out[name] = t.reshape(shape)
+    extra = sorted(set(sd) - used)
+    if extra:
+        raise DataError(f"{where}: {len(extra)} tensors that the network of config.json lacks, e.g. {extra[0]}")
+    return out
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable JSON file ({type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: not a JSON object")
+    return d
+
+
+def pretrained_files(path):
+    """(weights, config.json, scheduler_config.json or None) for a diffusers model folder (the google/ddpm-* repos:
+    config.json, the weights and scheduler_config.json side by side), a saved pipeline (unet/ and scheduler/
+    subfolders), or a weight file beside its config.json."""
+    if os.path.isdir(path):
+        folder = path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(path, "unet")
+        weights = [os.path.join(folder, "diffusion_pytorch_model" + e) for e in (".safetensors", ".bin")]
+        weights = next((w for w in weights if os.path.isfile(w)), None)
+        if weights is None or not os.path.isfile(os.path.join(folder, "config.json")):
+            raise DataError(f"{path}: no config.json with diffusion_pytorch_model.safetensors or .bin here or in unet/")
+    elif os.path.isfile(path):
+        if not path.endswith((".safetensors", ".bin")):
+            raise DataError(f"{path}: expected a diffusers model folder, or its .safetensors / .bin weight file")
+        weights, folder = path, os.path.dirname(os.path.abspath(path))
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise DataError(f"{path}: no config.json beside it (the network's settings)")
+    else:
+        raise DataError(f"{path}: no such file or folder")
+    parent = os.path.dirname(os.path.abspath(folder))
+    scheduler = [os.path.join(folder, "scheduler_config.json"),  # flat (google/ddpm-*), pipeline, path = .../unet
+                 os.path.join(folder, "scheduler", "scheduler_config.json"),
+                 os.path.join(parent, "scheduler", "scheduler_config.json")]
+    return weights, os.path.join(folder, "config.json"), next((s for s in scheduler if os.path.isfile(s)), None)
+
+
+def read_schedule(path):
+    """(schedule, variance, clip_denoised) from a diffusers scheduler_config.json; without one (path None) the paper's
+    linear 1e-4 -> 0.02 schedule with T = 1000, sigma_t^2 = beta_t and clipping (Sec. 4; the official sampler)."""
+    schedule = {"T": 1000, "beta_1": 1e-4, "beta_T": 0.02, "schedule": "linear"}
+    if path is None:
+        return schedule, "beta", True
+    c = read_json(path)
+    kinds = {"linear": "linear", "squaredcos_cap_v2": "cosine"}  # diffusers' name -> ours (Nichol & Dhariwal's cosine)
+    variances = {"fixed_large": "beta", "fixed_small": "beta_tilde", "fixed_small_log": "beta_tilde"}
+    if c.get("beta_schedule", "linear") not in kinds or c.get("trained_betas") is not None:
+        raise DataError(f"{path}: beta_schedule={json.dumps(c.get('beta_schedule'))}"
+                        f"{' with trained_betas' if c.get('trained_betas') is not None else ''}; "
+                        f"the scripts have linear and squaredcos_cap_v2 (cosine)")
+    if c.get("prediction_type", "epsilon") != "epsilon":
+        raise DataError(f"{path}: prediction_type={json.dumps(c['prediction_type'])}; the scripts' nets predict eps")
+    if c.get("variance_type", "fixed_small") not in variances:
+        raise DataError(f"{path}: variance_type={json.dumps(c['variance_type'])}; the scripts have fixed_large "
+                        f"(sigma^2 = beta) and fixed_small (beta-tilde)")
+    if c.get("thresholding") or c.get("rescale_betas_zero_snr"):
+        raise DataError(f"{path}: thresholding / rescale_betas_zero_snr is on; the scripts have neither")
+    try:  # "timesteps": the key of the first (2022) diffusers scheduler configs
+        schedule = {"T": int(c.get("num_train_timesteps", c.get("timesteps", 1000))),
+                    "beta_1": float(c.get("beta_start", 1e-4)), "beta_T": float(c.get("beta_end", 0.02)),
+                    "schedule": kinds[c.get("beta_schedule", "linear")]}
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: num_train_timesteps / beta_start / beta_end are not numbers") from None
+    return schedule, variances[c.get("variance_type", "fixed_small")], bool(c.get("clip_sample", True))
+
+
+def load_pretrained(path):
+    """A released DDPM model from diffusers files -> (common.UNet with its weights, in eval mode, what was read).
+
+    path: a model folder (config.json + diffusion_pytorch_model.safetensors or .bin, and scheduler_config.json in
+    the google/ddpm-* repos), a saved pipeline folder with unet/ and scheduler/, or the weight file itself.
+    Nothing is downloaded: users fetch such folders themselves.
+    The dict: "config" (common.UNet's keyword arguments), "data_shape" [C, H, W], "schedule" {"T", "beta_1",
+    "beta_T", "schedule"} from scheduler_config.json (else the paper's: T = 1000, linear 1e-4 -> 0.02),
+    "variance" ("beta" for diffusers' fixed_large, "beta_tilde" for fixed_small; "beta" without a scheduler
+    config), "clip_denoised" (clip_sample; True without one), "files" (the paths read).
+    """
+    weights, config_path, scheduler_path = pretrained_files(path)
+    kwargs = unet_config(read_json(config_path), config_path)
+    net = UNet(**kwargs)
+    net.load_state_dict(from_diffusers(read_weights(weights), net, weights))
+    schedule, variance, clip = read_schedule(scheduler_path)
+    return net.eval(), {"config": kwargs, "data_shape": [kwargs["in_ch"], kwargs["image_size"], kwargs["image_size"]],
+                        "schedule": schedule, "variance": variance, "clip_denoised": clip,
+                        "files": [f for f in (config_path, weights, scheduler_path) if f]}
 
 
 # -----------------------------------------------------------------------------
