@@ -39,6 +39,8 @@ def test_unet_64_and_presets_parameter_counts():
     count = lambda m: sum(p.numel() for p in m.parameters())
     assert round(count(UNet(in_ch=3, image_size=32, **PRESETS["cifar10"])) / 1e6, 1) == 35.7
     assert round(count(UNet(in_ch=1, image_size=8, **PRESETS["tiny"])) / 1e6, 2) == 0.70
+    with torch.device("meta"):  # the 256x256 models: "114 M" (App. B); no memory used
+        assert count(UNet(in_ch=3, image_size=256, **PRESETS["lsun256"])) == 113_673_219
     net = UNet(in_ch=3, image_size=64, **PRESETS["tiny"])
     assert net(torch.randn(1, 3, 64, 64), torch.tensor([3])).shape == (1, 3, 64, 64)
 
@@ -55,6 +57,25 @@ def test_unet_time_changes_output_and_gradients_reach_every_parameter():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
     net.eval()
     assert not torch.allclose(net(x[:1], torch.tensor([10])), net(x[:1], torch.tensor([900])))
+
+
+def test_downsample_pads_like_tf_same():
+    """The stride-2 downsampling conv pads as the official TF model ("SAME"): nothing at the top/left, one zero
+    row/column at the bottom/right. A kernel with a single 1 at tap (r, c) then reads input pixel (2i + r, 2j + c)."""
+    x = torch.randn(1, 1, 8, 8)
+    down = common.Downsample(1)
+    assert isinstance(down, torch.nn.Conv2d) and set(dict(down.named_parameters())) == {"weight", "bias"}
+    with torch.no_grad():
+        down.bias.zero_()
+        for r, c in ((0, 0), (2, 2), (1, 0)):
+            down.weight.zero_()
+            down.weight[0, 0, r, c] = 1
+            want = torch.tensor([[x[0, 0, 2 * i + r, 2 * j + c] if max(2 * i + r, 2 * j + c) < 8 else 0.0
+                                  for j in range(4)] for i in range(4)])  # zero beyond the bottom/right edge
+            assert torch.equal(down(x)[0, 0], want), (r, c)
+    net = UNet(in_ch=1, image_size=8, **PRESETS["tiny"])
+    assert [type(m) for m in net.down if not isinstance(m, torch.nn.ModuleList)] == [common.Downsample]
+    assert all(m.eps == 1e-6 for m in net.modules() if isinstance(m, torch.nn.GroupNorm))  # as the official code
 
 
 def test_unet_28_pads_to_32_and_crops():
