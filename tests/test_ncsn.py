@@ -11,7 +11,6 @@ import argparse
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +28,122 @@ from ncsn import NCSN  # noqa: E402
 SCRIPT = os.path.join(ROOT, "ncsn.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the CPU is shared: one thread per process is fastest under load
 torch.set_num_threads(1)
+
+# Deliberate breaks of the formulas (and device rules) these tests guard: python tests/mutations.py ncsn applies
+# each to a copy and runs the listed tests, which must fail (CAUGHT). A literal list: mutations.py reads it with ast.
+MUTATIONS = [
+    {"name": "ncsn-langevin-drift-alpha", "file": "ncsn.py",
+     "find": "x = x + alpha / 2 * model(x, s_in) + math.sqrt(alpha) * z  # Langevin step at level i",
+     "replace": "x = x + alpha * model(x, s_in) + math.sqrt(alpha) * z  # Langevin step at level i",
+     "tests": ["tests/test_ncsn.py::test_annealed_langevin_gaussian_exact_moments"]},
+    {"name": "ncsn-langevin-noise-sqrt2", "file": "ncsn.py",
+     "find": "x = x + alpha / 2 * model(x, s_in) + math.sqrt(alpha) * z  # Langevin step at level i",
+     "replace": "x = x + alpha / 2 * model(x, s_in) + math.sqrt(2 * alpha) * z  # Langevin step at level i",
+     "tests": ["tests/test_ncsn.py::test_annealed_langevin_gaussian_exact_moments"]},
+    {"name": "ncsn-plain-langevin-code-form", "file": "ncsn.py",
+     "find": "x = x + step_lr / 2 * model(x, s_in) + math.sqrt(step_lr) * z  # one Langevin step",
+     "replace": "x = x + step_lr * model(x, s_in) + math.sqrt(2 * step_lr) * z  # one Langevin step",
+     "tests": ["tests/test_ncsn.py::test_v1_preset_is_the_official_run_and_the_step_conversion"]},
+    {"name": "ncsn-alpha-sigma-ratio-not-squared", "file": "ncsn.py",
+     "find": "alpha = step_lr * sigma ** 2 / sigma_L ** 2  # step size of this level, float64",
+     "replace": "alpha = step_lr * sigma / sigma_L  # step size of this level, float64",
+     "tests": ["tests/test_ncsn.py::test_annealed_langevin_gaussian_exact_moments"]},
+    {"name": "ncsn-alpha-no-annealing", "file": "ncsn.py",
+     "find": "alpha = step_lr * sigma ** 2 / sigma_L ** 2  # step size of this level, float64",
+     "replace": "alpha = step_lr  # step size of this level, float64",
+     "tests": ["tests/test_ncsn.py::test_fig3_annealed_recovers_weights_plain_langevin_does_not"]},
+    {"name": "ncsn-annealing-order-reversed", "file": "ncsn.py",
+     "find": "for sigma in self.sigmas.tolist():\n"
+             "            alpha = step_lr * sigma ** 2 / sigma_L ** 2  # step",
+     "replace": "for sigma in self.sigmas.flip(0).tolist():\n"
+                "            alpha = step_lr * sigma ** 2 / sigma_L ** 2  # step",
+     "tests": ["tests/test_ncsn.py::test_fig3_annealed_recovers_weights_plain_langevin_does_not"]},
+    {"name": "ncsn-model-not-given-level-sigma", "file": "ncsn.py",
+     "find": "# step size of this level, float64\n            s_in = self.level_sigma(sigma, x)",
+     "replace": "# step size of this level, float64\n            s_in = self.level_sigma(sigma_L, x)",
+     "tests": ["tests/test_ncsn.py::test_fig3_annealed_recovers_weights_plain_langevin_does_not"]},
+    {"name": "ncsn-tweedie-sigma-not-squared", "file": "ncsn.py",
+     "find": "x = x + sigma_L ** 2 * model(x, self.level_sigma(sigma_L, x))",
+     "replace": "x = x + sigma_L * model(x, self.level_sigma(sigma_L, x))",
+     "tests": ["tests/test_ncsn.py::test_annealed_langevin_gaussian_exact_moments"]},
+    {"name": "ncsn-tweedie-step-missing", "file": "ncsn.py",
+     "find": "if denoise:  # final Tweedie step",
+     "replace": "if False:  # final Tweedie step",
+     "tests": ["tests/test_ncsn.py::test_annealed_langevin_gaussian_exact_moments"]},
+    {"name": "ncsn-dsm-lambda-one", "file": "ncsn.py",
+     "find": "return 0.5 * (expand(sigma, x) * s + z).pow(2).flatten(1).sum(1).mean()",
+     "replace": "return 0.5 * (s + z / expand(sigma, x)).pow(2).flatten(1).sum(1).mean()",
+     "tests": ["tests/test_ncsn.py::test_dsm_closed_form_and_minimiser"]},
+    {"name": "ncsn-dsm-lambda-sigma", "file": "ncsn.py",
+     "find": "return 0.5 * (expand(sigma, x) * s + z).pow(2).flatten(1).sum(1).mean()",
+     "replace": "return 0.5 * (expand(sigma, x).sqrt() * s + z / expand(sigma, x).sqrt())"
+                ".pow(2).flatten(1).sum(1).mean()",
+     "tests": ["tests/test_ncsn.py::test_dsm_closed_form_and_minimiser"]},
+    {"name": "ncsn-dsm-target-minus-z", "file": "ncsn.py",
+     "find": "return 0.5 * (expand(sigma, x) * s + z).pow(2).flatten(1).sum(1).mean()",
+     "replace": "return 0.5 * (expand(sigma, x) * (s + z)).pow(2).flatten(1).sum(1).mean()",
+     "tests": ["tests/test_ncsn.py::test_dsm_closed_form_and_minimiser"]},
+    {"name": "ncsn-dsm-half-missing", "file": "ncsn.py",
+     "find": "return 0.5 * (expand(sigma, x) * s + z).pow(2).flatten(1).sum(1).mean()",
+     "replace": "return (expand(sigma, x) * s + z).pow(2).flatten(1).sum(1).mean()",
+     "tests": ["tests/test_ncsn.py::test_dsm_closed_form_and_minimiser"]},
+    {"name": "ncsn-ism-half-missing", "file": "ncsn.py",
+     "find": "return (sigma ** 2 * (trace + 0.5 * s.pow(2).sum(1))).mean()",
+     "replace": "return (sigma ** 2 * (trace + s.pow(2).sum(1))).mean()",
+     "tests": ["tests/test_ncsn.py::test_objectives_equal_fisher_divergence_up_to_a_constant[ism_loss]"]},
+    {"name": "ncsn-ism-weighting-missing", "file": "ncsn.py",
+     "find": "return (sigma ** 2 * (trace + 0.5 * s.pow(2).sum(1))).mean()",
+     "replace": "return ((trace + 0.5 * s.pow(2).sum(1))).mean()",
+     "tests": ["tests/test_ncsn.py::test_objectives_equal_fisher_divergence_up_to_a_constant[ism_loss]"]},
+    {"name": "ncsn-ssm-half-missing", "file": "ncsn.py",
+     "find": "return (sigma ** 2 * (vJv + 0.5 * s.flatten(1).pow(2).sum(1))).mean()",
+     "replace": "return (sigma ** 2 * (vJv + s.flatten(1).pow(2).sum(1))).mean()",
+     "tests": ["tests/test_ncsn.py::test_objectives_equal_fisher_divergence_up_to_a_constant[ssm_loss]"]},
+    {"name": "ncsn-ssm-weighting-missing", "file": "ncsn.py",
+     "find": "return (sigma ** 2 * (vJv + 0.5 * s.flatten(1).pow(2).sum(1))).mean()",
+     "replace": "return ((vJv + 0.5 * s.flatten(1).pow(2).sum(1))).mean()",
+     "tests": ["tests/test_ncsn.py::test_objectives_equal_fisher_divergence_up_to_a_constant[ssm_loss]"]},
+    {"name": "ncsn-technique1-mean-distance", "file": "ncsn.py",
+     "find": "torch.cdist(x[start:start + 1000], x).max().item()",
+     "replace": "torch.cdist(x[start:start + 1000], x).mean().item()",
+     "tests": ["tests/test_ncsn.py::test_technique1_max_pairwise_distance"]},
+    {"name": "ncsn-technique2-rule-2-gamma", "file": "ncsn.py",
+     "find": "f = lambda g: Phi(math.sqrt(2 * D) * (g - 1) + 3 * g) - Phi(math.sqrt(2 * D) * (g - 1) - 3 * g)",
+     "replace": "f = lambda g: Phi(math.sqrt(2 * D) * (g - 1) + 2 * g) - Phi(math.sqrt(2 * D) * (g - 1) - 2 * g)",
+     "tests": ["tests/test_ncsn.py::test_technique2_rule_and_paper_values"]},
+    {"name": "ncsn-technique4-convention-factor", "file": "ncsn.py",
+     "find": "return 2 * r[ratio.argmin()].item() * sigma_L ** 2",
+     "replace": "return r[ratio.argmin()].item() * sigma_L ** 2",
+     "tests": ["tests/test_ncsn.py::test_technique4_reproduces_ncsnv2_cifar10_step"]},
+    {"name": "ncsn-technique3-scaling", "file": "ncsn.py",
+     "find": "return out if self.cond == \"embed\" else out / expand(sigma, out)",
+     "replace": "return out if self.cond == \"embed\" else out / expand(sigma, out) ** 2",
+     "tests": ["tests/test_ncsn.py::test_scorenet_conditioning"]},
+    {"name": "ncsn-inpaint-known-not-reimposed", "file": "ncsn.py",
+     "find": "x_t = x_t * (1 - mask) + y * mask  # known entries replaced by their noised versions",
+     "replace": "x_t = x_t  # known entries replaced by their noised versions",
+     "tests": ["tests/test_ncsn.py::test_inpaint_reproduces_analytic_conditional"]},
+    {"name": "ncsn-inpaint-mask-inverted", "file": "ncsn.py",
+     "find": "return x_t * (1 - mask) + x * mask",
+     "replace": "return x_t * mask + x * (1 - mask)",
+     "tests": ["tests/test_ncsn.py::test_inpaint_reproduces_analytic_conditional"]},
+    {"name": "ncsn-low-discrepancy-iid-instead", "file": "ncsn.py",
+     "find": "if self.t_sampling == \"iid\":",
+     "replace": "if True:",
+     "tests": ["tests/test_ncsn.py::test_low_discrepancy_levels_and_resume"]},
+    {"name": "ncsn-sigma-table-float64-on-device", "file": "ncsn.py",
+     "find": "self._sigmas_on[key] = self.sigmas.to(dtype).to(key[0])",
+     "replace": "self._sigmas_on[key] = self.sigmas.to(key[0])",
+     "tests": ["tests/test_ncsn.py::test_sigma_table_stays_float64_on_cpu_cast_once_per_device"]},
+    {"name": "ncsn-loss-read-every-step", "file": "ncsn.py",
+     "find": "loss_sum += loss.detach()  # no host sync",
+     "replace": "loss_sum += loss.detach().item()  # no host sync",
+     "tests": ["tests/test_ncsn.py::test_training_loop_has_no_per_step_host_syncs"]},
+    {"name": "ncsn-v1-paper-text-step", "file": "ncsn.py",
+     "find": "step_lr=1.6e-4,",
+     "replace": "step_lr=8e-5,",
+     "tests": ["tests/test_ncsn.py::test_v1_preset_is_the_official_run_and_the_step_conversion"]},
+]
 
 
 # -----------------------------------------------------------------------------
@@ -769,9 +884,9 @@ def test_training_loop_has_no_per_step_host_syncs(tmp_path, capsys, monkeypatch,
             return _orig(self, *a)
         monkeypatch.setattr(torch.Tensor, name, counted)
     try:
-        ncsn.main(["--train", "--dataset", "moons", "--L", "4", "--sigma-1", "1.0", "--sigma-L", "0.05", "--steps", "30",
-                   "--batch-size", "16", "--n-steps-each", "1", "--log-every", "30", "--ckpt-every", "30",
-                   "--out", str(tmp_path / "run"), "--device", device.type])
+        ncsn.main(["--train", "--dataset", "moons", "--L", "4", "--sigma-1", "1.0", "--sigma-L", "0.05",
+                   "--steps", "30", "--batch-size", "16", "--n-steps-each", "1", "--log-every", "30",
+                   "--ckpt-every", "30", "--out", str(tmp_path / "run"), "--device", device.type])
     finally:  # undo StopFlag's signal handlers
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
