@@ -12,6 +12,7 @@ Commands
     python ncsn.py --inpaint --ckpt runs/ncsn/ckpt.pt       # inpaint.png: original | masked | inpainted
     python ncsn.py --inpaint --ckpt runs/ncsn/ckpt.pt --mask center   # unknown: right|left|top|bottom|center
     python ncsn.py --train --resume                         # continue runs/ncsn/ckpt.pt exactly
+    python ncsn.py --train --device cuda --precision bf16 --compile true   # bf16 autocast + torch.compile on a GPU
     python ncsn.py --train --preset v1                      # the 2019 paper's settings (sigma, eps on [-1, 1])
     python ncsn.py --train --preset v2                      # NCSNv2: Techniques 1-5 computed for the data
     python ncsn.py --train --dataset moons --steps 4000 --lr 3e-3 --L 30   # a 2-D toy (MLP), ~20 s; add --loss ssm|ism
@@ -52,7 +53,7 @@ Conventions (the same in all four scripts of this project)
     CONVENTION TRAP: the official NCSN/NCSNv2 code (and NCSNv2's Algorithm 1 and Proposition 3) write
     x <- x + alpha s + sqrt(2 alpha) z, so their step_lr is half of ours: eps_here = 2 * step_lr_there.
     (NCSNv2's CIFAR-10 value 6.2e-6 is 1.24e-5 here on [0, 1] pixels, 4.96e-5 on [-1, 1].)
-    The 2019 paper itself has both: its Algorithm 1 and Sec. 5 text give eps = 2e-5 in the (alpha/2) form,
+    The 2019 paper itself has both: its Algorithm 1 is in the (alpha/2) form and its Sec. 5 gives eps = 2e-5,
     but its official code (ermongroup/ncsn, runners/anneal_runner.py) ran step_lr = 2e-5 in the alpha form,
     i.e. eps = 4e-5 in the paper's form, twice the text's step. The preset v1 follows the official run (the
     one that made the paper's samples and scores): 4e-5 * 4 = 1.6e-4 on [-1, 1]; the text's value is 8e-5.
@@ -114,7 +115,7 @@ class Config:
     sample_every: int = 500       # steps between sample grids from fixed noise
     log_every: int = 100          # steps between progress lines
     out: str = "runs/ncsn"        # output folder: ckpt.pt, grid_<step>.png, samples.png, samples.npz, inpaint.png
-    seed: int = 0                 # seeds the one global torch RNG (data order, levels, noise, dropout)
+    seed: int = 0                 # seeds the global torch RNGs, CPU and device (data order, levels, noise, dropout)
     device: str = "auto"          # auto = cuda -> mps -> cpu
     precision: str = "auto"       # auto|fp32|tf32|bf16 (network under bf16 autocast); auto = tf32 on CUDA, else fp32
     compile: bool = False         # torch.compile the network (dsm loss and samplers; ssm/ism need double backward)
@@ -345,7 +346,7 @@ class NCSN:
 
         The paper's form, used by every sampler here. The official code (ermongroup/ncsn, ncsnv2) writes
         x <- x + a s + sqrt(2a) z: the same chain with eps = 2a, so its step_lr converts as eps = 2 * step_lr.
-        The 2019 paper's Sec. 5 / Alg. 1 eps = 2e-5 is in our form; its official run used step_lr 2e-5 in the
+        The 2019 paper's eps = 2e-5 (Sec. 5, for Alg. 1) is in our form; its official run used step_lr 2e-5 in the
         code's form (eps = 4e-5 here on [0, 1], 1.6e-4 on [-1, 1]): the preset v1 keeps the official run's.
         """
         x = self.init(shape, generator, device, dtype) if x is None else x.clone()

@@ -592,10 +592,11 @@ def test_cli_train_sample_inpaint(straight, tmp_path, dev):
 
 
 @pytest.mark.parametrize("H,W", [(8, 8), (7, 9)])
-def test_inpaint_masks(H, W):
+def test_inpaint_masks(H, W, device):
     """--mask: the unknown part is the named half (its larger half when the side is odd) or the centre square;
     'right' is the default and keeps the left W // 2 columns, as before the option existed."""
     ones = lambda m: int(m.sum())  # noqa: E731
+    assert ncsn.known_mask((2, 1, H, W), "center", device).device.type == device.type
     masks = {k: ncsn.known_mask((2, 1, H, W), k) for k in ncsn.MASKS}
     assert all(m.shape == (2, 1, H, W) and set(m.unique().tolist()) <= {0.0, 1.0} for m in masks.values())
     assert (masks["right"][..., :W // 2] == 1).all() and (masks["right"][..., W // 2:] == 0).all()
@@ -895,10 +896,10 @@ def test_training_loop_has_no_per_step_host_syncs(tmp_path, capsys, monkeypatch,
     assert 0 < len(calls) < 15, calls  # 6 today
 
 
-def test_cli_bf16_and_runtime_settings(straight, tmp_path, dev):
+def test_cli_bf16_and_runtime_settings(straight, tmp_path, dev, device, capsys):
     """--precision bf16 (bfloat16 autocast; CPU autocast on the CPU) trains a few steps with sample grids; the
     runtime settings (precision, compile, deterministic) never block --resume or --sample: the bf16 run resumes in
-    fp32, and a checkpoint written before these fields existed still samples (in bf16)."""
+    fp32, and a checkpoint written before these fields existed still samples (in bf16). The last two in-process."""
     out = tmp_path / "bf16"
     r = run(["--train", "--steps", "3", "--precision", "bf16", "--out", str(out), *TINY, "--sample-every", "2", *dev],
             tmp_path)
@@ -906,12 +907,22 @@ def test_cli_bf16_and_runtime_settings(straight, tmp_path, dev):
     ck = state(out / "ckpt.pt")
     assert ck["config"]["precision"] == "bf16" and (out / "grid_0000002.png").exists()
     assert all(torch.isfinite(t).all() for t in ck["model"].values())
-    r = run(["--train", "--resume", "--steps", "5", "--precision", "fp32", "--out", str(out), *TINY, *dev], tmp_path)
-    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+
+    def main(*argv):
+        try:
+            ncsn.main([*argv, "--device", device.type])
+        finally:  # undo StopFlag's signal handlers
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        return capsys.readouterr().out
+
+    assert "resumed from" in main("--train", "--resume", "--steps", "5", "--precision", "fp32", "--out", str(out),
+                                  *TINY)
+    assert state(out / "ckpt.pt")["step"] == 5
     old = state(straight / "ckpt.pt")
     for k in ("precision", "compile", "deterministic"):
         del old["config"][k]
     torch.save(old, tmp_path / "old.pt")
-    r = run(["--sample", "--ckpt", str(tmp_path / "old.pt"), "--n-samples", "2", "--precision", "bf16",
-             "--out", str(tmp_path / "s"), *dev], tmp_path)
-    assert r.returncode == 0 and (tmp_path / "s" / "samples.npz").exists(), r.stderr
+    main("--sample", "--ckpt", str(tmp_path / "old.pt"), "--n-samples", "2", "--precision", "bf16",
+         "--out", str(tmp_path / "s"))
+    assert (tmp_path / "s" / "samples.npz").exists()
