@@ -12,6 +12,7 @@ Commands
     python ncsn.py --inpaint --ckpt runs/ncsn/ckpt.pt       # inpaint.png: original | masked | inpainted
     python ncsn.py --inpaint --ckpt runs/ncsn/ckpt.pt --mask center   # unknown: right|left|top|bottom|center
     python ncsn.py --train --resume                         # continue runs/ncsn/ckpt.pt exactly
+    python ncsn.py --train --device cuda --precision bf16 --compile true   # bf16 autocast + torch.compile on a GPU
     python ncsn.py --train --preset v1                      # the 2019 paper's settings (sigma, eps on [-1, 1])
     python ncsn.py --train --preset v2                      # NCSNv2: Techniques 1-5 computed for the data
     python ncsn.py --train --dataset moons --steps 4000 --lr 3e-3 --L 30   # a 2-D toy (MLP), ~20 s; add --loss ssm|ism
@@ -52,6 +53,12 @@ Conventions (the same in all four scripts of this project)
     CONVENTION TRAP: the official NCSN/NCSNv2 code (and NCSNv2's Algorithm 1 and Proposition 3) write
     x <- x + alpha s + sqrt(2 alpha) z, so their step_lr is half of ours: eps_here = 2 * step_lr_there.
     (NCSNv2's CIFAR-10 value 6.2e-6 is 1.24e-5 here on [0, 1] pixels, 4.96e-5 on [-1, 1].)
+    The 2019 paper itself has both: its Algorithm 1 is in the (alpha/2) form and its Sec. 5 gives eps = 2e-5,
+    but its official code (ermongroup/ncsn, runners/anneal_runner.py) ran step_lr = 2e-5 in the alpha form,
+    i.e. eps = 4e-5 in the paper's form, twice the text's step. The preset v1 follows the official run (the
+    one that made the paper's samples and scores): 4e-5 * 4 = 1.6e-4 on [-1, 1]; the text's value is 8e-5.
+    Devices: NCSN.sigmas is the float64 master table and stays on the CPU; sigmas_on(device, dtype) casts it
+    on the CPU first, then moves it, once per (device, dtype) (MPS has no float64; no per-step copies).
     Network conditioning: the score is s(x, sigma) = net(x, t) / sigma (Technique 3) with the U-Net's
     continuous time input t = 100 * log(sigma) (--cond both, the default); --cond divide passes t = 0
     (NCSNv2 exactly: an unconditional net), --cond embed omits the division (closest to NCSN v1's
@@ -95,32 +102,39 @@ class Config:
     L: int = 0                    # 0 = Technique 2 (digits: 22); 2019 Sec. 5: L = 10; NCSNv2 CIFAR-10: 232
     cond: str = "both"            # net(x, 100 log sigma)/sigma; "divide" = Technique 3 (NCSNv2); "embed" ~ v1
     n_steps_each: int = 20        # T, Langevin steps per level; 2019 Sec. 5: 100; NCSNv2 CIFAR-10: 5
-    step_lr: float = 0.0          # eps (2019 paper's form, data scale); 0 = Technique 4 for this T; v1: 2e-5 -> 8e-5
-    denoise: bool = True          # NCSNv2: final x + sigma_L^2 s(x, sigma_L) (official denoise: true); v1: off
-    steps: int = 1500             # total optimisation steps of the run; 2019: 200k; NCSNv2 CIFAR-10: 300k
-    batch_size: int = 128         # 2019 Sec. 5 and NCSNv2: 128
-    lr: float = 1e-3              # 2019 Sec. 5: Adam 1e-3; NCSNv2: 1e-4
-    warmup: int = 0               # linear warm-up steps; papers: none
-    grad_clip: float = 0.0        # global gradient-norm clip, 0 = off; papers: none
+    step_lr: float = 0.0          # eps (2019 paper's form, data scale); 0 = Technique 4 for this T; v1: 1.6e-4 (header)
+    denoise: bool = True          # NCSNv2 official code (configs/*.yml denoise: true): final x + sigma_L^2 s; v1: off
+    steps: int = 1500             # total optimisation steps; official configs: 200k (2019), 300k (NCSNv2 CIFAR-10)
+    batch_size: int = 128         # official configs of both papers: 128
+    lr: float = 1e-3              # Adam; official configs: 1e-3 (2019, anneal.yml), 1e-4 (NCSNv2, every dataset)
+    warmup: int = 0               # linear warm-up steps; papers and official code: none
+    grad_clip: float = 0.0        # global gradient-norm clip, 0 = off; papers and official code: none
     ema_decay: float = 0.99       # Technique 5: EMA 0.999 (shortened for the 1500-step CPU run); 0 = off (v1)
     t_sampling: str = "iid"       # level index per example: "iid" (Eq. 6 estimate) or "low_discrepancy" (VDM App. I.1)
     ckpt_every: int = 500         # steps between checkpoints (and one at the end, and on Ctrl-C)
     sample_every: int = 500       # steps between sample grids from fixed noise
     log_every: int = 100          # steps between progress lines
     out: str = "runs/ncsn"        # output folder: ckpt.pt, grid_<step>.png, samples.png, samples.npz, inpaint.png
-    seed: int = 0                 # seeds the one global torch RNG (data order, levels, noise, dropout)
+    seed: int = 0                 # seeds the global torch RNGs, CPU and device (data order, levels, noise, dropout)
     device: str = "auto"          # auto = cuda -> mps -> cpu
+    precision: str = "auto"       # auto|fp32|tf32|bf16 (network under bf16 autocast); auto = tf32 on CUDA, else fp32
+    compile: bool = False         # torch.compile the network (dsm loss and samplers; ssm/ism need double backward)
+    deterministic: bool = False   # deterministic kernels: a CUDA run (and its resume) repeats bitwise
 
 
 # `--preset NAME`: the papers' settings, converted to data in [-1, 1]. Explicit flags override a preset.
 PRESET_CONFIGS = {
     "cpu": {},  # the CPU defaults above: Techniques 1, 2, 4, 5 computed for the data, T = 20
-    # 2019 Sec. 5: sigma 1 -> 0.01 on [0,1] (2 -> 0.02 here), L = 10, eps = 2e-5 (8e-5 here), T = 100,
-    # Adam 1e-3, batch 128, 200k iterations, no EMA, no denoising step; a conditional network.
-    "v1": dict(sigma_1=2.0, sigma_L=0.02, L=10, step_lr=8e-5, n_steps_each=100, denoise=False, cond="embed",
+    # 2019 Sec. 5: sigma 1 -> 0.01 on [0,1] (2 -> 0.02 here), L = 10, T = 100, uniform initial samples.
+    # eps: the official run (ermongroup/ncsn anneal_runner.py: step_lr 2e-5 in the x + a s + sqrt(2a) z form)
+    # = 4e-5 in the paper's form on [0,1] = 1.6e-4 here; the paper's text (2e-5 in its own form) would be 8e-5
+    # here, half the step. We keep the official run's: it produced the paper's samples and Inception score.
+    # Official configs/anneal.yml: Adam 1e-3, batch 128, 200k iterations; no EMA, no denoising step.
+    "v1": dict(sigma_1=2.0, sigma_L=0.02, L=10, step_lr=1.6e-4, n_steps_each=100, denoise=False, cond="embed",
                lr=1e-3, ema_decay=0.0, steps=200_000, ckpt_every=5000, sample_every=5000, log_every=1000),
     # NCSNv2 for any dataset: sigma_1 by Technique 1, L by Technique 2, eps by Technique 4 with T = 5,
-    # s = net(x)/sigma (Technique 3), EMA 0.999 (Technique 5), lr 1e-4, denoising step on.
+    # s = net(x)/sigma (Technique 3), EMA 0.999 (Technique 5); lr 1e-4, 300k steps, denoising step on
+    # (the official configs).
     "v2": dict(sigma_1=0.0, sigma_L=0.02, L=0, step_lr=0.0, n_steps_each=5, denoise=True, cond="divide",
                lr=1e-4, ema_decay=0.999, steps=300_000, ckpt_every=5000, sample_every=5000, log_every=1000),
     # NCSNv2's CIFAR-10 run as published (configs/cifar10.yml): sigma 50 -> 0.01, L = 232, step_lr 6.2e-6,
@@ -216,8 +230,11 @@ def expand(a, x):
 
 def low_discrepancy_uniform(B, device="cpu"):
     """Kingma et al. (2021, VDM) App. I.1: u_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1) from the global
-    RNG: exactly one u_i in each interval [k/B, (k+1)/B), each u_i alone uniform (so every loss stays unbiased)."""
-    return ((torch.rand((), dtype=torch.float64) + torch.arange(B, dtype=torch.float64) / B) % 1).to(device)
+    RNG: exactly one u_i in each interval [k/B, (k+1)/B), each u_i alone uniform (so every loss stays unbiased).
+    Made on device (its global RNG; float64, or float32 on MPS, which has no float64): no host-to-device copy."""
+    dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+    u_0 = torch.rand((), dtype=dtype, device=device)
+    return (u_0 + torch.arange(B, dtype=dtype, device=device) / B) % 1
 
 
 class NCSN:
@@ -238,6 +255,14 @@ class NCSN:
         self.sigma_1, self.sigma_L, self.L = sigma_1, sigma_L, L
         # Geometric sequence (2019 Sec. 4.1): log sigma evenly spaced; L = 1 is the single level sigma_1.
         self.sigmas = torch.exp(torch.linspace(math.log(sigma_1), math.log(sigma_L), L, dtype=torch.float64))
+        self._sigmas_on = {}  # (device, dtype) -> the table cast and moved there (see sigmas_on)
+
+    def sigmas_on(self, device, dtype=torch.float32):
+        """The float64 master table (CPU) as dtype on device: cast on the CPU, then moved, once per (device, dtype)."""
+        key = (torch.device(device), dtype)
+        if key not in self._sigmas_on:
+            self._sigmas_on[key] = self.sigmas.to(dtype).to(key[0])
+        return self._sigmas_on[key]
 
     def level_sigma(self, sigma, x):
         """One noise level as the (B,) tensor the model takes, in the dtype of x."""
@@ -252,7 +277,7 @@ class NCSN:
         L/B levels gets one example; each i alone is still uniform, so Eq. 6's estimate stays unbiased."""
         if self.t_sampling == "iid":
             return torch.randint(self.L, (B,), device=device)
-        return (low_discrepancy_uniform(B) * self.L).long().clamp(max=self.L - 1).to(device)
+        return (low_discrepancy_uniform(B, device) * self.L).long().clamp(max=self.L - 1)
 
     def perturb(self, x, i=None, z=None):
         """Draw a level per example (uniform over 1..L: an unbiased estimate of Eq. 6's average) and x~ = x + sigma z."""
@@ -260,7 +285,7 @@ class NCSN:
             i = self.sample_levels(x.shape[0], x.device)
         if z is None:
             z = torch.randn_like(x)
-        sigma = self.sigmas.to(x.device)[i].to(x.dtype)  # (B,), float64 -> the data's dtype once
+        sigma = self.sigmas_on(x.device, x.dtype)[i]  # (B,), the cached table in the data's dtype
         return x + expand(sigma, x) * z, sigma, z
 
     def loss(self, model, x, i=None, z=None):
@@ -317,7 +342,13 @@ class NCSN:
     @torch.no_grad()
     def langevin(self, model, shape, sigma, n_steps, step_lr, generator=None, x=None, device="cpu",
                  dtype=torch.float32):
-        """Eq. 4 of Song & Ermon (2019): plain Langevin dynamics x <- x + (eps/2) s(x, sigma) + sqrt(eps) z at one level."""
+        """Eq. 4 of Song & Ermon (2019): plain Langevin dynamics x <- x + (eps/2) s(x, sigma) + sqrt(eps) z at one level.
+
+        The paper's form, used by every sampler here. The official code (ermongroup/ncsn, ncsnv2) writes
+        x <- x + a s + sqrt(2a) z: the same chain with eps = 2a, so its step_lr converts as eps = 2 * step_lr.
+        The 2019 paper's eps = 2e-5 (Sec. 5, for Alg. 1) is in our form; its official run used step_lr 2e-5 in the
+        code's form (eps = 4e-5 here on [0, 1], 1.6e-4 on [-1, 1]): the preset v1 keeps the official run's.
+        """
         x = self.init(shape, generator, device, dtype) if x is None else x.clone()
         s_in = self.level_sigma(sigma, x)
         for _ in range(n_steps):
@@ -331,7 +362,7 @@ class NCSN:
         """Algorithm 1 of Song & Ermon (2019): annealed Langevin dynamics (+ NCSNv2's final denoising step).
 
         for i = 1..L: alpha_i = eps sigma_i^2 / sigma_L^2; T times: x <- x + (alpha_i/2) s(x, sigma_i) + sqrt(alpha_i) z.
-        step_lr is the paper's eps (twice the official code's step_lr). x: optional initial samples.
+        step_lr is the paper's eps (twice the official code's step_lr; see langevin). x: optional initial samples.
         denoise: return x + sigma_L^2 s(x, sigma_L), the posterior mean E[x_0 | x] (Tweedie), noise-free.
         """
         x = self.init(shape, generator, device, dtype) if x is None else x.clone()
@@ -552,11 +583,13 @@ def read_ckpt(path, cfg=None):
 
 
 def has_nonfinite(*modules):
-    return any(not torch.isfinite(p).all() for m in modules for p in m.parameters())
+    """True if any parameter holds NaN or inf (one host sync for all of them)."""
+    return not torch.stack([torch.isfinite(p).all() for m in modules for p in m.parameters()]).all().item()
 
 
 def write_samples(x, path_png, data=None):
     """A PNG of samples: an image grid, or for 2-D toys a scatter plot over the data."""
+    x = x.cpu()
     if x.dim() == 2:
         save_scatter(x, path_png, data=None if data is None else data.x)
     else:
@@ -567,10 +600,17 @@ def objective(ncsn, name):
     return {"dsm": ncsn.loss, "ssm": ncsn.ssm_loss, "ism": ncsn.ism_loss}[name]
 
 
+def resolve_precision(cfg, device):
+    """--precision auto: tf32 on CUDA, fp32 elsewhere; returns the autocast context of setup_precision."""
+    precision = cfg.precision if cfg.precision != "auto" else ("tf32" if device.type == "cuda" else "fp32")
+    return setup_precision(device, precision, cfg.deterministic)
+
+
 def train(cfg):
     """Training of Song & Ermon (2019) Sec. 4.2 (Eq. 6 by Adam) with NCSNv2's Techniques 1-5 where configured."""
     device, resume = pick_device(cfg.device), cfg.resume
-    torch.manual_seed(cfg.seed)  # one global RNG drives data order, levels, noise and dropout
+    autocast = resolve_precision(cfg, device)  # before any CUDA work: --deterministic configures cuBLAS
+    torch.manual_seed(cfg.seed)  # one global RNG (per device) drives data order, levels, noise and dropout
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
     is_toy = cfg.dataset in TOYS
     if cfg.loss == "ism" and data.x[0].numel() > ISM_MAX_DIM:
@@ -591,39 +631,49 @@ def train(cfg):
             raise DataError(f"{path}: data shape {ckpt['config']['data_shape']}, this run has {config['data_shape']}")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        set_rng_state(ckpt["rng"])  # CPU and CUDA/MPS streams
         print(f"resumed from {path} at step {step}", flush=True)
     x_data = data.x.to(device)
     n_grid = 1000 if is_toy else 64
     grid_shape = (n_grid, *data.x.shape[1:])
     loss_fn = objective(ncsn, cfg.loss)
+    use_compile = cfg.compile and cfg.loss == "dsm"  # ssm / ism differentiate through the score: no compile
+    if cfg.compile and not use_compile:
+        print(f"note: --compile applies to sampling only with --loss {cfg.loss} (it needs double backward)", flush=True)
+    score = network(model, autocast, use_compile)      # what the loss is given: model(x, sigma) -> float32
+    score_ema = network(ema, autocast, cfg.compile)    # what the sample grids use
+
+    def check_loss():
+        # The losses of the window since the last progress line are summed on the device; one NaN poisons the sum.
+        if not math.isfinite(loss_sum.item()):
+            raise DataError(f"non-finite loss in steps {log_step + 1}-{step}; last good checkpoint kept in {path}")
 
     def checkpoint():
+        check_loss()
         if has_nonfinite(model, ema):  # never save NaN weights; the previous checkpoint stays
             raise DataError(f"non-finite weights at step {step}; last good checkpoint kept in {path}")
         try:
             save_checkpoint(path, {"script": SCRIPT, "config": config, "step": step,
                                    "model": model.state_dict(), "ema": ema.state_dict(),
-                                   "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state()}})
+                                   "optimizer": opt.state_dict(), "rng": rng_state()})
         except (OSError, RuntimeError) as e:  # disk full, folder removed: say so in one line
             raise DataError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0]})") from None
 
     def sample_grid():
         # Fixed noise (its own generator, so the training RNG is untouched): the grids differ only by the weights.
-        g = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        x = ncsn.sample(ema, grid_shape, cfg.n_steps_each, cfg.step_lr, cfg.denoise, generator=g, device=device)
+        g = make_generator(cfg.seed + 1, device)
+        x = ncsn.sample(score_ema, grid_shape, cfg.n_steps_each, cfg.step_lr, cfg.denoise, generator=g, device=device)
         write_samples(x, os.path.join(cfg.out, f"grid_{step:07d}.png"), data if is_toy else None)
 
-    stop, t0, step0, losses = StopFlag(), time.time(), step, []
+    stop, t0, step0 = StopFlag(), time.time(), step
+    loss_sum, log_step = torch.zeros((), device=device), step  # loss summed on the device since step log_step
     model.train()
     while step < cfg.steps and not stop.set:
         x = x_data[torch.randint(len(x_data), (cfg.batch_size,), device=device)]  # i.i.d. minibatch: exact resume
         if data.flip:  # random horizontal flips (CIFAR-10, as in both papers' code)
             flip = (torch.rand(len(x), device=device) < 0.5).reshape(-1, 1, 1, 1)
             x = torch.where(flip, x.flip(-1), x)
-        loss = loss_fn(model, x)  # Eq. 6 (or its SSM / ISM counterpart), one level per example
-        if not torch.isfinite(loss):
-            raise DataError(f"non-finite loss at step {step + 1}; last good checkpoint kept in {path}")
+        loss = loss_fn(score, x)  # Eq. 6 (or its SSM / ISM counterpart), one level per example
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))  # linear warm-up (off by default)
         opt.zero_grad(set_to_none=True)
@@ -631,17 +681,16 @@ def train(cfg):
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        with torch.no_grad():  # Technique 5: exponential moving average of the weights
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - cfg.ema_decay)
+        ema_update(ema, model, cfg.ema_decay)  # Technique 5: exponential moving average of the weights
         step += 1
-        losses.append(loss.item())
+        loss_sum += loss.detach()  # no host sync: read at the next progress line or checkpoint
         if step % cfg.log_every == 0 or step == cfg.steps:  # progress line: step, loss, it/s, ETA
+            check_loss()
             rate = (step - step0) / (time.time() - t0)
             eta = (cfg.steps - step) / rate
-            print(f"step {step}/{cfg.steps}  loss {sum(losses) / len(losses):.4f}  {rate:.2f} it/s  "
+            print(f"step {step}/{cfg.steps}  loss {loss_sum.item() / (step - log_step):.4f}  {rate:.2f} it/s  "
                   f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-            losses = []
+            loss_sum, log_step = torch.zeros((), device=device), step
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stop.set:
             checkpoint()
         if step % cfg.sample_every == 0 or step == cfg.steps:
@@ -656,12 +705,13 @@ def train(cfg):
 # Sampling and inpainting from a checkpoint
 
 def load_for_inference(args, cfg_overrides):
-    """Rebuild (cfg, ncsn, EMA network, device) from a checkpoint, without loading the data."""
+    """Rebuild (cfg, ckpt, ncsn, EMA score callable, device) from a checkpoint, without loading the data."""
     ckpt = read_ckpt(args.ckpt)
     fields = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
-    cfg = dataclasses.replace(cfg, **cfg_overrides)  # --out, --device, --seed, --n-steps-each, --step-lr, --denoise
+    cfg = dataclasses.replace(cfg, **cfg_overrides)  # runtime settings given on the command line (see main)
     device = pick_device(cfg.device)
+    autocast = resolve_precision(cfg, device)
     if cfg.step_lr == 0:  # --step-lr 0: Technique 4 again, for this --n-steps-each
         cfg = dataclasses.replace(cfg, step_lr=technique4_step_lr(
             cfg.n_steps_each, (cfg.sigma_1 / cfg.sigma_L) ** (1 / max(cfg.L - 1, 1)), cfg.sigma_L))
@@ -673,14 +723,14 @@ def load_for_inference(args, cfg_overrides):
         raise DataError(f"{args.ckpt}: EMA weights do not fit the network of its config ({str(e).splitlines()[0]})")
     if has_nonfinite(net):
         raise DataError(f"{args.ckpt}: the EMA weights contain NaN or inf")
-    return cfg, ckpt, ncsn, net.to(device).eval(), device
+    return cfg, ckpt, ncsn, network(net.to(device).eval(), autocast, cfg.compile), device
 
 
 def run_sample(args, cfg_overrides):
     """--sample: n images (or 2-D points) by Algorithm 1 from the EMA network -> samples.png and samples.npz."""
     cfg, ckpt, ncsn, net, device = load_for_inference(args, cfg_overrides)
     os.makedirs(cfg.out, exist_ok=True)
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    g = make_generator(cfg.seed, device)
     shape, chunks = tuple(ckpt["config"]["data_shape"]), []
     for start in range(0, args.n_samples, cfg.batch_size):
         n = min(cfg.batch_size, args.n_samples - start)
@@ -700,11 +750,11 @@ def run_sample(args, cfg_overrides):
 MASKS = ("right", "left", "top", "bottom", "center")  # --mask: which part of the image is unknown
 
 
-def known_mask(shape, unknown="right"):
+def known_mask(shape, unknown="right", device="cpu"):
     """1 where a pixel is known, 0 where --inpaint must fill it: a half of the image (right, left, top, bottom)
     or the centre square of half the height and width. shape = (B, C, H, W)."""
     H, W = shape[-2:]
-    mask = torch.ones(shape)
+    mask = torch.ones(shape, device=device)
     region = {"right": (slice(None), slice(W // 2, None)), "left": (slice(None), slice(None, W - W // 2)),
               "top": (slice(None, H - H // 2), slice(None)), "bottom": (slice(H // 2, None), slice(None)),
               "center": (slice(H // 4, H - H // 4), slice(W // 4, W - W // 4))}[unknown]
@@ -719,8 +769,8 @@ def run_inpaint(args, cfg_overrides):
         raise ValueError("--inpaint needs an image dataset (the checkpoint was trained on a 2-D toy)")
     data = load_data(cfg.dataset, train=False, image_size=cfg.image_size or None)
     x = data.x[:args.n_inpaint].to(device)
-    mask = known_mask(x.shape, args.mask).to(device)
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    mask = known_mask(x.shape, args.mask, device)
+    g = make_generator(cfg.seed, device)
     x_hat = ncsn.inpaint(net, x, mask, cfg.n_steps_each, cfg.step_lr, generator=g)
     masked = x * mask  # unknown pixels shown as mid-grey (0 in [-1, 1])
     rows = torch.stack([x, masked, x_hat], 1).flatten(0, 1)  # (3n, C, H, W): original | masked | inpainted
@@ -741,7 +791,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 CHOICES = {"model": sorted(PRESETS), "loss": ["dsm", "ssm", "ism"], "cond": ["both", "divide", "embed"],
-           "t_sampling": ["iid", "low_discrepancy"]}
+           "t_sampling": ["iid", "low_discrepancy"], "precision": ["auto", "fp32", "tf32", "bf16"]}
 
 
 def parse_bool(s):
@@ -842,8 +892,9 @@ def main(argv=None):
             cfg.resume = args.resume  # not a Config field: it is an action, not a setting stored in ckpt.pt
             train(cfg)
         else:
-            runtime = {k: v for k, v in given.items()
-                       if k in ("out", "device", "seed", "batch_size", "n_steps_each", "step_lr", "denoise")}
+            runtime = {k: v for k, v in given.items() if k in ("out", "device", "seed", "batch_size", "n_steps_each",
+                                                                "step_lr", "denoise", "precision", "compile",
+                                                                "deterministic")}
             (run_sample if args.sample else run_inpaint)(args, runtime)
     except (DataError, ValueError) as e:
         print(f"{SCRIPT}.py: error: {e}", file=sys.stderr)  # one line, exit code 2 (argparse's convention)

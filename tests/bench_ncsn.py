@@ -1,4 +1,4 @@
-"""Benchmarks for ncsn.py (not collected by pytest): python tests/bench_ncsn.py [--quick]
+"""Benchmarks for ncsn.py (not collected by pytest): python tests/bench_ncsn.py [--quick] [--device cuda|mps|cpu]
 
 1. NCSNv2 Techniques 2 and 4 for the papers' datasets: gamma, L by the rule as printed vs the paper's L,
    and Technique 4's eps for T = 5 (the code's convention and ours).
@@ -22,16 +22,22 @@ import ncsn  # noqa: E402
 from common import load_data  # noqa: E402
 
 torch.set_num_threads(1)
+DEVICE = torch.device(sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cpu")
+F64 = torch.float32 if DEVICE.type == "mps" else torch.float64  # the score's arithmetic (MPS has no float64)
+
+
+def gen(seed):
+    return ncsn.make_generator(seed, DEVICE)
 
 
 def mixture_score(weights, means, stds):
-    """Exact score of sum_k w_k N(mu_k, s_k^2 I) perturbed by N(0, sigma^2 I) (as in tests/test_ncsn.py)."""
-    w, mu = torch.tensor(weights, dtype=torch.float64), torch.as_tensor(means, dtype=torch.float64)
-    s2, d = torch.tensor(stds, dtype=torch.float64) ** 2, mu.shape[1]
+    """Exact score of sum_k w_k N(mu_k, s_k^2 I) perturbed by N(0, sigma^2 I) (as in tests/test_ncsn.py), on DEVICE."""
+    w, mu = torch.tensor(weights, dtype=F64, device=DEVICE), torch.as_tensor(means, dtype=F64).to(DEVICE)
+    s2, d = torch.tensor(stds, dtype=F64, device=DEVICE) ** 2, mu.shape[1]
 
     def model(x, sigma):
-        shape, x = x.shape, x.flatten(1).double()
-        v = s2[None] + sigma.double()[:, None] ** 2
+        shape, x = x.shape, x.flatten(1).to(F64)
+        v = s2[None] + sigma.to(F64)[:, None] ** 2
         # |x - mu|^2 without forming (B, K, d): |x|^2 - 2 x.mu + |mu|^2
         d2 = x.pow(2).sum(1, keepdim=True) - 2 * x @ mu.T + mu.pow(2).sum(1)[None]
         r = torch.softmax(w.log()[None] - 0.5 * d2 / v - 0.5 * d * v.log(), 1)  # (B, K)
@@ -61,27 +67,27 @@ def fig3_table(quick):
     print("\n2. Fig. 3 of the 2019 paper, exact scores, 2,000 samples from U[-8, 8]^2: weight of the (5,5) mode (true 0.8)")
     score = mixture_score([0.2, 0.8], [[-5.0, -5.0], [5.0, 5.0]], [1.0, 1.0])
     n = ncsn.NCSN(10.0, 0.1, 10)
-    x0 = torch.rand(2000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 16 - 8
+    x0 = (torch.rand(2000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 16 - 8).to(DEVICE)
     for T, eps in ((100, 1e-4), (100, 5e-4), (100, 2e-3), (100, 1e-2)) + (() if quick else ((300, 2e-3), (30, 2e-3))):
         t = time.time()
-        x = n.sample(score, x0.shape, T, eps, generator=torch.Generator().manual_seed(1), x=x0.float())
+        x = n.sample(score, x0.shape, T, eps, generator=gen(1), x=x0.float())
         print(f"   annealed  T={T:4d} eps={eps:<7g}: weight {(x.sum(1) > 0).float().mean():.3f}   ({time.time() - t:.1f} s)")
     for steps, eps in ((1000, 0.1), (10000, 0.1)) if not quick else ((1000, 0.1),):
         t = time.time()
-        x = n.langevin(score, x0.shape, 0.1, steps, eps, generator=torch.Generator().manual_seed(1), x=x0.float())
+        x = n.langevin(score, x0.shape, 0.1, steps, eps, generator=gen(1), x=x0.float())
         print(f"   plain     {steps:5d} steps eps={eps:<5g}: weight {(x.sum(1) > 0).float().mean():.3f}   ({time.time() - t:.1f} s)")
 
 
 def digits_exact_score_table(quick):
     print("\n3. Digits, exact score of the 1,500 training images (64-D), sigma 9.6 -> 0.02, L = 22, Technique 4 eps")
     data = load_data("digits").x
-    X = data.flatten(1)
+    X = data.flatten(1).to(DEVICE)
     score = mixture_score([1 / len(X)] * len(X), X, [0.0] * len(X))
     n = ncsn.NCSN(9.6, 0.02, 22)
     for T in (1, 2, 5) if quick else (1, 2, 5, 20):
         eps = ncsn.technique4_step_lr(T, (9.6 / 0.02) ** (1 / 21), 0.02)
         t = time.time()
-        x = n.sample(score, (200, 1, 8, 8), T, eps, generator=torch.Generator().manual_seed(0))
+        x = n.sample(score, (200, 1, 8, 8), T, eps, generator=gen(0), device=DEVICE)
         nn = torch.cdist(x.flatten(1), X).min(1)
         print(f"   T={T:3d} eps={eps:.3g}: nearest-training-image distance median {nn.values.median():.3f} "
               f"(sigma_L sqrt(D) = 0.16), {len(set(nn.indices.tolist()))} distinct images of 200   ({time.time() - t:.1f} s)")
