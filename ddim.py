@@ -49,6 +49,10 @@ is built once as an explicit list of (t, t_prev) index pairs that ends with t_pr
 step of every sampler lands on alpha = 1 and returns the predicted x_0 with no noise added.
 
 Data range: x in [-1, 1] (common.py maps the data there before any noise is added).
+
+Devices: the rule of the "Running it" block below. Here the float64 schedule stays on the CPU: the samplers
+read their coefficients from it as Python floats, and the training loss uses float32 copies cached on the
+device (DDIM.table); slerp works in float64 on the device, float32 on MPS (which has no float64).
 """
 import argparse
 import contextlib
@@ -98,7 +102,7 @@ class Config:
     sample_every: int = 500       # steps between sample grids from fixed noise (S, eta, skip, grid as below)
     log_every: int = 100          # steps between progress lines
     out: str = "runs/ddim"        # folder for ckpt.pt and the PNGs
-    seed: int = 0                 # seeds the one global torch RNG (training) and the sampling generator
+    seed: int = 0                 # seeds the global torch RNGs (training) and the sampling generator
     device: str = "auto"          # auto = cuda -> mps -> cpu
     precision: str = "auto"       # auto = tf32 on CUDA, fp32 elsewhere; fp32 | tf32 | bf16 (autocast; not the papers')
     compile: bool = False         # torch.compile the network (--compile; a one-line message where unsupported)

@@ -665,6 +665,41 @@ def test_resume_is_exact(tmp_path, capsys, device):
                    "schedule")
 
 
+def test_deterministic_resume_is_bitwise(tmp_path, capsys, monkeypatch, device):
+    """Issue 14: with --deterministic (deterministic kernels, cuDNN flags, the cuBLAS workspace variable) 2 steps +
+    --resume to 4 equal 4 straight bitwise on every device, a GPU included (test_resume_is_exact allows float
+    tolerance there). On a GPU in subprocesses (the switch is process-wide and must come before cuBLAS starts);
+    on the CPU in-process, the switch undone afterwards."""
+    args = ["--train", "--batch-size", "8", "--ckpt-every", "100", "--sample-every", "1000", "--log-every", "2",
+            "--warmup", "4", "--sample-steps", "2", "--deterministic", *on(device)]
+    a, b = tmp_path / "a", tmp_path / "b"
+    if device.type == "cpu":
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # restored after the test, as the flags below
+        flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, \
+            torch.backends.cudnn.deterministic
+        try:
+            for n, o, extra in (("4", a, []), ("2", b, []), ("4", b, ["--resume"])):
+                r = main_inproc(capsys, *args, "--steps", n, "--out", str(o), *extra)
+                assert r.returncode == 0, r.stderr
+        finally:
+            torch.use_deterministic_algorithms(flags[0])
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags[1:]
+    else:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "ddim.py"), *args, "--steps", n, "--out",
+                                   str(o)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for n, o in (("4", a), ("2", b))]
+        for p in procs:
+            assert p.wait(timeout=240) == 0, p.communicate()[1]
+        r = run(*args, "--steps", "4", "--out", str(b), "--resume", cwd=tmp_path)
+        assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    ca, cb = (torch.load(p / "ckpt.pt", weights_only=True) for p in (a, b))
+    assert ca["config"]["deterministic"] and ca["step"] == cb["step"] == 4
+    for key in ("model", "ema"):
+        for k in ca[key]:
+            assert torch.equal(ca[key][k], cb[key][k]), (key, k)
+
+
 def wait_for_checkpoint(path, proc, timeout=120):
     t0 = time.time()
     while not os.path.exists(path):
