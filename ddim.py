@@ -13,6 +13,7 @@ Commands (run from the repository root):
     python ddim.py --encode --ckpt runs/ddim/ckpt.pt --steps 100      # x_0 -> x_T -> x_0, prints Table-2 error
     python ddim.py --interpolate --ckpt runs/ddim/ckpt.pt --steps 50  # slerp between two latents x_T
     python ddim.py --train --resume                                   # finish an interrupted run exactly
+    python ddim.py --train --device cuda --precision bf16 --compile   # on a GPU: bf16 autocast + torch.compile
 With --sample / --encode / --interpolate, --steps is the length S of the sampling sub-sequence tau
 (same as --sample-steps); with --train it is the total number of optimisation steps.
 
@@ -48,6 +49,10 @@ is built once as an explicit list of (t, t_prev) index pairs that ends with t_pr
 step of every sampler lands on alpha = 1 and returns the predicted x_0 with no noise added.
 
 Data range: x in [-1, 1] (common.py maps the data there before any noise is added).
+
+Devices: the rule of the "Running it" block below. Here the float64 schedule stays on the CPU: the samplers
+read their coefficients from it as Python floats, and the training loss uses float32 copies cached on the
+device (DDIM.table); slerp works in float64 on the device, float32 on MPS (which has no float64).
 """
 import argparse
 import contextlib
@@ -82,18 +87,26 @@ class Config:
     beta_1: float = 1e-4          # DDPM Sec. 4: beta_1 = 1e-4
     beta_T: float = 0.02          # DDPM Sec. 4: beta_T = 0.02
     steps: int = 2000             # total optimisation steps of --train (paper: DDPM's 800k on CIFAR-10)
-    batch_size: int = 128         # paper (DDPM App. B): 128
-    lr: float = 1e-3              # paper (DDPM App. B): Adam 2e-4 (raised for the short CPU run)
-    warmup: int = 100             # paper (DDPM App. B): 5000 warm-up steps (CPU default shortened)
-    grad_clip: float = 1.0        # paper (DDPM App. B): 1.0
-    ema_decay: float = 0.995      # paper (DDPM App. B): 0.9999 (shortened: 2000 steps cannot average over 10k)
-    t_sampling: str = "iid"       # training t per minibatch: "iid" (DDPM Alg. 1) or "low_discrepancy" (VDM App. I.1)
+    batch_size: int = 128         # paper (DDPM App. B): 128; official DDIM configs: 128
+    lr: float = 1e-3              # paper (DDPM App. B): Adam 2e-4, as the official DDIM configs (raised for CPU)
+    warmup: int = 100             # not in either paper: DDPM's official code (run_cifar.py) warms up over 5000
+                                  # steps; the official DDIM code has no warm-up (CPU default shortened)
+    grad_clip: float = 1.0        # not in either paper: the official codes' 1.0 (DDPM run_cifar.py, DDIM configs
+                                  # optim.grad_clip). DDPM's loss is a per-pixel mean, as here; DDIM's official
+                                  # loss sums over pixels (3072x larger on CIFAR-10), so the same 1.0 clips harder
+    ema_decay: float = 0.995      # paper (DDPM App. B): 0.9999, as the official DDIM configs (shortened: 2000
+                                  # steps cannot average over 10k)
+    t_sampling: str = "iid"       # training t per minibatch: "iid" (DDPM Alg. 1) or "low_discrepancy" (VDM App. I.1);
+                                  # the official DDIM code draws t antithetically (half t, half T - 1 - t)
     ckpt_every: int = 500         # steps between checkpoints
     sample_every: int = 500       # steps between sample grids from fixed noise (S, eta, skip, grid as below)
     log_every: int = 100          # steps between progress lines
     out: str = "runs/ddim"        # folder for ckpt.pt and the PNGs
-    seed: int = 0                 # seeds the one global torch RNG (training) and the sampling generator
+    seed: int = 0                 # seeds the global torch RNGs (training) and the sampling generator
     device: str = "auto"          # auto = cuda -> mps -> cpu
+    precision: str = "auto"       # auto = tf32 on CUDA, fp32 elsewhere; fp32 | tf32 | bf16 (autocast; not the papers')
+    compile: bool = False         # torch.compile the network (--compile; a one-line message where unsupported)
+    deterministic: bool = False   # deterministic kernels (--deterministic): a CUDA run and its resume repeat bitwise
     ckpt: str = ""                # checkpoint to sample from (--sample / --encode / --interpolate)
     sample_steps: int = 50        # S = dim(tau); Table 1 uses S in {10, 20, 50, 100, 1000}
     eta: float = 0.0              # Eq. 16: 0 = DDIM (deterministic), 1 = DDPM-like
@@ -101,8 +114,10 @@ class Config:
     skip: str = "uniform"         # App. D.2: "uniform" tau_i ~ i (default), "quad" tau_i ~ i^2 (CIFAR-10)
     grid: str = "leading"         # "leading" = official range(0, T, T//S); "trailing" starts at t = T (Lin et al. 2024)
     clip_denoised: str = "auto"   # clamp x0_hat to [-1, 1] when sampling: auto = on for images, off for 2-D toys.
-                                  # The official DDIM code does not clip; ddpm.py (as DDPM's code) does. Short
-                                  # CPU runs need it: unclipped 50-step samples of a 500-step model diverge.
+                                  # The paper does not clip, nor does the official DDIM code's eta sampler
+                                  # (generalized_steps); its sigma-hat sampler (ddpm_steps) does, as DDPM's code
+                                  # and ddpm.py do. Short CPU runs need it: unclipped 50-step samples of a
+                                  # 500-step model diverge.
     n_samples: int = 64           # images written by --sample (and used by --encode / --interpolate)
     n_interp: int = 9             # points on each interpolation strip (Fig. 6 of the paper shows 11)
 
@@ -271,14 +286,23 @@ def make_beta(schedule, T, beta_1, beta_T):
 
 
 def extract(a, i, x):
-    """a[i] for a batch of indices i (B,), shaped (B, 1, ..., 1) to broadcast against x."""
-    return a.to(x.device)[i].to(x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+    """a[i] for a batch of indices i (B,) on x's device, shaped (B, 1, ..., 1) to broadcast against x.
+
+    a must already be on x's device in x's dtype (DDIM.table gives such a copy): nothing moves per step."""
+    return a[i].reshape(-1, *[1] * (x.dim() - 1))
+
+
+def wide_float(device):
+    """The widest float a device has: float64, except on MPS (no float64 there) float32."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def low_discrepancy_uniform(B, device="cpu"):
     """Kingma et al. (2021, VDM) App. I.1: u_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1) from the global
-    RNG: exactly one u_i in each interval [k/B, (k+1)/B), each u_i alone uniform (so every loss stays unbiased)."""
-    return ((torch.rand((), dtype=torch.float64) + torch.arange(B, dtype=torch.float64) / B) % 1).to(device)
+    RNG: exactly one u_i in each interval [k/B, (k+1)/B), each u_i alone uniform (so every loss stays unbiased).
+    Drawn on `device` (its global RNG, saved in checkpoints), in float64 (float32 on MPS)."""
+    f = wide_float(device)
+    return (torch.rand((), dtype=f, device=device) + torch.arange(B, dtype=f, device=device) / B) % 1
 
 
 class DDIM:
@@ -288,11 +312,25 @@ class DDIM:
         if t_sampling not in ("iid", "low_discrepancy"):
             raise ValueError(f"unknown t_sampling {t_sampling!r}; choose iid or low_discrepancy")
         self.T, self.t_sampling = T, t_sampling
-        self.beta = make_beta(schedule, T, beta_1, beta_T)       # (T,) float64
+        self.beta = make_beta(schedule, T, beta_1, beta_T)       # (T,) float64, on the CPU (the masters)
         self.alpha_bar = torch.cumprod(1 - self.beta, dim=0)     # (T,) DDIM's alpha_t = DDPM's alpha-bar_t
+        self.sqrt_alpha_bar = self.alpha_bar.sqrt()              # (T,) the two coefficients of Eq. 4
+        self.sqrt_one_minus_alpha_bar = (1 - self.alpha_bar).sqrt()
+        self.copies = {}                                         # (name, device, dtype) -> cached device copy
+
+    def table(self, name, x):
+        """The float64 CPU table self.<name> in x's dtype on x's device: cast on the CPU before it moves (MPS has
+        no float64), moved once and cached, so no training or sampling step copies it again."""
+        key = (name, x.device, x.dtype)
+        if key not in self.copies:
+            self.copies[key] = getattr(self, name).to(x.dtype).to(x.device)
+        return self.copies[key]
 
     def a(self, i):
-        """DDIM's alpha at tensor index i as a float64 number; alpha at index -1 ("alpha_0 := 1") is 1."""
+        """DDIM's alpha at tensor index i as a float64 number; alpha at index -1 ("alpha_0 := 1") is 1.
+
+        The samplers' grids are Python ints and their coefficients Python floats read from the CPU table:
+        a sampling step never waits on the device for them."""
         return 1.0 if i < 0 else float(self.alpha_bar[i])
 
     # -------------------------------------------------------------------------
@@ -300,7 +338,8 @@ class DDIM:
 
     def q_sample(self, x0, i, eps):
         """Eq. 4 of Song et al. (2021): x_t = sqrt(alpha_t) x_0 + sqrt(1 - alpha_t) eps, t = i + 1."""
-        return extract(self.alpha_bar.sqrt(), i, x0) * x0 + extract((1 - self.alpha_bar).sqrt(), i, x0) * eps
+        return (extract(self.table("sqrt_alpha_bar", x0), i, x0) * x0
+                + extract(self.table("sqrt_one_minus_alpha_bar", x0), i, x0) * eps)
 
     def sample_t(self, B, device):
         """Training indices (B,): i.i.d. uniform on {0..T-1}, or low-discrepancy (Kingma et al. 2021, App. I.1):
@@ -308,7 +347,7 @@ class DDIM:
         each still uniform on {0..T-1}, so L_simple stays unbiased with less minibatch-to-minibatch variance."""
         if self.t_sampling == "iid":
             return torch.randint(self.T, (B,), device=device)
-        return (low_discrepancy_uniform(B) * self.T).long().clamp(max=self.T - 1).to(device)
+        return (low_discrepancy_uniform(B, device) * self.T).long().clamp(max=self.T - 1)
 
     def loss(self, model, x0):
         """Eq. 5 of Song et al. (2021) with gamma = 1, i.e. DDPM's L_simple: E || eps - eps_theta(x_t, t) ||^2.
@@ -378,7 +417,8 @@ class DDIM:
 
         It is larger than sigma(eta = 1) and cannot go into Eq. 12 as it stands: 1 - a_prev - sigma-hat^2 is
         negative wherever a_prev^2 > a_t. The official code (ddpm_steps, sample type "ddpm_noisy") keeps the
-        eta = 1 mean -- DDPM's posterior mean on tau -- and only swaps the noise; `step(hat=True)` does the same.
+        eta = 1 mean -- DDPM's posterior mean on tau -- and only swaps the noise; `step(hat=True)` does the same
+        (ddpm_steps also always clamps x0_hat to [-1, 1]: here that is `clip`).
         """
         return math.sqrt(1 - self.a(t) / self.a(t_prev)) if t_prev >= 0 else 0.0
 
@@ -394,8 +434,8 @@ class DDIM:
         With eta = 0 and the two indices swapped, the same line is one step of the encoder (Eq. 13 run
         from t_prev up to t): that is how `encode` uses it.
         clip=True clamps x0_hat to the data range [-1, 1] and re-derives eps from it, so that
-        x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) eps still holds (not in the paper or its official code;
-        DDPM's official sampler clips the same way; see Config.clip_denoised).
+        x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) eps still holds (not in the paper; the official code clips only
+        in its sigma-hat sampler, as DDPM's official sampler does; see Config.clip_denoised).
         hat=True: the eta = 1 mean with sigma-hat noise instead (Table 1's last row; see sigma_hat).
         """
         a_prev = self.a(t_prev)
@@ -477,8 +517,10 @@ def slerp(x0, x1, lam):
     """App. D.5, Eq. 67 of Song et al. (2021): spherical interpolation (Shoemake 1985), per batch element.
 
     theta = arccos(<x0, x1> / (|x0| |x1|)),  x = sin((1 - lam) theta)/sin(theta) x0 + sin(lam theta)/sin(theta) x1.
+    Computed on the latents' device in float64 (float32 on MPS, which has no float64).
     """
-    a, b = x0.flatten(1).double(), x1.flatten(1).double()
+    f = wide_float(x0.device)
+    a, b = x0.flatten(1).to(f), x1.flatten(1).to(f)
     cos = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).clamp(-1, 1)
     theta = torch.acos(cos)[:, None]                               # (B, 1)
     sin = torch.sin(theta).clamp(min=1e-12)                        # parallel latents: fall back to a lerp below
@@ -519,8 +561,16 @@ def save_samples(x, path, dataset):
         save_grid(x, path)
 
 
-def finite(module):
-    return all(torch.isfinite(p).all() for p in module.parameters())
+def finite(*modules):
+    """True when every parameter of the modules is finite: one host sync for all of them (checkpoint steps only)."""
+    return bool(torch.stack([torch.isfinite(p).all() for m in modules for p in m.parameters()]).all())
+
+
+def resolve_precision(precision, device):
+    """Config.precision: auto = tf32 on CUDA (TensorFloat-32 matmuls and convolutions), fp32 elsewhere."""
+    if precision == "auto":
+        return "tf32" if device.type == "cuda" else "fp32"
+    return precision
 
 
 MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T")  # fields --resume checks
@@ -528,9 +578,11 @@ MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta
 
 def train(cfg):
     device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)  # one global RNG drives data order, t, noise and dropout
+    autocast = setup_precision(device, resolve_precision(cfg.precision, device), cfg.deterministic)
+    torch.manual_seed(cfg.seed)  # the global RNGs (CPU, and the device's) drive data order, t, noise and dropout
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
     data_shape = list(data.x.shape[1:])
+    data_x = data.x.to(device)  # the training set lives on the device: minibatches are gathered there
     diffusion = DDIM(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T, cfg.t_sampling)
     model = make_model(cfg.dataset, data_shape, cfg.model).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)  # EMA of parameters only (the nets have no buffers)
@@ -539,7 +591,7 @@ def train(cfg):
     if getattr(cfg, "resume", False):
         ckpt = load_checkpoint(path)
         old = ckpt.get("config", {})
-        for k in MUST_MATCH:
+        for k in MUST_MATCH:  # precision, compile, deterministic and device are runtime settings: free to change
             if old.get(k) != getattr(cfg, k):
                 raise DataError(f"{path}: checkpoint has {k}={old.get(k)!r}, this run {k}={getattr(cfg, k)!r}")
         try:
@@ -549,46 +601,57 @@ def train(cfg):
         except (KeyError, RuntimeError, ValueError) as e:
             raise DataError(f"{path}: weights do not fit this network ({type(e).__name__})") from None
         step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        set_rng_state(ckpt["rng"])
         print(f"resumed from {path} at step {step}")
     print(f"ddim: {cfg.dataset} {tuple(data.x.shape)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
           f"parameters, T={cfg.T} {cfg.schedule}, {cfg.steps} steps on {device}")
-    # Fixed noise for the progress grids, from its own generator so the global RNG (and --resume) is untouched.
-    g = torch.Generator().manual_seed(cfg.seed)
-    x_T_fixed = torch.randn((64, *data_shape), generator=g).to(device)
+    eps_model = network(model, autocast, cfg.compile)  # what the loss calls: eps_theta in autocast, float32 out
+    eps_ema = network(ema, autocast, cfg.compile)      # what the sample grids call
+    # Fixed noise for the progress grids, from its own generator so the global RNGs (and --resume) are untouched.
+    g = make_generator(cfg.seed, device)
+    x_T_fixed = torch.randn((64, *data_shape), generator=g, device=device)
+    # The loss is summed on the device and read only at log and checkpoint steps (no per-step host sync);
+    # a non-finite loss is caught there, naming the steps since the last check, before any checkpoint is written.
+    loss_sum, n_sum, checked = torch.zeros((), device=device), 0, step
     stop, t0, step0 = StopFlag(), time.time(), step
     while step < cfg.steps and not stop.set:
         model.train()
-        x0 = data.x[torch.randint(len(data.x), (cfg.batch_size,))].to(device)  # i.i.d. minibatch: exact resume
+        x0 = data_x[torch.randint(len(data_x), (cfg.batch_size,), device=device)]  # i.i.d. minibatch: exact resume
         if data.flip:
             flip = torch.rand(len(x0), device=device) < 0.5  # random horizontal flips (DDPM App. B, CIFAR-10)
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        loss = diffusion.loss(model, x0)
-        if not torch.isfinite(loss):
-            raise DataError(f"non-finite loss at step {step + 1}; last good checkpoint kept in {path}")
+        loss = diffusion.loss(eps_model, x0)
         for grp in opt.param_groups:
             grp["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)  # linear warm-up
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - cfg.ema_decay)
+        ema_update(ema, model, cfg.ema_decay)
+        loss_sum += loss.detach()
+        n_sum += 1
         step += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        log = step % cfg.log_every == 0 or step == cfg.steps
+        save = step % cfg.ckpt_every == 0 or step == cfg.steps or stop.set
+        if log or save:  # the one host sync of these steps
+            mean_loss = loss_sum.item() / n_sum
+            if not math.isfinite(mean_loss):
+                raise DataError(f"non-finite loss in steps {checked + 1}-{step}; last good checkpoint kept in {path}")
+            checked = step
+        if log:
             rate = (step - step0) / (time.time() - t0)
-            print(f"step {step}/{cfg.steps}  loss {loss.item():.4f}  {rate:.2f} it/s  "
+            print(f"step {step}/{cfg.steps}  loss {mean_loss:.4f}  {rate:.2f} it/s  "
                   f"ETA {(cfg.steps - step) / rate / 60:.1f} min", flush=True)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop.set:
-            if not (finite(model) and finite(ema)):  # never overwrite a good checkpoint with NaN weights
+            loss_sum, n_sum = torch.zeros((), device=device), 0
+        if save:
+            if not finite(model, ema):  # never overwrite a good checkpoint with NaN weights
                 raise DataError(f"non-finite weights at step {step}; last good checkpoint kept in {path}")
             save_checkpoint(path, {"script": SCRIPT, "config": {**dataclasses.asdict(cfg), "data_shape": data_shape},
                                    "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                                   "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state()}})
+                                   "optimizer": opt.state_dict(), "rng": rng_state()})
         if step % cfg.sample_every == 0 or step == cfg.steps:
             ema.eval()
-            x = diffusion.sample(ema, None, cfg.sample_steps, cfg.eta, cfg.skip, g, cfg.grid, x_T=x_T_fixed,
+            x = diffusion.sample(eps_ema, None, cfg.sample_steps, cfg.eta, cfg.skip, g, cfg.grid, x_T=x_T_fixed,
                                  device=device, clip=clip_for(cfg, cfg.dataset), hat=cfg.sigma == "hat")
             save_samples(x, os.path.join(cfg.out, f"train_{step:06d}.png"), cfg.dataset)
     if stop.set:
@@ -601,7 +664,8 @@ def train(cfg):
 # Sampling, encoding and interpolation from a checkpoint (ddim.py's or ddpm.py's)
 
 def load_for_sampling(cfg):
-    """The EMA network and the DDIM schedule of a ddim.py / ddpm.py checkpoint, on the chosen device."""
+    """The EMA network (as the callable of `network`) and the DDIM schedule of a ddim.py / ddpm.py checkpoint,
+    on the chosen device."""
     ckpt = load_eps_checkpoint(cfg.ckpt)
     c = ckpt["config"]
     try:
@@ -613,8 +677,9 @@ def load_for_sampling(cfg):
                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if not 1 <= cfg.sample_steps <= diffusion.T:
         raise ValueError(f"--steps {cfg.sample_steps}: must be in 1..T={diffusion.T} of this checkpoint")
-    device = pick_device(cfg.device)
-    return net.to(device).eval(), diffusion, {**c, "script": ckpt["script"]}, device
+    device = pick_device(cfg.device)  # precision, compile and device come from this run, not the checkpoint
+    autocast = setup_precision(device, resolve_precision(cfg.precision, device), cfg.deterministic)
+    return network(net.to(device).eval(), autocast, cfg.compile), diffusion, {**c, "script": ckpt["script"]}, device
 
 
 def batched(fn, x, size=256):
@@ -623,7 +688,7 @@ def batched(fn, x, size=256):
 
 def sample_cmd(cfg):
     net, diffusion, c, device = load_for_sampling(cfg)
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    g = make_generator(cfg.seed, device)
     shape = (cfg.n_samples, *c["data_shape"])
     x_T = torch.randn(shape, generator=g, device=device)
     t0 = time.time()
@@ -658,7 +723,7 @@ def encode_cmd(cfg):
 
 def interpolate_cmd(cfg):
     net, diffusion, c, device = load_for_sampling(cfg)
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    g = make_generator(cfg.seed, device)
     rows = min(cfg.n_samples, 8)
     x_T0 = torch.randn((rows, *c["data_shape"]), generator=g, device=device)
     x_T1 = torch.randn((rows, *c["data_shape"]), generator=g, device=device)
@@ -684,7 +749,7 @@ class Parser(argparse.ArgumentParser):
 
 CHOICES = {"schedule": ("linear", "cosine"), "skip": ("uniform", "quad"), "grid": ("leading", "trailing"),
            "t_sampling": ("iid", "low_discrepancy"), "clip_denoised": ("auto", "on", "off"), "sigma": ("eta", "hat"),
-           "model": tuple(PRESETS)}
+           "precision": ("auto", "fp32", "tf32", "bf16"), "model": tuple(PRESETS)}
 
 
 def validate(cfg, mode):
@@ -724,6 +789,9 @@ def main(argv=None):
         modes.add_argument("--" + m, action="store_true")
     p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt exactly (with --train)")
     for f in dataclasses.fields(Config):
+        if isinstance(f.default, bool):  # --compile, --deterministic: switches, off by default
+            p.add_argument("--" + f.name.replace("_", "-"), action="store_true")
+            continue
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
                        default=None if f.name == "steps" else f.default, choices=CHOICES.get(f.name))
     args = p.parse_args(argv)

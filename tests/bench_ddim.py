@@ -2,6 +2,7 @@
 
     python tests/bench_ddim.py                                  # 2-D toy: trains an MLP (~1-2 min), then the table
     python tests/bench_ddim.py --ckpt runs/ddim/ckpt.pt         # also the digits model of `python ddim.py --train`
+    python tests/bench_ddim.py --device cuda                    # the same on a GPU (sampling there, distances on the CPU)
 
 Song et al. (2021), Table 1 reports CIFAR-10 FID for S in {10, 20, 50, 100, 1000} and eta in {0, 1}.
 We cannot compute FID here (no Inception network, CPU only), so the distance to held-out data is
@@ -53,9 +54,11 @@ def mmd2(x, y):
 
 
 def table(name, net, diffusion, shape, held_out, floor_set, rows=((0.0, "leading"), (1.0, "leading"),
-                                                                  ("hat", "leading"), (0.0, "trailing")), clip=False):
+                                                                  ("hat", "leading"), (0.0, "trailing")), clip=False,
+          device=torch.device("cpu")):
     """Print SW2 / MMD for every (eta, grid) row and S column, with the paper's FIDs beside them.
-    eta "hat" is Table 1's sigma-hat row (`ddim.py --sigma hat`)."""
+    eta "hat" is Table 1's sigma-hat row (`ddim.py --sigma hat`). Sampling runs on `device` (noise from its own
+    generator), the distances on the CPU."""
     flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
     print(f"\n{name}: {shape[0]} samples vs {len(held_out)} held-out; "
           f"floor SW2 {sliced_w2(flat(floor_set), flat(held_out)):.4f}, "
@@ -64,10 +67,10 @@ def table(name, net, diffusion, shape, held_out, floor_set, rows=((0.0, "leading
     for eta, grid in rows:
         cells, secs = [], 0.0
         for S in STEPS:
-            g = torch.Generator().manual_seed(1)
+            g = ddim.make_generator(1, device)
             t0 = time.time()
             x = diffusion.sample(net, shape, steps=S, eta=0.0 if eta == "hat" else eta, generator=g, grid=grid,
-                                 clip=clip, hat=eta == "hat")
+                                 clip=clip, hat=eta == "hat", device=device).cpu()
             secs += time.time() - t0
             cells.append(f"{sliced_w2(flat(x), flat(held_out)):.4f}/{mmd2(flat(x), flat(held_out)):.3f}")
         label = "sigma-hat" if eta == "hat" else f"eta={eta:.0f}"
@@ -82,6 +85,7 @@ def main():
     p.add_argument("--toy", default="moons")
     p.add_argument("--toy-steps", type=int, default=4000)
     p.add_argument("--out", default="runs/bench_ddim")
+    p.add_argument("--device", default="cpu", help="cpu (the README's numbers), cuda, mps or auto")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}, "
@@ -94,28 +98,28 @@ def main():
         try:
             ddim.main(["--train", "--dataset", args.toy, "--steps", str(args.toy_steps), "--batch-size", "256",
                        "--lr", "1e-3", "--log-every", "1000", "--sample-every", str(args.toy_steps),
-                       "--out", args.out])
+                       "--out", args.out, "--device", args.device])
         except SystemExit as e:
             if e.code:
                 raise
         print(f"trained the {args.toy} MLP in {time.time() - t0:.0f} s")
-    cfg = ddim.Config(ckpt=ck)
-    net, diffusion, c, _ = ddim.load_for_sampling(cfg)
+    cfg = ddim.Config(ckpt=ck, device=args.device)
+    net, diffusion, c, device = ddim.load_for_sampling(cfg)
     held = load_data(args.toy, train=False, n_toy=2000, seed=0).x       # held-out split (seed + 1 inside)
     floor = load_data(args.toy, train=False, n_toy=4000, seed=7).x[2000:]  # an independent held-out sample
     with torch.no_grad():
-        table(f"{args.toy} (MLP, T={diffusion.T})", net, diffusion, (2000, 2), held, floor)
+        table(f"{args.toy} (MLP, T={diffusion.T})", net, diffusion, (2000, 2), held, floor, device=device)
 
     # 2. Optionally the digits model of the default run (64-D pixel space).
     if args.ckpt:
-        net, diffusion, c, _ = ddim.load_for_sampling(ddim.Config(ckpt=args.ckpt))
+        net, diffusion, c, device = ddim.load_for_sampling(ddim.Config(ckpt=args.ckpt, device=args.device))
         held = load_data("digits", train=False).x                          # the 297 held-out digits
         floor = load_data("digits", train=True).x[:297]                    # 297 training digits
         with torch.no_grad():
             table(f"digits ({c['script']} checkpoint step {torch.load(args.ckpt, weights_only=True)['step']})",
                   net, diffusion, (297, 1, 8, 8), held, floor,
                   rows=((0.0, "leading"), (1.0, "leading"), ("hat", "leading")),
-                  clip=True)  # as the CLI samples images (clip_denoised=auto)
+                  clip=True, device=device)  # as the CLI samples images (clip_denoised=auto)
 
 
 if __name__ == "__main__":
