@@ -223,8 +223,11 @@ def setup_precision(device, precision, deterministic=False):
     fp32: strict float32. tf32: TensorFloat-32 matmuls and convolutions on CUDA (float32 range, 10-bit
     mantissa inputs, float32 accumulation; elsewhere the same as fp32). bf16: the network runs under bfloat16
     autocast; weights, optimizer, schedules, losses and sampler arithmetic stay float32/float64.
-    deterministic: deterministic kernels (cuDNN and cuBLAS included), so a CUDA run repeats bitwise.
+    auto: tf32 on CUDA, fp32 elsewhere. deterministic: deterministic kernels (cuDNN and cuBLAS included),
+    so that a CUDA run repeats bitwise.
     """
+    if precision == "auto":
+        precision = "tf32" if device.type == "cuda" else "fp32"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = precision in ("tf32", "bf16")
         torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
@@ -240,19 +243,22 @@ def setup_precision(device, precision, deterministic=False):
 def network(net, autocast=contextlib.nullcontext, use_compile=False):
     """The callable that losses and samplers are given: net(x, t) in autocast, output back in float32.
 
-    use_compile=True wraps the network in torch.compile (the parameters stay net's own, so checkpoints and the
-    EMA are unchanged); where torch.compile is unsupported, one line says so and the eager network is used.
+    use_compile=True wraps the network in torch.compile (the parameters stay net's own, so checkpoints and
+    the EMA are unchanged). torch.compile fails lazily, at the first call, where it is unsupported (no compiler
+    toolchain, say): then one line says so and the eager network is used from there on.
     """
-    fn = net
-    if use_compile:
-        try:
-            fn = torch.compile(net)
-        except Exception as e:  # e.g. no compiler toolchain on this platform
-            print(f"{SCRIPT}.py: torch.compile unavailable ({type(e).__name__}); running eagerly", file=sys.stderr)
+    fn = [torch.compile(net) if use_compile else net]
 
     def call(x, t):
         with autocast():
-            return fn(x, t).float()
+            if fn[0] is net:
+                return net(x, t).float()
+            try:
+                return fn[0](x, t).float()
+            except Exception as e:
+                print(f"{SCRIPT}.py: torch.compile failed ({type(e).__name__}); running eagerly", file=sys.stderr)
+                fn[0] = net
+                return net(x, t).float()
     return call
 
 
