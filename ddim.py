@@ -68,7 +68,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import MLP, PRESETS, TOYS, DataError, UNet, load_data, save_grid, save_npz, save_scatter
+from common import (MLP, PRESETS, TOYS, DataError, UNet, load_data, load_pretrained, save_grid, save_npz,
+                    save_scatter)
 
 SCRIPT = "ddim"  # the name written into every checkpoint
 EPS_SCRIPTS = ("ddim", "ddpm")  # checkpoints holding the same eps-network and schedule: both can be sampled
@@ -669,18 +670,30 @@ def train(cfg):
 # -----------------------------------------------------------------------------
 # Sampling, encoding and interpolation from a checkpoint (ddim.py's or ddpm.py's)
 
+def is_pretrained(path):
+    """A released model in diffusers' format (a folder, or a .safetensors / .bin weight file), not our checkpoint."""
+    return os.path.isdir(path) or path.endswith((".safetensors", ".bin"))
+
+
 def load_for_sampling(cfg):
-    """The EMA network (as the callable of `network`) and the DDIM schedule of a ddim.py / ddpm.py checkpoint,
-    on the chosen device."""
-    ckpt = load_eps_checkpoint(cfg.ckpt)
-    c = ckpt["config"]
-    try:
-        diffusion = DDIM(int(c["T"]), c["schedule"], float(c["beta_1"]), float(c["beta_T"]))
-        net = make_model(c["dataset"], c["data_shape"], c.get("model", "tiny"))
-        net.load_state_dict(ckpt["ema"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise DataError(f"{cfg.ckpt}: {ckpt['script']} checkpoint that this script cannot rebuild "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    """The EMA network (as the callable of `network`) and the DDIM schedule of a ddim.py / ddpm.py checkpoint, or
+    of a released DDPM model in diffusers' format (common.load_pretrained), on the chosen device."""
+    if is_pretrained(cfg.ckpt):  # a released DDPM model (diffusers files): the schedule of its scheduler config
+        net, info = load_pretrained(cfg.ckpt)
+        s = info["schedule"]
+        diffusion = DDIM(s["T"], s["schedule"], s["beta_1"], s["beta_T"])
+        c = {"dataset": "pretrained", "data_shape": info["data_shape"]}
+        ckpt = {"script": "pretrained"}
+    else:
+        ckpt = load_eps_checkpoint(cfg.ckpt)
+        c = ckpt["config"]
+        try:
+            diffusion = DDIM(int(c["T"]), c["schedule"], float(c["beta_1"]), float(c["beta_T"]))
+            net = make_model(c["dataset"], c["data_shape"], c.get("model", "tiny"))
+            net.load_state_dict(ckpt["ema"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise DataError(f"{cfg.ckpt}: {ckpt['script']} checkpoint that this script cannot rebuild "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if not 1 <= cfg.sample_steps <= diffusion.T:
         raise ValueError(f"--steps {cfg.sample_steps}: must be in 1..T={diffusion.T} of this checkpoint")
     device = pick_device(cfg.device)  # precision, compile and device come from this run, not the checkpoint
