@@ -242,6 +242,103 @@ def ema_update(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
+# Several processes (torchrun). Plain `python script.py` is one process with no distributed setup at all.
+# --batch-size is the global batch. Every rank draws the whole global batch's randomness (example indices,
+# t, noise, flips) from one data generator seeded alike on every rank, in the order one process would, and
+# keeps its own slice (rank_slice); gradients are averaged over the ranks (average_gradients). An N-process
+# run so computes the 1-process run's gradients, up to the order of the float reduction. Dropout draws from
+# each rank's own global RNG (seeded seed + rank), so with dropout on, N-process runs are equal to the
+# 1-process run in distribution only. Rank 0 alone writes checkpoints, images and progress lines.
+
+def setup_distributed(device):
+    """(rank, world, device): under torchrun join the process group (NCCL on CUDA, one GPU per local rank; gloo
+    on the CPU); without torchrun (0, 1, device) and nothing is set up."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def rank_slice(n, rank, world):
+    """This rank's contiguous share of a global batch of n examples (n must be a multiple of world)."""
+    if n % world:
+        raise ValueError(f"--batch-size {n} must be a multiple of the number of processes ({world})")
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
+def average_gradients(model, world):
+    """Mean of every parameter's gradient over the ranks (each rank's loss is the mean over its equal slice, so
+    the mean of the ranks' gradients is the gradient of the global batch's mean loss); one all-reduce."""
+    if world == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+def mean_over_ranks(x, world):
+    """The mean of tensor x over the ranks (the same value on every rank)."""
+    if world > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        x /= world
+    return x
+
+
+def any_rank(flag, world, device):
+    """True on every rank once flag is True on any rank: a stop signal must stop all ranks at the same step
+    (under torchrun this is one tiny all-reduce, and one host sync, per step)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj, world):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects: CPU tensors, arrays, dicts)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def rng_checkpoint(data_gen, world):
+    """The "rng" entry of a checkpoint: the data generator's state (alike on every rank) and every rank's own
+    global RNG streams (rng_state), so that a resume with the same number of processes continues each exactly."""
+    return {"data": data_gen.get_state(), "ranks": gather_objects(rng_state(), world)}
+
+
+def restore_rng(state, data_gen, rank):
+    """Undo rng_checkpoint on this rank (a rank beyond the saved ones takes rank 0's streams)."""
+    data_gen.set_state(state["data"])
+    set_rng_state(state["ranks"][rank if rank < len(state["ranks"]) else 0])
+
+
+def my_chunks(n, size, rank, world):
+    """(start, count) of the chunks of n samples, size at a time, that this rank makes: chunk k goes to rank
+    k % world. Chunk k draws from chunk_generator(seed, start), so the samples do not depend on the ranks."""
+    return [(s, min(size, n - s)) for k, s in enumerate(range(0, n, size)) if k % world == rank]
+
+
+def chunk_generator(seed, start, device):
+    """The generator of the chunk of samples that begins at sample index start: derived from --seed and start."""
+    return make_generator(seed * 2 ** 32 + start, device)
+
+
+def gather_chunks(chunks, world):
+    """Every rank's [(start, CPU tensor), ...] -> one tensor in sample order (on every rank)."""
+    parts = sorted((p for rank_parts in gather_objects(chunks, world) for p in rank_parts), key=lambda p: p[0])
+    return torch.cat([x for _, x in parts])
+
+
 class StopFlag:
     """Ctrl-C and SIGTERM set a flag; the loop checks it between steps, saves, and exits cleanly."""
 
