@@ -14,8 +14,14 @@ Commands (run from the repository root):
     python ddim.py --interpolate --ckpt runs/ddim/ckpt.pt --steps 50  # slerp between two latents x_T
     python ddim.py --train --resume                                   # finish an interrupted run exactly
     python ddim.py --train --device cuda --precision bf16 --compile   # on a GPU: bf16 autocast + torch.compile
+    torchrun --nproc_per_node=8 ddim.py --train --device cuda        # 8 GPUs; --batch-size stays the global batch
+    torchrun --nproc_per_node=8 ddim.py --sample --ckpt runs/ddim/ckpt.pt --n-samples 50000   # samples split over 8
 With --sample / --encode / --interpolate, --steps is the length S of the sampling sub-sequence tau
 (same as --sample-steps); with --train it is the total number of optimisation steps.
+Under torchrun (one process per GPU, NCCL; gloo on the CPU) a run equals the 1-process run with the same global
+batch, up to float reduction order and per-rank dropout (see "Several processes" below); --sample gives the same
+samples for any number of processes; --encode / --interpolate run on rank 0 alone. Multi-node (torchrun's --nnodes
+and rendezvous flags) is untested.
 
 Map (paper -> code):
     Eq. 4  q(x_t | x_0) = N(sqrt(alpha_t) x_0, (1 - alpha_t) I)    -> DDIM.q_sample
@@ -88,7 +94,8 @@ class Config:
     beta_1: float = 1e-4          # DDPM Sec. 4: beta_1 = 1e-4
     beta_T: float = 0.02          # DDPM Sec. 4: beta_T = 0.02
     steps: int = 2000             # total optimisation steps of --train (paper: DDPM's 800k on CIFAR-10)
-    batch_size: int = 128         # paper (DDPM App. B): 128; official DDIM configs: 128
+    batch_size: int = 128         # paper (DDPM App. B): 128; official DDIM configs: 128. The global batch (torchrun
+                                  # splits it over the processes); with --sample, the chunk of samples made at once
     lr: float = 1e-3              # paper (DDPM App. B): Adam 2e-4, as the official DDIM configs (raised for CPU)
     warmup: int = 100             # not in either paper: DDPM's official code (run_cifar.py) warms up over 5000
                                   # steps; the official DDIM code has no warm-up (CPU default shortened)
@@ -103,7 +110,8 @@ class Config:
     sample_every: int = 500       # steps between sample grids from fixed noise (S, eta, skip, grid as below)
     log_every: int = 100          # steps between progress lines
     out: str = "runs/ddim"        # folder for ckpt.pt and the PNGs
-    seed: int = 0                 # seeds the global torch RNGs (training) and the sampling generator
+    seed: int = 0                 # seeds the data generator (training: indices, t, noise), the global RNGs
+                                  # (dropout; seed + rank under torchrun) and the sampling generators
     device: str = "auto"          # auto = cuda -> mps -> cpu
     precision: str = "auto"       # auto = tf32 on CUDA, fp32 elsewhere; fp32 | tf32 | bf16 (autocast; not the papers')
     compile: bool = False         # torch.compile the network (--compile; a one-line message where unsupported)
@@ -401,12 +409,14 @@ def wide_float(device):
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
-def low_discrepancy_uniform(B, device="cpu"):
-    """Kingma et al. (2021, VDM) App. I.1: u_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1) from the global
-    RNG: exactly one u_i in each interval [k/B, (k+1)/B), each u_i alone uniform (so every loss stays unbiased).
-    Drawn on `device` (its global RNG, saved in checkpoints), in float64 (float32 on MPS)."""
+def low_discrepancy_uniform(B, device="cpu", generator=None):
+    """Kingma et al. (2021, VDM) App. I.1: u_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1) from `generator`
+    (the global RNG when None): exactly one u_i in each interval [k/B, (k+1)/B), each u_i alone uniform (so every
+    loss stays unbiased). Drawn on `device` (the training loop's data generator, saved in checkpoints), in float64
+    (float32 on MPS)."""
     f = wide_float(device)
-    return (torch.rand((), dtype=f, device=device) + torch.arange(B, dtype=f, device=device) / B) % 1
+    u_0 = torch.rand((), dtype=f, device=device, generator=generator)
+    return (u_0 + torch.arange(B, dtype=f, device=device) / B) % 1
 
 
 class DDIM:
@@ -445,23 +455,27 @@ class DDIM:
         return (extract(self.table("sqrt_alpha_bar", x0), i, x0) * x0
                 + extract(self.table("sqrt_one_minus_alpha_bar", x0), i, x0) * eps)
 
-    def sample_t(self, B, device):
+    def sample_t(self, B, device, generator=None):
         """Training indices (B,): i.i.d. uniform on {0..T-1}, or low-discrepancy (Kingma et al. 2021, App. I.1):
         i = floor(T u_k) with u_k = mod(u_0 + k/B, 1), one u_0 ~ U(0, 1): one index per stratum of T/B steps,
-        each still uniform on {0..T-1}, so L_simple stays unbiased with less minibatch-to-minibatch variance."""
+        each still uniform on {0..T-1}, so L_simple stays unbiased with less minibatch-to-minibatch variance.
+        Drawn from `generator` (the global RNG when None)."""
         if self.t_sampling == "iid":
-            return torch.randint(self.T, (B,), device=device)
-        return (low_discrepancy_uniform(B, device) * self.T).long().clamp(max=self.T - 1)
+            return torch.randint(self.T, (B,), device=device, generator=generator)
+        return (low_discrepancy_uniform(B, device, generator) * self.T).long().clamp(max=self.T - 1)
 
-    def loss(self, model, x0):
+    def loss(self, model, x0, i=None, eps=None):
         """Eq. 5 of Song et al. (2021) with gamma = 1, i.e. DDPM's L_simple: E || eps - eps_theta(x_t, t) ||^2.
 
         Theorem 1: for every sigma > 0 the variational objective J_sigma equals some L_gamma up to a
         constant; since eps_theta^(t) is not shared across t, the optimum of L_1 is optimal for every
         sigma. So the one network trained here (exactly DDPM's training) serves every sampler below.
+        i and eps are drawn here from the global RNG unless given (the training loop draws them for the global batch).
         """
-        i = self.sample_t(len(x0), x0.device)                    # t ~ Uniform{1..T} as index i = t - 1
-        eps = torch.randn_like(x0)                                # the noise the network must recover
+        if i is None:
+            i = self.sample_t(len(x0), x0.device)                # t ~ Uniform{1..T} as index i = t - 1
+        if eps is None:
+            eps = torch.randn_like(x0)                            # the noise the network must recover
         x_t = self.q_sample(x0, i, eps)
         return (eps - model(x_t, i)).pow(2).mean()
 
@@ -681,14 +695,19 @@ MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta
 
 
 def train(cfg):
-    device = pick_device(cfg.device)
+    rank, world, device = setup_distributed(pick_device(cfg.device))  # (0, 1, device) without torchrun
+    B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
     autocast = setup_precision(device, resolve_precision(cfg.precision, device), cfg.deterministic)
-    torch.manual_seed(cfg.seed)  # the global RNGs (CPU, and the device's) drive data order, t, noise and dropout
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
     data_shape = list(data.x.shape[1:])
     data_x = data.x.to(device)  # the training set lives on the device: minibatches are gathered there
     diffusion = DDIM(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T, cfg.t_sampling)
     model = make_model(cfg.dataset, data_shape, cfg.model).to(device)
+    # The data generator, alike on every rank, draws all of the global batch's randomness (indices, flips, t, noise);
+    # the global RNGs, one stream per rank, are left to dropout.
+    data_gen = make_generator(cfg.seed, device)
+    torch.manual_seed(cfg.seed + rank)
     ema = copy.deepcopy(model).requires_grad_(False)  # EMA of parameters only (the nets have no buffers)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     path, step = os.path.join(cfg.out, "ckpt.pt"), 0
@@ -705,63 +724,86 @@ def train(cfg):
         except (KeyError, RuntimeError, ValueError) as e:
             raise DataError(f"{path}: weights do not fit this network ({type(e).__name__})") from None
         step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
-        print(f"resumed from {path} at step {step}")
-    print(f"ddim: {cfg.dataset} {tuple(data.x.shape)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-          f"parameters, T={cfg.T} {cfg.schedule}, {cfg.steps} steps on {device}")
+        if "data" not in ckpt["rng"]:  # written before the data generator existed: its minibatches cannot continue
+            raise DataError(f"{path}: checkpoint without the data generator's state (an older ddim.py); "
+                            "cannot resume it exactly")
+        try:
+            restore_rng(ckpt["rng"], data_gen, rank)
+        except RuntimeError:  # a CUDA generator's state does not fit a CPU one, and vice versa
+            raise DataError(f"{path}: its data generator belongs to another device type; resume on that one") \
+                from None
+        if rank == 0:
+            print(f"resumed from {path} at step {step}")
+    if rank == 0:
+        print(f"ddim: {cfg.dataset} {tuple(data.x.shape)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+              f"parameters, T={cfg.T} {cfg.schedule}, {cfg.steps} steps on {device}"
+              + (f" x {world} processes" if world > 1 else ""))
     eps_model = network(model, autocast, cfg.compile)  # what the loss calls: eps_theta in autocast, float32 out
     eps_ema = network(ema, autocast, cfg.compile)      # what the sample grids call
-    # Fixed noise for the progress grids, from its own generator so the global RNGs (and --resume) are untouched.
+    # Fixed noise for the progress grids, from its own generator so the data generator (and --resume) is untouched.
     g = make_generator(cfg.seed, device)
     x_T_fixed = torch.randn((64, *data_shape), generator=g, device=device)
     # The loss is summed on the device and read only at log and checkpoint steps (no per-step host sync);
     # a non-finite loss is caught there, naming the steps since the last check, before any checkpoint is written.
     loss_sum, n_sum, checked = torch.zeros((), device=device), 0, step
-    stop, t0, step0 = StopFlag(), time.time(), step
-    while step < cfg.steps and not stop.set:
+    stop, stopping, t0, step0 = StopFlag(), False, time.time(), step
+    while step < cfg.steps and not stopping:
         model.train()
-        x0 = data_x[torch.randint(len(data_x), (cfg.batch_size,), device=device)]  # i.i.d. minibatch: exact resume
-        if data.flip:
-            flip = torch.rand(len(x0), device=device) < 0.5  # random horizontal flips (DDPM App. B, CIFAR-10)
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        loss = diffusion.loss(eps_model, x0)
+        # The global batch's randomness, in this order on every rank: i.i.d. example indices, flips, t, noise.
+        idx = torch.randint(len(data_x), (B,), device=device, generator=data_gen)
+        flip = torch.rand(B, device=device, generator=data_gen) < 0.5 if data.flip else None  # DDPM App. B
+        i = diffusion.sample_t(B, device, data_gen)
+        eps = torch.randn((B, *data_shape), device=device, generator=data_gen)
+        # This rank's slice of it.
+        x0 = data_x[idx[part]]
+        if data.flip:  # random horizontal flips (DDPM App. B, CIFAR-10)
+            x0 = torch.where(flip[part, None, None, None], x0.flip(-1), x0)
+        loss = diffusion.loss(eps_model, x0, i[part], eps[part])  # the mean over this rank's slice
         for grp in opt.param_groups:
             grp["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)  # linear warm-up
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(model, world)  # the gradient of the global batch's mean loss, on every rank
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         ema_update(ema, model, cfg.ema_decay)
         loss_sum += loss.detach()
         n_sum += 1
         step += 1
+        stopping = any_rank(stop.set, world, device)  # a signal on any rank stops every rank after this step
         log = step % cfg.log_every == 0 or step == cfg.steps
-        save = step % cfg.ckpt_every == 0 or step == cfg.steps or stop.set
-        if log or save:  # the one host sync of these steps
-            mean_loss = loss_sum.item() / n_sum
+        save = step % cfg.ckpt_every == 0 or step == cfg.steps or stopping
+        if log or save:  # the one host sync of these steps; the same mean (so the same decision) on every rank
+            mean_loss = mean_over_ranks(loss_sum, world).item() / n_sum
             if not math.isfinite(mean_loss):
                 raise DataError(f"non-finite loss in steps {checked + 1}-{step}; last good checkpoint kept in {path}")
             checked = step
-        if log:
+        if log and rank == 0:
             rate = (step - step0) / (time.time() - t0)
             print(f"step {step}/{cfg.steps}  loss {mean_loss:.4f}  {rate:.2f} it/s  "
                   f"ETA {(cfg.steps - step) / rate / 60:.1f} min", flush=True)
+        if log:
             loss_sum, n_sum = torch.zeros((), device=device), 0
         if save:
-            if not finite(model, ema):  # never overwrite a good checkpoint with NaN weights
+            if not finite(model, ema):  # never overwrite a good checkpoint with NaN weights (alike on every rank)
                 raise DataError(f"non-finite weights at step {step}; last good checkpoint kept in {path}")
-            save_checkpoint(path, {"script": SCRIPT, "config": {**dataclasses.asdict(cfg), "data_shape": data_shape},
-                                   "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                                   "optimizer": opt.state_dict(), "rng": rng_state()})
-        if step % cfg.sample_every == 0 or step == cfg.steps:
+            rng = rng_checkpoint(data_gen, world)  # a collective: every rank takes part, rank 0 writes
+            if rank == 0:
+                save_checkpoint(path, {"script": SCRIPT, "step": step,
+                                       "config": {**dataclasses.asdict(cfg), "data_shape": data_shape},
+                                       "model": model.state_dict(), "ema": ema.state_dict(),
+                                       "optimizer": opt.state_dict(), "rng": rng})
+        if (step % cfg.sample_every == 0 or step == cfg.steps) and rank == 0:
             ema.eval()
             x = diffusion.sample(eps_ema, None, cfg.sample_steps, cfg.eta, cfg.skip, g, cfg.grid, x_T=x_T_fixed,
                                  device=device, clip=clip_for(cfg, cfg.dataset), hat=cfg.sigma == "hat")
             save_samples(x, os.path.join(cfg.out, f"train_{step:06d}.png"), cfg.dataset)
-    if stop.set:
-        print(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume", file=sys.stderr)
+    if stopping:
+        if rank == 0:
+            print(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume", file=sys.stderr)
         sys.exit(130)
-    print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {path}")
+    if rank == 0:
+        print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {path}")
 
 
 # -----------------------------------------------------------------------------
@@ -772,9 +814,9 @@ def is_pretrained(path):
     return os.path.isdir(path) or path.endswith((".safetensors", ".bin"))
 
 
-def load_for_sampling(cfg):
+def load_for_sampling(cfg, device=None):
     """The EMA network (as the callable of `network`) and the DDIM schedule of a ddim.py / ddpm.py checkpoint, or
-    of a released DDPM model in diffusers' format (common.load_pretrained), on the chosen device."""
+    of a released DDPM model in diffusers' format (common.load_pretrained), on device (default: --device's)."""
     if is_pretrained(cfg.ckpt):  # a released DDPM model (diffusers files): the schedule of its scheduler config
         net, info = load_pretrained(cfg.ckpt)
         s = info["schedule"]
@@ -793,7 +835,7 @@ def load_for_sampling(cfg):
                             f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if not 1 <= cfg.sample_steps <= diffusion.T:
         raise ValueError(f"--steps {cfg.sample_steps}: must be in 1..T={diffusion.T} of this checkpoint")
-    device = pick_device(cfg.device)  # precision, compile and device come from this run, not the checkpoint
+    device = device or pick_device(cfg.device)  # precision, compile and device come from this run, not the checkpoint
     autocast = setup_precision(device, resolve_precision(cfg.precision, device), cfg.deterministic)
     return network(net.to(device).eval(), autocast, cfg.compile), diffusion, {**c, "script": ckpt["script"]}, device
 
@@ -803,25 +845,36 @@ def batched(fn, x, size=256):
 
 
 def sample_cmd(cfg):
-    net, diffusion, c, device = load_for_sampling(cfg)
-    g = make_generator(cfg.seed, device)
-    shape = (cfg.n_samples, *c["data_shape"])
-    x_T = torch.randn(shape, generator=g, device=device)
+    """--n-samples in chunks of --batch-size, split over the processes (torchrun); chunk k starts at sample index
+    start = k * batch-size and draws x_T and its noise from chunk_generator(seed, start): the samples depend on
+    --seed and --batch-size only, not on the number of processes. Rank 0 writes them."""
+    rank, world, device = setup_distributed(pick_device(cfg.device))  # (0, 1, device) without torchrun
+    net, diffusion, c, device = load_for_sampling(cfg, device)
     t0 = time.time()
-    x = batched(lambda xb: diffusion.sample(net, xb.shape, cfg.sample_steps, cfg.eta, cfg.skip, g, cfg.grid,
-                                            x_T=xb, device=device, clip=clip_for(cfg, c["dataset"]),
-                                            hat=cfg.sigma == "hat"), x_T)
+    chunks = []
+    for start, n in my_chunks(cfg.n_samples, cfg.batch_size, rank, world):
+        g = chunk_generator(cfg.seed, start, device)
+        x = diffusion.sample(net, (n, *c["data_shape"]), cfg.sample_steps, cfg.eta, cfg.skip, g, cfg.grid,
+                             device=device, clip=clip_for(cfg, c["dataset"]), hat=cfg.sigma == "hat")
+        chunks.append((start, x.cpu()))
+    x = gather_chunks(chunks, world)  # (n_samples, ...) in sample order, on the CPU
+    if rank != 0:
+        return
     save_samples(x, os.path.join(cfg.out, "samples.png"), c["dataset"])
     save_npz(x if x.dim() == 4 else x[:, None, None, :], os.path.join(cfg.out, "samples.npz"))
     noise = "sigma-hat" if cfg.sigma == "hat" else f"eta={cfg.eta}"
     print(f"{cfg.n_samples} samples from a {c['dataset']} {c['script']} checkpoint, S={cfg.sample_steps} "
-          f"{noise} {cfg.skip}/{cfg.grid} clip={clip_for(cfg, c['dataset'])} in {time.time() - t0:.1f} s -> "
-          f"{cfg.out}/samples.png, samples.npz")
+          f"{noise} {cfg.skip}/{cfg.grid} clip={clip_for(cfg, c['dataset'])} in {time.time() - t0:.1f} s"
+          + (f" on {world} processes" if world > 1 else "") + f" -> {cfg.out}/samples.png, samples.npz")
 
 
 def encode_cmd(cfg):
-    """Table 2 of the paper on held-out data: encode with S steps, decode with S steps, report the MSE."""
-    net, diffusion, c, device = load_for_sampling(cfg)
+    """Table 2 of the paper on held-out data: encode with S steps, decode with S steps, report the MSE.
+    Under torchrun rank 0 does it all (a few held-out examples); the other ranks exit."""
+    rank, world, device = setup_distributed(pick_device(cfg.device))
+    if rank != 0:
+        return
+    net, diffusion, c, device = load_for_sampling(cfg, device)
     data = load_data(c["dataset"], train=False, image_size=c.get("image_size") or None)
     x0 = data.x[:cfg.n_samples].to(device)
     x_T = batched(lambda xb: diffusion.encode(net, xb, cfg.sample_steps, cfg.skip, cfg.grid), x0)
@@ -838,7 +891,12 @@ def encode_cmd(cfg):
 
 
 def interpolate_cmd(cfg):
-    net, diffusion, c, device = load_for_sampling(cfg)
+    """Sec. 5.3: strips decoded from slerp between pairs of latents x_T. Under torchrun rank 0 does it all (a few
+    strips); the other ranks exit."""
+    rank, world, device = setup_distributed(pick_device(cfg.device))
+    if rank != 0:
+        return
+    net, diffusion, c, device = load_for_sampling(cfg, device)
     g = make_generator(cfg.seed, device)
     rows = min(cfg.n_samples, 8)
     x_T0 = torch.randn((rows, *c["data_shape"]), generator=g, device=device)
@@ -932,6 +990,9 @@ def main(argv=None):
     except (DataError, ValueError) as e:
         print(f"{SCRIPT}.py: error: {e}", file=sys.stderr)  # one line, exit code 2 (argparse's convention)
         sys.exit(2)
+    finally:  # under torchrun: leave the process group before exiting (gloo can abort at exit otherwise)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
