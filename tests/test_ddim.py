@@ -75,8 +75,8 @@ MUTATIONS = [
      "replace": "self.timesteps(steps, skip, grid), eta=1.0, clip=clip)",
      "tests": ["tests/test_ddim.py::test_encode_decode_round_trip_shrinks_with_steps"]},
     {"name": "ddim-resume-without-rng", "file": "ddim.py",
-     "find": "        set_rng_state(ckpt[\"rng\"])\n",
-     "replace": "        pass\n",
+     "find": "            restore_rng(ckpt[\"rng\"], data_gen, rank)\n",
+     "replace": "            pass\n",
      "tests": ["tests/test_ddim.py::test_resume_is_exact"]},
     {"name": "ddim-low-discrepancy-ignored", "file": "ddim.py",
      "find": "if self.t_sampling == \"iid\":",
@@ -86,6 +86,35 @@ MUTATIONS = [
      "find": "            checked = step\n",
      "replace": "            pass\n",
      "tests": ["tests/test_ddim.py::test_nonfinite_loss_stops_and_keeps_last_good_checkpoint"]},
+    # Issue 16 (torchrun): each break makes a 2-process run differ from the 1-process run (or the samples repeat).
+    {"name": "ddim-ddp-no-average-gradients", "file": "ddim.py",
+     "find": "        average_gradients(model, world)  #",
+     "replace": "        None  #",
+     "tests": ["tests/test_ddim.py::test_torchrun_train_equals_one_process"]},
+    {"name": "ddim-ddp-data-generator-seeded-by-rank", "file": "ddim.py",
+     "find": "data_gen = make_generator(cfg.seed, device)",
+     "replace": "data_gen = make_generator(cfg.seed + rank, device)",
+     "tests": ["tests/test_ddim.py::test_torchrun_train_equals_one_process"]},
+    {"name": "ddim-ddp-every-rank-takes-the-first-slice", "file": "ddim.py",
+     "find": "rank_slice(cfg.batch_size, rank, world)",
+     "replace": "rank_slice(cfg.batch_size, 0, world)",
+     "tests": ["tests/test_ddim.py::test_torchrun_train_equals_one_process"]},
+    {"name": "ddim-ddp-noise-not-sliced", "file": "ddim.py",
+     "find": "diffusion.loss(eps_model, x0, i[part], eps[part])",
+     "replace": "diffusion.loss(eps_model, x0, i[part], eps[:len(x0)])",
+     "tests": ["tests/test_ddim.py::test_torchrun_train_equals_one_process"]},
+    {"name": "ddim-ddp-initial-weights-seeded-by-rank", "file": "ddim.py",
+     "find": "torch.manual_seed(cfg.seed)  # the same initial weights on every rank",
+     "replace": "torch.manual_seed(cfg.seed + rank)",
+     "tests": ["tests/test_ddim.py::test_torchrun_train_equals_one_process"]},
+    {"name": "ddim-ddp-chunk-generator-ignores-start", "file": "ddim.py",
+     "find": "g = chunk_generator(cfg.seed, start, device)",
+     "replace": "g = chunk_generator(cfg.seed, 0, device)",
+     "tests": ["tests/test_ddim.py::test_torchrun_sample_equals_one_process"]},
+    {"name": "ddim-ddp-samples-not-split", "file": "ddim.py",
+     "find": "my_chunks(cfg.n_samples, cfg.batch_size, rank, world)",
+     "replace": "my_chunks(cfg.n_samples, cfg.batch_size, 0, 1)",
+     "tests": ["tests/test_ddim.py::test_torchrun_sample_equals_one_process"]},
 ]
 
 
@@ -638,8 +667,9 @@ def test_resume_is_exact(tmp_path, capsys, device):
     """Issue 9: 6 steps straight == 3 steps, stop, --resume to 6: identical model, EMA, optimizer, RNG (bitwise on the
     CPU; on a GPU every RNG stream exactly, the weights to float tolerance).
 
-    Digits + U-Net so dropout, minibatch indices (drawn on the device), t and noise all come from the restored
-    global RNGs; the checkpoint keeps every stream (rng_state: CPU, and CUDA / MPS where used).
+    Digits + U-Net so that minibatch indices, t and noise (the data generator, on the device) and dropout (the
+    global RNGs) all come from restored streams; the checkpoint keeps every one of them (rng_checkpoint: the data
+    generator's state and rng_state, CPU and CUDA / MPS where used).
     Caught: not restoring the RNG state; restarting the warm-up counter at 0.
     """
     args = ["--train", "--batch-size", "8", "--ckpt-every", "100", "--sample-every", "1000", "--log-every", "1",
@@ -656,10 +686,12 @@ def test_resume_is_exact(tmp_path, capsys, device):
             assert same(ca[key][k], cb[key][k], device), (key, k)
     for k, s in ca["optimizer"]["state"].items():
         assert all(same(s[n], cb["optimizer"]["state"][k][n], device) for n in s)
-    assert set(ca["rng"]) == set(cb["rng"]) and (device.type != "cuda" or "cuda" in ca["rng"])
-    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
-    for name in set(ca["rng"]) - {"torch"}:  # the device's streams: CUDA's one per GPU, MPS's one
-        u, v = ([s] if isinstance(s, torch.Tensor) else s for s in (ca["rng"][name], cb["rng"][name]))
+    assert torch.equal(ca["rng"]["data"], cb["rng"]["data"])  # the data generator (indices, t, noise)
+    (ra,), (rb,) = ca["rng"]["ranks"], cb["rng"]["ranks"]  # one process: one rank's global streams (dropout)
+    assert set(ra) == set(rb) and (device.type != "cuda" or "cuda" in ra)
+    assert torch.equal(ra["torch"], rb["torch"])
+    for name in set(ra) - {"torch"}:  # the device's streams: CUDA's one per GPU, MPS's one
+        u, v = ([s] if isinstance(s, torch.Tensor) else s for s in (ra[name], rb[name]))
         assert len(u) == len(v) and all(torch.equal(p, q) for p, q in zip(u, v)), name
     # --resume refuses a run whose schedule differs from the checkpoint's.
     one_line_error(main_inproc(capsys, *args, "--steps", "8", "--out", str(b), "--resume", "--schedule", "cosine"),
@@ -742,9 +774,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
     checkpoint of step 4 stays, finite: the NaN weights of step 6 never reach a checkpoint."""
     real_loss, calls = ddim.DDIM.loss, []
 
-    def loss(self, model, x0):
+    def loss(self, model, x0, *drawn):  # drawn: the training loop's t and noise
         calls.append(1)
-        value = real_loss(self, model, x0)
+        value = real_loss(self, model, x0, *drawn)
         return value * float("nan") if len(calls) >= 5 else value
 
     monkeypatch.setattr(ddim.DDIM, "loss", loss)
@@ -858,7 +890,7 @@ def test_low_discrepancy_t_sampling_and_resume(tmp_path, capsys, device):
     index in each stratum [kT/B, (k+1)T/B), each index is marginally uniform on {0..T-1}, the loss draws its t
     through it, and a run with it resumes bitwise exactly (and differs from the i.i.d. run of the same seed).
     Catches: the i.i.d. sampler in its place, the option not reaching the training loop, u_0 not from the
-    global RNG (resume no longer exact)."""
+    data generator (resume no longer exact)."""
     torch.manual_seed(0)
     d = ddim.DDIM(T=1000, t_sampling="low_discrepancy")
     seen = []
@@ -880,5 +912,126 @@ def test_low_discrepancy_t_sampling_and_resume(tmp_path, capsys, device):
     assert ca["config"]["t_sampling"] == "low_discrepancy" and ca["step"] == cb["step"] == 4
     for k in ca["model"]:
         assert same(ca["model"][k], cb["model"][k], device) and same(ca["ema"][k], cb["ema"][k], device), k
-    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
+    assert torch.equal(ca["rng"]["data"], cb["rng"]["data"])
     assert any(not same(ca["model"][k], ci["model"][k], device) for k in ca["model"])
+
+
+# -----------------------------------------------------------------------------
+# 6. Several processes (issue 16): torchrun with gloo on the CPU, 2 processes against 1
+
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args, cwd, wait=True, timeout=240):
+    """`torchrun --nproc_per_node=2 ddim.py args` (a finished CompletedProcess, or the running Popen)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           os.path.join(ROOT, "ddim.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# The 2-D toy: the MLP has no dropout, so 2 processes compute the 1-process run's gradients (up to float order).
+DDP = ["--train", "--dataset", "moons", "--T", "50", "--batch-size", "16", "--warmup", "5", "--log-every", "1000",
+       "--sample-every", "100000", "--sample-steps", "2", "--device", "cpu"]
+
+
+def assert_same_weights(a, b, rtol):
+    """Model and EMA of two checkpoints equal to rtol, relative to each tensor's largest entry."""
+    for key in ("model", "ema"):
+        for k in a[key]:
+            err = ((a[key][k] - b[key][k]).abs().max() / a[key][k].abs().max()).item()
+            assert err <= rtol, (key, k, err)
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+def test_torchrun_train_equals_one_process(tmp_path, capsys):
+    """Issue 16: 2 processes with a global batch of 16 (8 each) for 12 steps == 1 process with batch 16: model and
+    EMA to 1e-5 (relative; seen: 3e-7, the float order of the gradient average), the same step and data generator
+    state; rank 0 alone prints and writes; the checkpoint keeps both ranks' global RNG streams.
+    Caught: no gradient average; the data generator seeded by rank; every rank on the first slice; the noise not
+    sliced; the initial weights seeded by rank."""
+    args = [*DDP, "--steps", "12", "--ckpt-every", "6"]
+    r = torchrun(*args, "--out", str(tmp_path / "two"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("ddim: moons") == 1 and r.stdout.count("done: 12 steps") == 1, r.stdout
+    assert "x 2 processes" in r.stdout
+    assert main_inproc(capsys, *args, "--out", str(tmp_path / "one")).returncode == 0
+    one, two = (torch.load(tmp_path / n / "ckpt.pt", weights_only=True) for n in ("one", "two"))
+    assert one["step"] == two["step"] == 12
+    assert torch.equal(one["rng"]["data"], two["rng"]["data"]) and len(two["rng"]["ranks"]) == 2
+    assert_same_weights(one, two, 1e-5)
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+def test_torchrun_sigterm_then_resume_equals_straight_run(tmp_path):
+    """Issue 16: SIGTERM to torchrun (it forwards it to both ranks) mid-run -> every rank stops after the same step,
+    rank 0 saves once and says so; --resume with 2 processes to step s + 6 == a straight 2-process run to s + 6
+    (model and EMA to 1e-6 relative). With low-discrepancy t: its u_0 comes from the data generator too."""
+    args = [*DDP, "--ckpt-every", "5", "--t-sampling", "low_discrepancy"]
+    out = tmp_path / "stopped"
+    p = torchrun(*args, "--steps", "100000", "--out", str(out), cwd=tmp_path, wait=False)
+    wait_for_checkpoint(out / "ckpt.pt", p)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and err.count("continue with --resume") == 1, err
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert step >= 5 and f"stopped at step {step}" in err
+    total = str(step + 6)
+    procs = [torchrun(*args, "--steps", total, "--out", str(o), *extra, cwd=tmp_path, wait=False)
+             for o, extra in ((out, ["--resume"]), (tmp_path / "straight", []))]
+    for q in procs:
+        stdout, stderr = q.communicate(timeout=240)
+        assert q.returncode == 0, stderr
+    assert stdout.count("done:") == 1
+    a, b = (torch.load(o / "ckpt.pt", weights_only=True) for o in (out, tmp_path / "straight"))
+    assert a["step"] == b["step"] == step + 6 and torch.equal(a["rng"]["data"], b["rng"]["data"])
+    assert_same_weights(a, b, 1e-6)
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+def test_torchrun_sample_equals_one_process(toy_run, tmp_path, capsys):
+    """Issue 16: 2-process --sample (eta = 1: x_T and the noise of every step from the chunk's generator) writes
+    exactly --n-samples samples, equal to the 1-process samples of the same seed; the chunks of 4, 4 and 2 samples
+    (rank 0 makes the first and the last) draw different noise. Caught: chunk generators that ignore the chunk's
+    start (repeated chunks); every rank making every chunk (twice the samples)."""
+    args = ["--sample", "--ckpt", str(toy_run / "ckpt.pt"), "--steps", "5", "--eta", "1", "--n-samples", "10",
+            "--batch-size", "4", "--clip-denoised", "on", "--device", "cpu"]  # clipped: samples inside [-1, 1]
+    r = torchrun(*args, "--out", str(tmp_path / "two"), cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.count("10 samples") == 1, r.stderr
+    assert main_inproc(capsys, *args, "--out", str(tmp_path / "one")).returncode == 0
+    import numpy as np
+    one, two = (np.load(tmp_path / n / "samples.npz")["arr_0"] for n in ("one", "two"))
+    assert one.shape == two.shape == (10, 1, 2, 1) and (one == two).all()
+    flat = one.reshape(10, -1)
+    assert (flat[:4] != flat[4:8]).any(axis=1).all() and (flat[:2] != flat[8:]).any(axis=1).all()
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+def test_torchrun_encode_and_interpolate_on_rank_0(toy_run, tmp_path):
+    """Issue 16: --encode and --interpolate under torchrun: rank 0 does the work and writes, once."""
+    ck = str(toy_run / "ckpt.pt")
+    procs = [torchrun(mode, "--ckpt", ck, "--steps", "5", "--n-samples", "8", "--out", str(tmp_path), "--device",
+                      "cpu", cwd=tmp_path, wait=False) for mode in ("--encode", "--interpolate")]
+    for q, word in zip(procs, ("encode->decode", "interpolation strips")):
+        stdout, stderr = q.communicate(timeout=240)
+        assert q.returncode == 0 and stdout.count(word) == 1, stderr
+    assert (tmp_path / "encode.png").exists() and (tmp_path / "interpolate.png").exists()
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+def test_torchrun_batch_not_divisible_is_one_line_error(tmp_path):
+    """Issue 16: a global batch that 2 processes cannot split -> each rank says so in one line and exits 2 (no
+    traceback from ddim.py; torchrun then prints its own summary), before any training."""
+    import re
+    r = torchrun(*DDP, "--steps", "5", "--batch-size", "15", "--out", str(tmp_path), cwd=tmp_path)
+    msg = "ddim.py: error: --batch-size 15 must be a multiple of the number of processes (2)"
+    assert r.returncode != 0 and set(re.findall(r"ddim\.py: error: [^\n]*?\(2\)", r.stderr)) == {msg}, r.stderr
+    assert "exitcode  : 2" in r.stderr and f'File "{os.path.join(ROOT, "ddim.py")}"' not in r.stderr
+    assert not (tmp_path / "ckpt.pt").exists()
