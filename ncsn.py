@@ -107,7 +107,7 @@ class Config:
     step_lr: float = 0.0          # eps (2019 paper's form, data scale); 0 = Technique 4 for this T; v1: 1.6e-4 (header)
     denoise: bool = True          # NCSNv2 official code (configs/*.yml denoise: true): final x + sigma_L^2 s; v1: off
     steps: int = 1500             # total optimisation steps; official configs: 200k (2019), 300k (NCSNv2 CIFAR-10)
-    batch_size: int = 128         # official configs of both papers: 128
+    batch_size: int = 128         # the global batch (torchrun: split over ranks); official configs of both: 128
     lr: float = 1e-3              # Adam; official configs: 1e-3 (2019, anneal.yml), 1e-4 (NCSNv2, every dataset)
     warmup: int = 0               # linear warm-up steps; papers and official code: none
     grad_clip: float = 0.0        # global gradient-norm clip, 0 = off; papers and official code: none
