@@ -16,6 +16,8 @@ Commands
     python ncsn.py --train --preset v1                      # the 2019 paper's settings (sigma, eps on [-1, 1])
     python ncsn.py --train --preset v2                      # NCSNv2: Techniques 1-5 computed for the data
     python ncsn.py --train --dataset moons --steps 4000 --lr 3e-3 --L 30   # a 2-D toy (MLP), ~20 s; add --loss ssm|ism
+    torchrun --nproc_per_node=8 ncsn.py --train --preset v2-cifar10        # 8 GPUs; --batch-size is the global batch
+    torchrun --nproc_per_node=8 ncsn.py --sample --ckpt runs/ncsn/ckpt.pt --n-samples 50000   # samples split over ranks
 
 Map from the papers to this file (2019 = NCSN, 2020 = NCSNv2; numbers as printed in the arXiv versions)
     2019 Eq. 1  implicit score matching (Hyvarinen 2005)     -> NCSN.ism_loss (exact Jacobian trace)
@@ -105,7 +107,7 @@ class Config:
     step_lr: float = 0.0          # eps (2019 paper's form, data scale); 0 = Technique 4 for this T; v1: 1.6e-4 (header)
     denoise: bool = True          # NCSNv2 official code (configs/*.yml denoise: true): final x + sigma_L^2 s; v1: off
     steps: int = 1500             # total optimisation steps; official configs: 200k (2019), 300k (NCSNv2 CIFAR-10)
-    batch_size: int = 128         # official configs of both papers: 128
+    batch_size: int = 128         # the global batch (torchrun: split over ranks); official configs of both: 128
     lr: float = 1e-3              # Adam; official configs: 1e-3 (2019, anneal.yml), 1e-4 (NCSNv2, every dataset)
     warmup: int = 0               # linear warm-up steps; papers and official code: none
     grad_clip: float = 0.0        # global gradient-norm clip, 0 = off; papers and official code: none
@@ -115,7 +117,7 @@ class Config:
     sample_every: int = 500       # steps between sample grids from fixed noise
     log_every: int = 100          # steps between progress lines
     out: str = "runs/ncsn"        # output folder: ckpt.pt, grid_<step>.png, samples.png, samples.npz, inpaint.png
-    seed: int = 0                 # seeds the global torch RNGs, CPU and device (data order, levels, noise, dropout)
+    seed: int = 0                 # seeds the data generator (data order, flips, levels, noise, v); seed + rank: dropout
     device: str = "auto"          # auto = cuda -> mps -> cpu
     precision: str = "auto"       # auto|fp32|tf32|bf16 (network under bf16 autocast); auto = tf32 on CUDA, else fp32
     compile: bool = False         # torch.compile the network (dsm loss and samplers; ssm/ism need double backward)
@@ -202,7 +204,7 @@ def technique4_step_lr(T, gamma, sigma_L):
     return 2 * r[ratio.argmin()].item() * sigma_L ** 2
 
 
-def resolve_levels(cfg, data_x):
+def resolve_levels(cfg, data_x, log=print):
     """Fill in sigma_1, L and step_lr given as 0 with Techniques 1, 2 and 4; returns a new Config."""
     sigma_1 = cfg.sigma_1 or technique1_sigma_1(data_x)
     D = data_x[0].numel()
@@ -210,7 +212,7 @@ def resolve_levels(cfg, data_x):
         L = cfg.L
     elif D <= 4:  # Technique 2 is undefined in 2-D: fall back to the 2019 paper's L, and say so
         L = 10
-        print(f"note: Technique 2 has no solution for D={D}; using L=10 (2019 paper)", flush=True)
+        log(f"note: Technique 2 has no solution for D={D}; using L=10 (2019 paper)", flush=True)
     else:
         L = technique2_L(D, sigma_1, cfg.sigma_L)
     if sigma_1 <= cfg.sigma_L:
@@ -228,12 +230,12 @@ def expand(a, x):
     return a.reshape(-1, *([1] * (x.dim() - 1)))
 
 
-def low_discrepancy_uniform(B, device="cpu"):
-    """Kingma et al. (2021, VDM) App. I.1: u_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1) from the global
-    RNG: exactly one u_i in each interval [k/B, (k+1)/B), each u_i alone uniform (so every loss stays unbiased).
-    Made on device (its global RNG; float64, or float32 on MPS, which has no float64): no host-to-device copy."""
+def low_discrepancy_uniform(B, device="cpu", generator=None):
+    """Kingma et al. (2021, VDM) App. I.1: u_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1) from generator
+    (None: the global RNG): exactly one u_i in each interval [k/B, (k+1)/B), each u_i alone uniform (so every loss
+    stays unbiased). Made on device (float64, or float32 on MPS, which has no float64): no host-to-device copy."""
     dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
-    u_0 = torch.rand((), dtype=dtype, device=device)
+    u_0 = torch.rand((), dtype=dtype, device=device, generator=generator)
     return (u_0 + torch.arange(B, dtype=dtype, device=device) / B) % 1
 
 
@@ -271,13 +273,14 @@ class NCSN:
     # -------------------------------------------------------------------------
     # Objectives
 
-    def sample_levels(self, B, device):
+    def sample_levels(self, B, device, generator=None):
         """Level indices (B,) for one minibatch: i.i.d. uniform on {0..L-1}, or low-discrepancy (Kingma et al.
         2021, App. I.1): i = floor(L u_k), u_k = mod(u_0 + k/B, 1) with one u_0 ~ U(0, 1), so every stratum of
-        L/B levels gets one example; each i alone is still uniform, so Eq. 6's estimate stays unbiased."""
+        L/B levels gets one example; each i alone is still uniform, so Eq. 6's estimate stays unbiased.
+        generator: the training loop's data generator (None: the global RNG)."""
         if self.t_sampling == "iid":
-            return torch.randint(self.L, (B,), device=device)
-        return (low_discrepancy_uniform(B, device) * self.L).long().clamp(max=self.L - 1)
+            return torch.randint(self.L, (B,), device=device, generator=generator)
+        return (low_discrepancy_uniform(B, device, generator) * self.L).long().clamp(max=self.L - 1)
 
     def perturb(self, x, i=None, z=None):
         """Draw a level per example (uniform over 1..L: an unbiased estimate of Eq. 6's average) and x~ = x + sigma z."""
@@ -710,55 +713,70 @@ def resolve_precision(cfg, device):
 
 
 def train(cfg):
-    """Training of Song & Ermon (2019) Sec. 4.2 (Eq. 6 by Adam) with NCSNv2's Techniques 1-5 where configured."""
-    device, resume = pick_device(cfg.device), cfg.resume
+    """Training of Song & Ermon (2019) Sec. 4.2 (Eq. 6 by Adam) with NCSNv2's Techniques 1-5 where configured.
+
+    Under torchrun each rank computes the loss on its slice of the global batch (see setup_distributed)."""
+    rank, world, device = setup_distributed(pick_device(cfg.device))
+    part = rank_slice(cfg.batch_size, rank, world)  # this rank's examples of every global batch
+    log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
+    resume = cfg.resume
     autocast = resolve_precision(cfg, device)  # before any CUDA work: --deterministic configures cuBLAS
-    torch.manual_seed(cfg.seed)  # one global RNG (per device) drives data order, levels, noise and dropout
+    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank
+    data_gen = make_generator(cfg.seed, device)  # alike on every rank: data order, flips, levels, noise, v
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
     is_toy = cfg.dataset in TOYS
     if cfg.loss == "ism" and data.x[0].numel() > ISM_MAX_DIM:
         raise ValueError(f"--loss ism takes the exact Jacobian trace (one backward pass per dimension); "
                          f"{cfg.dataset} has D={data.x[0].numel()} > {ISM_MAX_DIM}: use --loss dsm or --loss ssm")
-    cfg = resolve_levels(cfg, data.x)  # Techniques 1, 2, 4 for fields given as 0
+    cfg = resolve_levels(cfg, data.x, log)  # Techniques 1, 2, 4 for fields given as 0
     ncsn = NCSN(cfg.sigma_1, cfg.sigma_L, cfg.L, cfg.t_sampling)
-    print(f"noise levels: sigma {cfg.sigma_1:.4g} -> {cfg.sigma_L:.4g}, L = {cfg.L}; sampling: T = "
-          f"{cfg.n_steps_each}, eps = {cfg.step_lr:.4g} (paper's form), denoise {cfg.denoise}", flush=True)
+    log(f"noise levels: sigma {cfg.sigma_1:.4g} -> {cfg.sigma_L:.4g}, L = {cfg.L}; sampling: T = "
+        f"{cfg.n_steps_each}, eps = {cfg.step_lr:.4g} (paper's form), denoise {cfg.denoise}", flush=True)
     config = {**dataclasses.asdict(cfg), "data_shape": list(data.x.shape[1:])}
     model = make_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # Technique 5 (EMA of parameters; no buffers)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    torch.manual_seed(cfg.seed + rank)  # from here the global RNGs draw dropout only, per rank
     path, step = os.path.join(cfg.out, "ckpt.pt"), 0
-    if resume:
+    if resume:  # every rank reads the same checkpoint
         ckpt = read_ckpt(path, cfg)
         if list(ckpt["config"]["data_shape"]) != config["data_shape"]:
             raise DataError(f"{path}: data shape {ckpt['config']['data_shape']}, this run has {config['data_shape']}")
+        if not isinstance(ckpt["rng"], dict) or "data" not in ckpt["rng"]:
+            raise DataError(f"{path}: written before the data generator (issue 16): it samples, but cannot resume")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        set_rng_state(ckpt["rng"])  # CPU and CUDA/MPS streams
-        print(f"resumed from {path} at step {step}", flush=True)
+        restore_rng(ckpt["rng"], data_gen, rank)  # the data generator, and this rank's CPU and CUDA/MPS streams
+        log(f"resumed from {path} at step {step}", flush=True)
     x_data = data.x.to(device)
     n_grid = 1000 if is_toy else 64
     grid_shape = (n_grid, *data.x.shape[1:])
     loss_fn = objective(ncsn, cfg.loss)
     use_compile = cfg.compile and cfg.loss == "dsm"  # ssm / ism differentiate through the score: no compile
     if cfg.compile and not use_compile:
-        print(f"note: --compile applies to sampling only with --loss {cfg.loss} (it needs double backward)", flush=True)
+        log(f"note: --compile applies to sampling only with --loss {cfg.loss} (it needs double backward)", flush=True)
     score = network(model, autocast, use_compile)      # what the loss is given: model(x, sigma) -> float32
     score_ema = network(ema, autocast, cfg.compile)    # what the sample grids use
 
     def check_loss():
         # The losses of the window since the last progress line are summed on the device; one NaN poisons the sum.
-        if not math.isfinite(loss_sum.item()):
+        # Its mean over the ranks is the same number on every rank, so every rank takes the same decision.
+        loss_mean = mean_over_ranks(loss_sum, world).item() / max(step - log_step, 1)
+        if not math.isfinite(loss_mean):
             raise DataError(f"non-finite loss in steps {log_step + 1}-{step}; last good checkpoint kept in {path}")
+        return loss_mean
 
     def checkpoint():
         check_loss()
-        if has_nonfinite(model, ema):  # never save NaN weights; the previous checkpoint stays
+        if any_rank(has_nonfinite(model, ema), world, device):  # never save NaN weights; the previous one stays
             raise DataError(f"non-finite weights at step {step}; last good checkpoint kept in {path}")
+        rng = rng_checkpoint(data_gen, world)  # a collective: every rank takes part, rank 0 writes
+        if rank > 0:
+            return
         try:
             save_checkpoint(path, {"script": SCRIPT, "config": config, "step": step,
                                    "model": model.state_dict(), "ema": ema.state_dict(),
-                                   "optimizer": opt.state_dict(), "rng": rng_state()})
+                                   "optimizer": opt.state_dict(), "rng": rng})
         except (OSError, RuntimeError) as e:  # disk full, folder removed: say so in one line
             raise DataError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0]})") from None
 
@@ -768,52 +786,62 @@ def train(cfg):
         x = ncsn.sample(score_ema, grid_shape, cfg.n_steps_each, cfg.step_lr, cfg.denoise, generator=g, device=device)
         write_samples(x, os.path.join(cfg.out, f"grid_{step:07d}.png"), data if is_toy else None)
 
-    stop, t0, step0 = StopFlag(), time.time(), step
+    stop, t0, step0, stopping = StopFlag(), time.time(), step, False
     loss_sum, log_step = torch.zeros((), device=device), step  # loss summed on the device since step log_step
+    B, shape = cfg.batch_size, tuple(data.x.shape[1:])
     model.train()
-    while step < cfg.steps and not stop.set:
-        x = x_data[torch.randint(len(x_data), (cfg.batch_size,), device=device)]  # i.i.d. minibatch: exact resume
+    while step < cfg.steps and not stopping:
+        # The global batch's randomness, all from data_gen in a fixed order; this rank keeps part of each.
+        idx = torch.randint(len(x_data), (B,), device=device, generator=data_gen)  # i.i.d. minibatch: exact resume
         if data.flip:  # random horizontal flips (CIFAR-10, as in both papers' code)
-            flip = (torch.rand(len(x), device=device) < 0.5).reshape(-1, 1, 1, 1)
-            x = torch.where(flip, x.flip(-1), x)
-        loss = loss_fn(score, x)  # Eq. 6 (or its SSM / ISM counterpart), one level per example
+            flip = (torch.rand(B, device=device, generator=data_gen) < 0.5).reshape(-1, 1, 1, 1)
+        i = ncsn.sample_levels(B, device, data_gen)  # (B,) level indices
+        z = torch.randn((B, *shape), device=device, generator=data_gen)  # (B, ...) perturbation noise
+        v = torch.randn((B, *shape), device=device, generator=data_gen) if cfg.loss == "ssm" else None  # SSM's v
+        x = x_data[idx[part]]
+        if data.flip:
+            x = torch.where(flip[part], x.flip(-1), x)
+        extra = {"v": v[part]} if v is not None else {}
+        loss = loss_fn(score, x, i[part], z[part], **extra)  # Eq. 6 (or its SSM / ISM counterpart) on this slice
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))  # linear warm-up (off by default)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(model, world)  # the gradient of the global batch's mean loss, on every rank
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         ema_update(ema, model, cfg.ema_decay)  # Technique 5: exponential moving average of the weights
         step += 1
         loss_sum += loss.detach()  # no host sync: read at the next progress line or checkpoint
+        stopping = any_rank(stop.set, world, device)  # Ctrl-C / SIGTERM on any rank stops all at this step
         if step % cfg.log_every == 0 or step == cfg.steps:  # progress line: step, loss, it/s, ETA
-            check_loss()
+            loss_mean = check_loss()
             rate = (step - step0) / (time.time() - t0)
             eta = (cfg.steps - step) / rate
-            print(f"step {step}/{cfg.steps}  loss {loss_sum.item() / (step - log_step):.4f}  {rate:.2f} it/s  "
-                  f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+            log(f"step {step}/{cfg.steps}  loss {loss_mean:.4f}  {rate:.2f} it/s  "
+                f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
             loss_sum, log_step = torch.zeros((), device=device), step
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop.set:
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
             checkpoint()
-        if step % cfg.sample_every == 0 or step == cfg.steps:
+        if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
             sample_grid()
-    if stop.set:
-        print(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume", file=sys.stderr)
+    if stopping:
+        log(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume", file=sys.stderr)
         sys.exit(130)
-    print(f"done: {step} steps in {time.time() - t0:.0f} s; checkpoint {path}", flush=True)
+    log(f"done: {step} steps in {time.time() - t0:.0f} s; checkpoint {path}", flush=True)
 
 
 # -----------------------------------------------------------------------------
 # Sampling and inpainting from a checkpoint
 
 def load_for_inference(args, cfg_overrides):
-    """Rebuild (cfg, ckpt, ncsn, EMA score callable, device) from a checkpoint, without loading the data."""
+    """Rebuild (cfg, ckpt, ncsn, EMA score callable, device, rank, world) from a checkpoint, without the data."""
     ckpt = read_ckpt(args.ckpt)
     fields = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
     cfg = dataclasses.replace(cfg, **cfg_overrides)  # runtime settings given on the command line (see main)
-    device = pick_device(cfg.device)
+    rank, world, device = setup_distributed(pick_device(cfg.device))
     autocast = resolve_precision(cfg, device)
     if cfg.step_lr == 0:  # --step-lr 0: Technique 4 again, for this --n-steps-each
         cfg = dataclasses.replace(cfg, step_lr=technique4_step_lr(
@@ -826,21 +854,26 @@ def load_for_inference(args, cfg_overrides):
         raise DataError(f"{args.ckpt}: EMA weights do not fit the network of its config ({str(e).splitlines()[0]})")
     if has_nonfinite(net):
         raise DataError(f"{args.ckpt}: the EMA weights contain NaN or inf")
-    return cfg, ckpt, ncsn, network(net.to(device).eval(), autocast, cfg.compile), device
+    return cfg, ckpt, ncsn, network(net.to(device).eval(), autocast, cfg.compile), device, rank, world
 
 
 def run_sample(args, cfg_overrides):
-    """--sample: n images (or 2-D points) by Algorithm 1 from the EMA network -> samples.png and samples.npz."""
-    cfg, ckpt, ncsn, net, device = load_for_inference(args, cfg_overrides)
-    os.makedirs(cfg.out, exist_ok=True)
-    g = make_generator(cfg.seed, device)
+    """--sample: n images (or 2-D points) by Algorithm 1 from the EMA network -> samples.png and samples.npz.
+
+    Chunks of --batch-size samples, chunk k on rank k % world (torchrun), each from its own generator derived from
+    --seed and its first sample's index: the samples depend on --seed and --batch-size only, not on the ranks."""
+    cfg, ckpt, ncsn, net, device, rank, world = load_for_inference(args, cfg_overrides)
     shape, chunks = tuple(ckpt["config"]["data_shape"]), []
-    for start in range(0, args.n_samples, cfg.batch_size):
-        n = min(cfg.batch_size, args.n_samples - start)
-        chunks.append(ncsn.sample(net, (n, *shape), cfg.n_steps_each, cfg.step_lr, cfg.denoise, generator=g,
-                                  device=device).cpu())
-        print(f"sampled {start + n}/{args.n_samples}", flush=True)
-    x = torch.cat(chunks)
+    for start, n in my_chunks(args.n_samples, cfg.batch_size, rank, world):
+        g = chunk_generator(cfg.seed, start, device)
+        chunks.append((start, ncsn.sample(net, (n, *shape), cfg.n_steps_each, cfg.step_lr, cfg.denoise, generator=g,
+                                          device=device).cpu()))
+        if rank == 0:
+            print(f"sampled {start + n}/{args.n_samples}", flush=True)
+    x = gather_chunks(chunks, world)  # (n_samples, ...) in sample order, on every rank
+    if rank > 0:
+        return
+    os.makedirs(cfg.out, exist_ok=True)
     if cfg.dataset in TOYS:  # 2-D points: scatter over the data; npz holds the raw float coordinates
         write_samples(x, os.path.join(cfg.out, "samples.png"), load_data(cfg.dataset, train=False))
         np.savez(os.path.join(cfg.out, "samples.npz"), arr_0=x.numpy())
@@ -866,15 +899,23 @@ def known_mask(shape, unknown="right", device="cpu"):
 
 
 def run_inpaint(args, cfg_overrides):
-    """--inpaint: the --mask part of held-out images is unknown -> inpaint.png, rows of original | masked | inpainted."""
-    cfg, ckpt, ncsn, net, device = load_for_inference(args, cfg_overrides)
+    """--inpaint: the --mask part of held-out images is unknown -> inpaint.png, rows of original | masked | inpainted.
+
+    Split over the ranks like --sample: chunks of --batch-size images, each from chunk_generator(--seed, start)."""
+    cfg, ckpt, ncsn, net, device, rank, world = load_for_inference(args, cfg_overrides)
     if cfg.dataset in TOYS:
         raise ValueError("--inpaint needs an image dataset (the checkpoint was trained on a 2-D toy)")
     data = load_data(cfg.dataset, train=False, image_size=cfg.image_size or None)
     x = data.x[:args.n_inpaint].to(device)
     mask = known_mask(x.shape, args.mask, device)
-    g = make_generator(cfg.seed, device)
-    x_hat = ncsn.inpaint(net, x, mask, cfg.n_steps_each, cfg.step_lr, generator=g)
+    chunks = []
+    for start, n in my_chunks(len(x), cfg.batch_size, rank, world):
+        g = chunk_generator(cfg.seed, start, device)
+        chunks.append((start, ncsn.inpaint(net, x[start:start + n], mask[start:start + n], cfg.n_steps_each,
+                                           cfg.step_lr, generator=g).cpu()))
+    x_hat = gather_chunks(chunks, world).to(device)  # (n, C, H, W) in image order, on every rank
+    if rank > 0:
+        return
     masked = x * mask  # unknown pixels shown as mid-grey (0 in [-1, 1])
     rows = torch.stack([x, masked, x_hat], 1).flatten(0, 1)  # (3n, C, H, W): original | masked | inpainted
     os.makedirs(cfg.out, exist_ok=True)
@@ -889,7 +930,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit code 2), like every other error here."""
 
     def error(self, message):
-        print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
+        sys.stderr.write(f"{SCRIPT}.py: error: {message}\n")  # one write (torchrun: ranks never interleave)
         sys.exit(2)
 
 
@@ -1000,8 +1041,12 @@ def main(argv=None):
                                                                 "deterministic")}
             (run_sample if args.sample else run_inpaint)(args, runtime)
     except (DataError, ValueError) as e:
-        print(f"{SCRIPT}.py: error: {e}", file=sys.stderr)  # one line, exit code 2 (argparse's convention)
+        # One line, exit code 2 (argparse's convention); one write, so that lines of several ranks never interleave.
+        sys.stderr.write(f"{SCRIPT}.py: error: {e}\n")
         sys.exit(2)
+    finally:  # under torchrun: leave the process group before exit (else a gloo rank may abort at exit)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
