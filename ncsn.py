@@ -645,8 +645,10 @@ def my_chunks(n, size, rank, world):
 
 
 def chunk_generator(seed, start, device):
-    """The generator of the chunk of samples that begins at sample index start: derived from --seed and start."""
-    return make_generator(seed * 2 ** 32 + start, device)
+    """The generator of the chunk of samples that begins at sample index start: derived from --seed and start,
+    mixed into 32 bits (a CPU generator keeps only the low 32 bits of its seed); distinct starts of one seed
+    never share a seed (40503 is odd)."""
+    return make_generator((seed * 2654435761 + start * 40503 + 1) % 2 ** 32, device)
 
 
 def gather_chunks(chunks, world):

@@ -1118,12 +1118,9 @@ def test_ddp_batch_not_divisible_is_one_line(tmp_path):
     assert "exitcode  : 2" in r.stderr and 'ncsn.py", line' not in r.stdout + r.stderr
 
 
-@pytest.mark.xfail(reason="shared block: chunk_generator seeds with seed * 2**32 + start, and the CPU generator "
-                          "(mt19937) keeps only the low 32 bits of a seed, so --seed does not reach CPU samples",
-                   strict=False)
 def test_chunk_generator_depends_on_seed(device):
     """The chunk generators of --seed 0 and --seed 1 draw different numbers (on every device), and so do two chunks
-    of one seed. Fails on the CPU until the shared block's chunk_generator mixes the seed into 32 bits."""
+    of one seed. Catches a chunk generator seeded with seed * 2**32 + start: a CPU generator keeps the low 32 bits."""
     draw = lambda seed, start: torch.rand(4, generator=ncsn.chunk_generator(seed, start, device), device=device)  # noqa
     assert not torch.equal(draw(0, 0), draw(0, 2))
     assert not torch.equal(draw(0, 0), draw(1, 0))
