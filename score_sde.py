@@ -70,12 +70,18 @@ Conventions and notation clashes:
     from sigma (for the geometric VE schedule this number equals 999 t). The score is read from the network as
     in the official code (models/utils.py get_score_fn): VP / sub-VP predict the noise, s = -eps_hat / std_t;
     VE networks output sigma * score (NCSN++ scale_by_sigma), s = net / sigma_t.
-  * Time grid: a sampler with N steps walks t_N = 1 > t_{N-1} > ... > t_0 = eps, t_k = eps + (1 - eps) k / N,
-    built once as (t, t_next) pairs; each predictor step goes from t to t_next (the chain index i = k), and the
-    discrete chains use beta_i = beta(t) dt (VP, Eq. 10 with dt = 1/N) and sigma_i = sigma(t_i) (VE, Eq. 8).
+  * Time grid (as the official code's linspace(1, eps, N)): a sampler with N steps visits the N levels
+    t_N = 1 > ... > t_1 = eps, t_k = eps + (1 - eps) (k - 1) / (N - 1), and its last predictor step goes on to the
+    data, t_0 = 0; built once as (t, t_next) pairs. Each predictor step goes from t to t_next (the chain index
+    i = k), and the discrete chains use beta_i = beta(t) dt (VP, Eq. 10, dt = t - t_next) and sigma_i = sigma(t_i)
+    with sigma_0 = 0 (VE, Eq. 8).
   * Langevin step: the paper's Alg. 4/5 form x + e s + sqrt(2 e) z; NCSN's x + (a/2) s + sqrt(a) z is the same
     with a = 2 e.
-  * Last step is noise-free: pc_sample returns x_mean, the last update without its noise.
+  * Last step is noise-free: pc_sample returns x_mean of its last predictor step, t = eps -> 0, which (reverse
+    diffusion, ancestral) is a Tweedie denoise x(0) ~ x + std^2 s; ode_sample ends with the same step (the
+    official noise_removal). With the exact score of a point mass this leaves no spread for VE, and for VP
+    |2 - sqrt(1 - b) - b / std(eps)^2| std(eps) with b = beta(eps) eps (0.09 std(eps) ~ 0.001 at eps = 1e-3);
+    the official code's b = beta_min / N leaves 0.09 std(eps) at N = 1000 too, and 0.82 std(eps) at N = 500.
 """
 import argparse
 import contextlib
@@ -322,6 +328,9 @@ class SDE:
         d = z[0].numel()
         return -0.5 * d * math.log(2 * math.pi * self.prior_std ** 2) - z.flatten(1).pow(2).sum(1) / (2 * self.prior_std ** 2)
 
+    def check_chain(self, N, eps):
+        """Any N-step grid works for VE (the VP chain overrides this)."""
+
     def langevin_alpha(self, t, dt):
         """Alg. 4 / 5: the corrector's step-size factor alpha_i (1 for VE)."""
         return torch.ones_like(t, dtype=torch.float64)
@@ -349,9 +358,16 @@ class VESDE(SDE):
         """App. B: p_0t = N(x(0), sigma(t)^2 I), taking x(0) as the data perturbed by sigma_min (as the official code)."""
         return x, self.sigma(t).to(x.dtype)
 
+    def chain_sigma(self, t):
+        """sigma_i of the SMLD chain (Eq. 8) at time t: sigma(t), except sigma_0 = 0 at t = 0 (Eq. 8's x_0 is the
+        data; the official discretize: adjacent sigma 0 at the first index). The last predictor step, from
+        t = eps to t = 0, is then x + sigma(eps)^2 s(x, eps): Tweedie's denoise."""
+        sigma = self.sigma(t)
+        return torch.where(t > 0, sigma, torch.zeros_like(sigma))
+
     def discretize(self, x, t, dt):
         """Eq. 8, the SMLD chain: x_i = x_{i-1} + sqrt(sigma_i^2 - sigma_{i-1}^2) z, between t - dt and t."""
-        G = (self.sigma(t) ** 2 - self.sigma(t - dt) ** 2).sqrt()
+        G = (self.sigma(t) ** 2 - self.chain_sigma(t - dt) ** 2).sqrt()
         return torch.zeros_like(x), G.to(x.dtype)
 
 
@@ -372,12 +388,18 @@ class VPSDE(SDE):
         return self.beta_min * t + 0.5 * t ** 2 * (self.beta_max - self.beta_min)
 
     def beta_i(self, t, dt):
-        """beta_i = beta(t) dt of the DDPM chain (Eq. 10 with dt = 1/N); it must stay below 1."""
-        b = self.beta(t) * dt
-        if float(b.max()) >= 1:
-            raise ValueError(f"the VP chain needs beta(t) dt < 1 (got {float(b.max()):.2f}): use more steps "
-                             f"(--n-steps > beta_max = {self.beta_max:g})")
-        return b
+        """beta_i = beta(t) dt of the DDPM chain (Eq. 10 with dt the grid step; official: beta(t) / N). The last
+        step, t = eps -> 0, has beta(eps) eps (official: beta_min / N; the same at N = 1 / eps up to beta(eps) vs
+        beta(0)). beta_i < 1 is checked once per sampler by check_chain, not here (no host sync per step)."""
+        return self.beta(t) * dt
+
+    def check_chain(self, N, eps):
+        """The DDPM chain of an N-step grid needs beta_i = beta(t) dt < 1 at every level (else sqrt(1 - beta_i)
+        and the corrector's alpha_i = 1 - beta_i fail): ValueError naming --n-steps if not."""
+        b = max((self.beta_min + t * (self.beta_max - self.beta_min)) * (t - t_next) for t, t_next in time_grid(N, eps))
+        if b >= 1:
+            raise ValueError(f"the VP chain needs beta(t) dt < 1 (got {b:.2f}): use more steps "
+                             f"(--n-steps > beta_max + 1 = {self.beta_max + 1:g})")
 
     def sde(self, x, t):
         """f = -beta(t) x / 2, g = sqrt(beta(t))."""
@@ -497,9 +519,10 @@ def loss(score_model, sde, x, likelihood_weighting=False, eps=1e-5, t_sampling="
 # Predictors and correctors return (x, x_mean): the new state and the same update without its noise.
 
 def time_grid(N, eps):
-    """The (t, t_next) pairs of N steps from t = 1 down to t = eps: t_k = eps + (1 - eps) k / N, k = N ... 0."""
-    ts = [eps + (1 - eps) * k / N for k in range(N, -1, -1)]
-    return list(zip(ts[:-1], ts[1:]))
+    """The (t, t_next) pairs of N predictor steps, as in the official code: N levels t_k = eps + (1 - eps) (k - 1) /
+    (N - 1), k = N ... 1 (t_N = 1, t_1 = eps; N = 1: the single level 1), and after t_1 = eps the data, t_0 = 0."""
+    ts = [eps + (1 - eps) * (k - 1) / (N - 1) for k in range(N, 0, -1)] if N > 1 else [1.0]
+    return list(zip(ts, ts[1:] + [0.0]))
 
 
 def full(x, t):
@@ -515,11 +538,14 @@ def euler_maruyama(score_fn, sde, x, t, t_next, generator=None):
     return x_mean + bc(g, x) * math.sqrt(dt) * randn(x, generator), x_mean
 
 
-def reverse_diffusion(score_fn, sde, x, t, t_next, generator=None):
+def reverse_diffusion(score_fn, sde, x, t, t_next, generator=None, noise=True):
     """App. E: the reverse-diffusion predictor, the forward chain run backwards in the same discretisation:
-    x_i = x_{i+1} - f_{i+1}(x_{i+1}) + G_{i+1}^2 s(x_{i+1}, t_{i+1}) + G_{i+1} z."""
+    x_i = x_{i+1} - f_{i+1}(x_{i+1}) + G_{i+1}^2 s(x_{i+1}, t_{i+1}) + G_{i+1} z.  noise=False: x_mean only
+    (returned twice; no noise is drawn)."""
     f, G = sde.discretize(x, full(x, t), t - t_next)
     x_mean = x - f + bc(G ** 2, x) * score_fn(x, full(x, t))
+    if not noise:
+        return x_mean, x_mean
     return x_mean + bc(G, x) * randn(x, generator), x_mean
 
 
@@ -534,7 +560,7 @@ def ancestral_sampling(score_fn, sde, x, t, t_next, generator=None):
     tt = full(x, t)
     score = score_fn(x, tt)
     if isinstance(sde, VESDE):
-        s2, s2_next = sde.sigma(tt) ** 2, sde.sigma(full(x, t_next)) ** 2
+        s2, s2_next = sde.sigma(tt) ** 2, sde.chain_sigma(full(x, t_next)) ** 2  # sigma_0 = 0 at t_next = 0
         x_mean = x + bc(s2 - s2_next, x) * score
         std = (s2_next * (s2 - s2_next) / s2).sqrt()
     elif isinstance(sde, subVPSDE):
@@ -613,12 +639,15 @@ def pc_sample(score_fn, sde, shape, predictor="reverse_diffusion", corrector="la
               dtype=torch.float32, device="cpu"):
     """Algorithm 1 of Song et al. (2021): predictor-corrector sampling (Alg. 2 for VE, Alg. 3 for VP).
 
-    x_N ~ p_T; at each level t_k, k = N ... 1: M corrector steps targeting p_{t_k}, then one predictor step of
-    the reverse SDE from t_k to t_{k-1}. This is the official code's order; Alg. 2/3 print the corrector after
-    the predictor, which is the same chain except that it corrects at t = eps instead of t = 1, and would make
-    the last update a Langevin step. With denoise=True the result is x_mean of the last update (the predictor's
-    step to t = eps without its noise). eps=None takes the paper's per-SDE default (1e-3 VP / sub-VP,
-    1e-5 VE); n_steps=None takes sde.N; z (optional) is the starting x_N.
+    x_N ~ p_T; at each level t_k, k = N ... 1 (time_grid: t_N = 1, ..., t_1 = eps): M corrector steps targeting
+    p_{t_k}, then one predictor step of the reverse SDE from t_k to t_{k-1}. This is the official code's order;
+    Alg. 2/3 print the corrector after the predictor, which is the same chain except that it corrects at t = eps
+    instead of t = 1, and would make the last update a Langevin step. The last predictor step goes from t_1 = eps
+    to the data, t_0 = 0, as in the official code: reverse diffusion and ancestral sampling then end with a
+    Tweedie denoise (VE: sigma_0 = 0, x + sigma(eps)^2 s exactly; VP: beta(eps) eps against std(eps)^2 =
+    1 - exp(-int_0^eps beta), 1.19x at eps = 1e-3), Euler-Maruyama with an Euler step of length eps. With
+    denoise=True the result is x_mean of that last update (its noise left out). eps=None takes the paper's
+    per-SDE default (1e-3 VP / sub-VP, 1e-5 VE); n_steps=None takes sde.N; z (optional) is the starting x_N.
     """
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; choose from {', '.join(PREDICTORS)}")
@@ -626,6 +655,7 @@ def pc_sample(score_fn, sde, shape, predictor="reverse_diffusion", corrector="la
         raise ValueError(f"unknown corrector {corrector!r}; choose from {', '.join(CORRECTORS)}")
     eps = sde.sample_eps if eps is None else eps
     N = n_steps or sde.N
+    sde.check_chain(N, eps)
     x = sde.prior_sampling(shape, generator, dtype, device) if z is None else z.to(dtype)
     x_mean = x
     with torch.no_grad():
@@ -700,9 +730,11 @@ def rk45(f, y, t0, t1, rtol=1e-5, atol=1e-5, max_steps=100000):
 
 
 def ode_sample(score_fn, sde, shape, rtol=1e-5, atol=1e-5, eps=None, z=None, generator=None,
-               dtype=torch.float32, device="cpu"):
+               dtype=torch.float32, device="cpu", denoise=True):
     """App. D.3 of Song et al. (2021): sample by solving the probability-flow ODE (Eq. 13) from t = 1 to eps
-    with adaptive RK45 (the whole batch as one state vector, as the official code does); returns (x, nfe)."""
+    with adaptive RK45 (the whole batch as one state vector, as the official code does); returns (x, nfe).
+    denoise=True (the official sampling.noise_removal): then one reverse-diffusion predictor step without noise
+    from t = eps to the data (t = 0), a Tweedie denoise as at the end of pc_sample (one more evaluation)."""
     eps = sde.sample_eps if eps is None else eps
     x = sde.prior_sampling(shape, generator, dtype, device) if z is None else z.to(dtype)
 
@@ -711,7 +743,10 @@ def ode_sample(score_fn, sde, shape, rtol=1e-5, atol=1e-5, eps=None, z=None, gen
         return sde.probability_flow(y, tt, score_fn(y, tt))
 
     with torch.no_grad():
-        return rk45(f, x, 1.0, eps, rtol, atol)
+        x, nfe = rk45(f, x, 1.0, eps, rtol, atol)
+        if denoise:
+            x, nfe = reverse_diffusion(score_fn, sde, x, eps, 0.0, noise=False)[0], nfe + 1
+    return x, nfe
 
 
 SAMPLERS = {"pc": None, "ode": None, "em": ("euler_maruyama", "none"),
@@ -801,7 +836,7 @@ def encode(score_fn, sde, x, eps=1e-5, rtol=1e-5, atol=1e-5):
 
 def decode(score_fn, sde, z, eps=1e-5, rtol=1e-5, atol=1e-5):
     """Sec. 4.3: data x(eps) from a latent code z = x(1), the ODE run backwards (ode_sample with a given start)."""
-    return ode_sample(score_fn, sde, z.shape, rtol, atol, eps, z=z, dtype=z.dtype)[0]
+    return ode_sample(score_fn, sde, z.shape, rtol, atol, eps, z=z, dtype=z.dtype, device=z.device, denoise=False)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -830,10 +865,12 @@ def pc_known(score_fn, sde, known, mask, couple=None, decouple=None, predictor="
     decouple = decouple or (lambda u: u)
     eps = sde.sample_eps if eps is None else eps
     N = n_steps or sde.N
+    sde.check_chain(N, eps)
     u_known = decouple(known)
 
     def impose(x, x_mean, t):
         mean, std = sde.marginal_prob(u_known, full(x, t))             # p_0t(u(t) | u_known)
+        std = std * (t > 0)                                            # t = 0 is the data itself (VE: sigma_0 = 0)
         noisy = mean + bc(std, x) * randn(x, generator)
         x = couple(decouple(x) * (1 - mask) + noisy * mask)
         x_mean = couple(decouple(x_mean) * (1 - mask) + mean * mask)
@@ -1325,8 +1362,8 @@ def validate(cfg, args):
         raise ValueError(f"--train-eps must be in (0, 1) (got {cfg.train_eps})")
     if not (cfg.sample_eps == 0 or 0 < cfg.sample_eps < 1):
         raise ValueError(f"--sample-eps must be in (0, 1), or 0 for the paper's default (got {cfg.sample_eps})")
-    if args.train and cfg.sde != "ve" and cfg.beta_max / cfg.n_steps >= 1:
-        raise ValueError(f"the VP chain needs beta(t) dt < 1: use --n-steps > beta_max = {cfg.beta_max:g}")
+    if args.train and cfg.sde != "ve" and (cfg.n_steps < 2 or cfg.beta_max / (cfg.n_steps - 1) >= 1):
+        raise ValueError(f"the VP chain needs beta(t) dt < 1: use --n-steps > beta_max + 1 = {cfg.beta_max + 1:g}")
     if cfg.sampler == "pc" and cfg.predictor == "none" and cfg.corrector == "none":
         raise ValueError("--predictor none with --corrector none would return the prior noise")
     try:  # an output folder we cannot write is reported now, not after training

@@ -20,6 +20,76 @@ sys.path.insert(0, ROOT)
 import score_sde as S  # noqa: E402
 
 F64 = torch.float64
+# Deliberate breaks of score_sde.py and the tests that catch them: python tests/mutations.py sde (issue 13).
+MUTATIONS = [
+    {"name": "sde-prior-normaliser", "file": "score_sde.py",
+     "find": "math.log(2 * math.pi * self.prior_std ** 2)",
+     "replace": "math.log(2 * math.pi * self.prior_std)",
+     "tests": ["tests/test_score_sde.py::test_prior_logp_is_the_normal_density[ve]"]},
+    {"name": "sde-likelihood-weighting-g", "file": "score_sde.py",
+     "find": "g2 = sde.sde(torch.zeros_like(x), t)[1] ** 2",
+     "replace": "g2 = sde.sde(torch.zeros_like(x), t)[1]",
+     "tests": ["tests/test_score_sde.py::test_weighted_loss_of_a_wrong_score[vp]",
+               "tests/test_score_sde.py::test_weighted_loss_of_a_wrong_score[ve]"]},
+    {"name": "sde-ald-step-size", "file": "score_sde.py",
+     "find": "step = 2 * alpha * (snr * std) ** 2",
+     "replace": "step = 2 * alpha * snr ** 2 * std",
+     "tests": ["tests/test_score_sde.py::test_corrector_step_sizes[vp]",
+               "tests/test_score_sde.py::test_corrector_step_sizes[ve]"]},
+    {"name": "sde-langevin-step-no-square", "file": "score_sde.py",
+     "find": "step = 2 * alpha * (snr * ratio) ** 2",
+     "replace": "step = 2 * alpha * (snr * ratio)",
+     "tests": ["tests/test_score_sde.py::test_corrector_step_sizes[ve]"]},
+    {"name": "sde-langevin-noise-sqrt-e", "file": "score_sde.py",
+     "find": "x = x_mean + bc((2 * step).sqrt(), x) * z               # Langevin noise",
+     "replace": "x = x_mean + bc(step.sqrt(), x) * z               # Langevin noise",
+     "tests": ["tests/test_score_sde.py::test_corrector_keeps_p_t_stationary[langevin-vp]"]},
+    {"name": "sde-vp-alpha-is-beta", "file": "score_sde.py",
+     "find": "return 1 - self.beta_i(t, dt)",
+     "replace": "return self.beta_i(t, dt)",
+     "tests": ["tests/test_score_sde.py::test_corrector_step_sizes[vp]"]},
+    {"name": "sde-probability-flow-half", "file": "score_sde.py",
+     "find": "return drift - 0.5 * bc(g ** 2, x) * score",
+     "replace": "return drift - bc(g ** 2, x) * score",
+     "tests": ["tests/test_score_sde.py::test_probability_flow_maps_prior_quantiles_to_data_quantiles[vp]"]},
+    {"name": "sde-int-beta-half", "file": "score_sde.py",
+     "find": "0.5 * t ** 2 * (self.beta_max - self.beta_min)",
+     "replace": "t ** 2 * (self.beta_max - self.beta_min)",
+     "tests": ["tests/test_score_sde.py::test_marginal_prob_solves_the_moment_odes[vp]"]},
+    {"name": "sde-ve-g-factor-2", "file": "score_sde.py",
+     "find": "math.sqrt(2 * self.log_ratio)).to(x.dtype)",
+     "replace": "math.sqrt(self.log_ratio)).to(x.dtype)",
+     "tests": ["tests/test_score_sde.py::test_marginal_prob_solves_the_moment_odes[ve]"]},
+    {"name": "sde-vp-ancestral-no-sqrt", "file": "score_sde.py",
+     "find": "x_mean = (x + bc(beta, x) * score) / bc((1 - beta).sqrt(), x)",
+     "replace": "x_mean = x + bc(beta, x) * score",
+     "tests": ["tests/test_score_sde.py::test_vp_ancestral_equals_ddpm_step"]},
+    {"name": "sde-subvp-ancestral-noise", "file": "score_sde.py",
+     "find": "std = s_next * b2.sqrt() / s",
+     "replace": "std = b2.sqrt()",
+     "tests": ["tests/test_score_sde.py::test_ancestral_is_gaussian_posterior_with_tweedie_x0[subvp]"]},
+    {"name": "sde-divergence-sign", "file": "score_sde.py",
+     "find": "logp = sde.prior_logp(z) + delta_logp",
+     "replace": "logp = sde.prior_logp(z) - delta_logp",
+     "tests": ["tests/test_score_sde.py::test_likelihood_exact_trace_matches_closed_form"]},
+    {"name": "sde-couple-not-inverse", "file": "score_sde.py",
+     "find": "torch.linalg.inv(COLOR_M).to(u)",
+     "replace": "COLOR_M.to(u)",
+     "tests": ["tests/test_score_sde.py::test_colorize_keeps_grey_and_transform_is_orthogonal"]},
+    {"name": "sde-ve-sigma0-not-zero", "file": "score_sde.py",
+     "find": "torch.where(t > 0, sigma, torch.zeros_like(sigma))",
+     "replace": "sigma",
+     "tests": ["tests/test_score_sde.py::test_last_predictor_step_denoises[ve]"]},
+    {"name": "sde-grid-ends-at-eps", "file": "score_sde.py",
+     "find": "    return list(zip(ts, ts[1:] + [0.0]))",
+     "replace": "    ts = [eps + (1 - eps) * k / N for k in range(N, -1, -1)]\n    return list(zip(ts[:-1], ts[1:]))",
+     "tests": ["tests/test_score_sde.py::test_point_mass_spread_after_pc_and_ode[ve]"]},
+    {"name": "sde-ode-no-denoise", "file": "score_sde.py",
+     "find": "        if denoise:\n",
+     "replace": "        if False:\n",
+     "tests": ["tests/test_score_sde.py::test_point_mass_spread_after_pc_and_ode[ve]"]},
+]
+
 # The mixture: two well-separated, correlated components with unequal weights (data scale ~[-2, 2]).
 W = torch.tensor([0.3, 0.7], dtype=F64)
 MU = torch.tensor([[-1.5, 0.5], [1.0, -0.5]], dtype=F64)
@@ -115,7 +185,7 @@ def test_vp_marginal_equals_product_of_chain():
     m, s = sde.marginal_prob(torch.ones(1, dtype=F64), torch.ones(1, dtype=F64))
     errors = []
     for N in (2500, 10000):
-        t = torch.tensor([t for t, _ in S.time_grid(N, 0.0)], dtype=F64)     # all N steps at once, (N,)
+        t = torch.arange(N, 0, -1, dtype=F64) / N                            # t_i = i / N, all N steps at once
         f, G = sde.discretize(torch.ones(N, 1, dtype=F64), t, 1 / N)
         prod_alpha = float(((f[:, 0] + 1) ** 2).prod())                     # prod (sqrt(1 - beta_i))^2
         errors.append(abs(prod_alpha / float(m) ** 2 - 1))
@@ -126,7 +196,18 @@ def test_vp_marginal_equals_product_of_chain():
     assert errors[1] < 0.02 and 3.5 < errors[0] / errors[1] < 4.5, errors
     ve, x = S.VESDE(0.01, 8.0), torch.ones(1, 1, dtype=F64)
     total = sum(float(ve.discretize(x, torch.tensor([t], dtype=F64), t - tn)[1]) ** 2 for t, tn in S.time_grid(50, 1e-5))
-    assert total == pytest.approx(8.0 ** 2 - float(ve.sigma(torch.tensor(1e-5))) ** 2, rel=1e-10)
+    assert total == pytest.approx(8.0 ** 2, rel=1e-10)   # the grid ends at the data, sigma_0 = 0 (Eq. 8)
+
+
+def test_time_grid_is_the_official_linspace():
+    """time_grid(N, eps): the N levels of the official torch.linspace(1, eps, N), each paired with the next, and the
+    last level eps paired with t = 0 (the data); N = 1 is the single step 1 -> 0.
+    Caught: the old grid of N steps from 1 to eps (its last step landed at eps, not the data)."""
+    grid = S.time_grid(7, 1e-3)
+    levels = torch.tensor([t for t, _ in grid], dtype=F64)
+    torch.testing.assert_close(levels, torch.linspace(1, 1e-3, 7, dtype=F64), rtol=0, atol=1e-15)
+    assert [tn for _, tn in grid] == [t for t, _ in grid[1:]] + [0.0]
+    assert S.time_grid(1, 1e-3) == [(1.0, 0.0)]
 
 
 # -----------------------------------------------------------------------------
@@ -245,10 +326,8 @@ def test_vp_ancestral_equals_ddpm_step():
     alpha_bar = np.cumprod(1 - beta)
     sde = S.VPSDE(0.1, 20.0, N)
     eps_net = lambda x: torch.sin(3 * x) + 0.5 * x                   # any noise predictor
-    grid = S.time_grid(N, 0.0)                                       # t_i = i / N
     for i in (N, 500, 2):
-        t, t_next = grid[N - i]
-        assert t == pytest.approx(i / N)
+        t, t_next = i / N, (i - 1) / N                                # t_i = i / N
         x = torch.randn(5, 3, generator=torch.Generator().manual_seed(i), dtype=F64)
         z = torch.randn(5, 3, generator=torch.Generator().manual_seed(7), dtype=F64)
         b, ab = beta[i - 1], alpha_bar[i - 1]
@@ -330,8 +409,175 @@ def test_probability_flow_maps_prior_quantiles_to_data_quantiles(name):
     m1, v1 = moments(1.0)
     m0, v0 = moments(eps)
     z = (m1 + math.sqrt(v1) * normal_q)[:, None]                        # quantiles of p_1
-    x, nfe = S.ode_sample(score, sde, (len(q), 1), rtol=1e-7, atol=1e-7, eps=eps, z=z, dtype=F64)
+    x, nfe = S.ode_sample(score, sde, (len(q), 1), rtol=1e-7, atol=1e-7, eps=eps, z=z, dtype=F64, denoise=False)
     torch.testing.assert_close(x[:, 0], m0 + math.sqrt(v0) * normal_q, rtol=0, atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# Issue 13: the last step lands on the data (t = 0), checked with point masses (exact score)
+
+def pm(name, t):
+    """(mean coefficient m_t, std_t, g(t)^2) of the test SDEs written out here (App. B), independently of score_sde:
+    VP / sub-VP with beta(t) = 0.1 + 19.9 t, int_0^t beta = 0.1 t + 9.95 t^2; VE (SDES: 0.01, 8) sigma = 0.01 800^t."""
+    if name == "ve":
+        sigma = 0.01 * 800.0 ** t
+        return 1.0, sigma, 2 * math.log(800.0) * sigma ** 2
+    B, beta = 0.1 * t + 9.95 * t * t, 0.1 + 19.9 * t
+    if name == "vp":
+        return math.exp(-B / 2), math.sqrt(-math.expm1(-B)), beta
+    return math.exp(-B / 2), -math.expm1(-B), beta * -math.expm1(-2 * B)
+
+
+def pm_reverse_step(name, t, t_next, m, std):
+    """The reverse-diffusion predictor from t to t_next with the exact score -(x - m x0) / std^2 of a point mass x0,
+    written as x' = A x + C x0 + G z: VE (Eq. 8, sigma_0 = 0), VP (Eq. 10, beta_i = beta(t) dt), sub-VP (App. E:
+    Euler-Maruyama chain f = -beta x dt / 2, G^2 = g^2 dt). Returns (A, C, G)."""
+    dt = t - t_next
+    if name == "ve":
+        G2 = pm(name, t)[1] ** 2 - (pm(name, t_next)[1] ** 2 if t_next > 0 else 0.0)
+        return 1 - G2 / std ** 2, G2 * m / std ** 2, math.sqrt(G2)
+    if name == "vp":
+        b = (0.1 + 19.9 * t) * dt
+        return 2 - math.sqrt(1 - b) - b / std ** 2, b * m / std ** 2, math.sqrt(b)
+    G2 = pm(name, t)[2] * dt
+    return 1 + (0.1 + 19.9 * t) * dt / 2 - G2 / std ** 2, G2 * m / std ** 2, math.sqrt(G2)
+
+
+def pm_score(name, x0):
+    def score(x, t):
+        m, std, _ = pm(name, float(t[0]))
+        return -(x - m * x0) / std ** 2
+    return score
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_last_predictor_step_denoises(name, device, f64):
+    """The last predictor step goes from t = eps to the data (t = 0), as in the official code. Started from exact
+    samples x = m x0 + std z of p_eps for a point mass x0, its x_mean is Tweedie's x0 for VE (reverse diffusion
+    and ancestral: sigma_0 = 0) and sub-VP ancestral, and for VP / sub-VP reverse diffusion the affine map
+    A x + C x0 written out in pm_reverse_step (VP: |A| std = 0.09 std(eps) left). Caught: sigma_0 = sigma(0)
+    instead of 0 in the VE chain (the last step would barely move)."""
+    sde, eps = SDES[name](), SDES[name]().sample_eps
+    m, std, _ = pm(name, eps)
+    x0 = torch.tensor([0.3, -0.5], dtype=f64, device=device)
+    z = torch.randn(500, 2, generator=torch.Generator().manual_seed(0), dtype=F64).to(device, f64)
+    x = m * x0 + std * z
+    A, C, _ = pm_reverse_step(name, eps, 0.0, m, std)
+    tol = dict(rtol=1e-9, atol=1e-12) if f64 == F64 else dict(rtol=1e-4, atol=1e-6)
+    _, x_mean = S.reverse_diffusion(pm_score(name, x0), sde, x, eps, 0.0, S.make_generator(1, device))
+    torch.testing.assert_close(x_mean, A * x + C * x0, **tol)
+    _, x_mean = S.ancestral_sampling(pm_score(name, x0), sde, x, eps, 0.0, S.make_generator(1, device))
+    if name == "vp":  # x0_hat with beta(eps) eps for std(eps)^2: (x - b (x - m x0) / std^2) / sqrt(1 - b)
+        b = (0.1 + 19.9 * eps) * eps
+        torch.testing.assert_close(x_mean, (x - b * (x - m * x0) / std ** 2) / math.sqrt(1 - b), **tol)
+    else:
+        torch.testing.assert_close(x_mean, x0.expand_as(x), **tol)
+    if name == "ve":
+        assert A == 0                                             # Tweedie: no spread left at all
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_point_mass_spread_after_pc_and_ode(name, device, f64):
+    """With the exact score of a point mass x0, PC sampling (reverse diffusion, no corrector, N = 100) and the ODE
+    sampler end at the spread that the discretisation leaves, computed exactly here: PC by the mean / variance
+    recursion of the affine Gaussian chain x' = A x + C x0 + G z (pm_reverse_step), the ODE by its closed form
+    x(eps) = m_eps x0 + (std_eps / std_1)(x(1) - m_1 x0) followed by the noise-free last step (noise_removal).
+    VE: no spread (Tweedie); VP ~0.09 std(eps); sub-VP ~1.2 std(eps) ~ 1e-4 (its chain is Euler-Maruyama).
+    Caught: the time grid ending at eps (no step to the data); ode_sample without its denoising step."""
+    sde, eps, N = SDES[name](), SDES[name]().sample_eps, 100
+    x0 = torch.tensor([0.3, -0.5], dtype=f64, device=device)
+    score = pm_score(name, x0)
+    # PC, predictor only: exact mean and variance of every coordinate through the chain.
+    x = S.pc_sample(score, sde, (4000, 2), "reverse_diffusion", "none", n_steps=N,
+                    generator=S.make_generator(0, device), dtype=f64, device=device)
+    mu, var = torch.zeros(2, dtype=F64), sde.prior_std ** 2
+    for t, t_next in S.time_grid(N, eps):
+        m, std, _ = pm(name, t)
+        A, C, G = pm_reverse_step(name, t, t_next, m, std)
+        mu, var, last = A * mu + C * x0.cpu().double(), A * A * var + G * G, A * A * var
+    spread = float((x.cpu().double() - mu).std())
+    if name == "ve":
+        assert spread < (1e-9 if f64 == F64 else 1e-5), spread
+    else:
+        assert spread == pytest.approx(math.sqrt(last), rel=0.05), (spread, math.sqrt(last))
+        assert float((x.cpu().double().mean(0) - mu).abs().max()) < 4 * math.sqrt(last / 4000) + 1e-12
+    # The ODE: deterministic, so every sample is checked.
+    z = torch.randn(500, 2, generator=torch.Generator().manual_seed(1), dtype=F64).to(device, f64)
+    x, _ = S.ode_sample(score, sde, z.shape, rtol=1e-7, atol=1e-7, eps=eps, z=z, dtype=f64, device=device)
+    (m1, s1, _), (m, std, _) = pm(name, 1.0), pm(name, eps)
+    A, C, _ = pm_reverse_step(name, eps, 0.0, m, std)
+    x_eps = m * x0 + std / s1 * (z - m1 * x0)
+    torch.testing.assert_close(x, A * x_eps + C * x0, rtol=0, atol=1e-7 if f64 == F64 else 1e-5)
+    if name == "ve":
+        assert float((x - x0).abs().max()) < (1e-9 if f64 == F64 else 1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Issue 13: formulas the samplers' statistics cannot see
+
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_prior_logp_is_the_normal_density(name, device, f64):
+    """prior_logp(z) = log N(z; 0, prior_std^2 I) summed over dimensions, against torch.distributions.Normal.
+    Caught: the VE normaliser log(2 pi sigma) instead of log(2 pi sigma^2) (the VE likelihood test replaces
+    prior_logp with the exact p_1, so only this test sees it)."""
+    sde = SDES[name]()
+    z = 1.3 * sde.prior_std * torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    want = torch.distributions.Normal(0.0, sde.prior_std).log_prob(z).flatten(1).sum(1)
+    torch.testing.assert_close(sde.prior_logp(z.to(device, f64)).cpu().double(), want,
+                               rtol=1e-8 if f64 == F64 else 1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_weighted_loss_of_a_wrong_score(name, device, f64):
+    """Eq. 7 with a deliberately wrong score: data at x0 = 0, model score = the exact score of a point mass at
+    c = (0.5, 0.5), i.e. of N(m_t c, std_t^2 I). Then s + z / std_t = m_t c / std_t^2 for every z, and the loss is
+    E_t[lambda(t) m_t^2 |c|^2 / (d std_t^4)], computed here by Simpson's rule over t in [0.5, 1] (t drawn
+    low-discrepancy in [0.5, 1], so the Monte-Carlo error is below 1e-3): lambda = std^2 (default) and lambda = g^2
+    (likelihood weighting). Caught: likelihood weighting g instead of g^2 (the exact-score loss test gives 0 under
+    any weighting)."""
+    sde, lo = SDES[name](), 0.5
+    c2 = 0.25                                                          # |c|^2 / d
+    u = torch.linspace(lo, 1, 2001, dtype=F64).tolist()
+    w = [1 if i in (0, 2000) else 4 if i % 2 else 2 for i in range(2001)]
+
+    def simpson(f):
+        return sum(wi * f(t) for wi, t in zip(w, u)) / 6000                  # the mean over U[lo, 1]
+
+    want_std2 = simpson(lambda t: pm(name, t)[0] ** 2 * c2 / pm(name, t)[1] ** 2)
+    want_g2 = simpson(lambda t: pm(name, t)[2] * pm(name, t)[0] ** 2 * c2 / pm(name, t)[1] ** 4)
+    x0 = torch.zeros(2000, 2, dtype=f64, device=device)
+    c = torch.full((2,), 0.5, dtype=f64, device=device)
+
+    def score(x, t):  # the exact score of N(m_t c, std_t^2 I)
+        m, std = sde.marginal_prob(torch.ones_like(t), t)
+        return -(x - S.bc(m, x) * c) / S.bc(std, x) ** 2
+
+    torch.manual_seed(0)
+    got_std2 = float(S.loss(score, sde, x0, eps=lo, t_sampling="low_discrepancy"))
+    got_g2 = float(S.loss(score, sde, x0, likelihood_weighting=True, eps=lo, t_sampling="low_discrepancy"))
+    assert got_std2 == pytest.approx(want_std2, rel=2e-3) and got_g2 == pytest.approx(want_g2, rel=2e-3), \
+        (got_std2, want_std2, got_g2, want_g2)
+
+
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_corrector_step_sizes(name, device, f64):
+    """One corrector step on the score -x / v of N(0, v I) is x' = (1 - e / v) x + sqrt(2 e) z; with z redrawn
+    from the same generator, the output is checked exactly for the step sizes of Alg. 4 / 5:
+    ALD (official form) e = 2 alpha (r std_t)^2; Langevin e = 2 alpha (r |z| / |g|)^2 with batch-mean norms;
+    alpha = 1 (VE), 1 - beta(t) dt (VP). Caught: ALD step 2 alpha r^2 std_t (the stationarity test holds for any
+    small step); Langevin step without the square; alpha_i = beta_i instead of 1 - beta_i."""
+    sde, t, dt, r, v = SDES[name](), 0.3, 1 / 200, 0.16, 0.7
+    alpha = 1.0 if name == "ve" else 1 - (0.1 + 19.9 * t) * dt
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=F64).to(device, f64)
+    score = lambda y, tt: -y / v
+    z = torch.randn(x.shape, generator=S.make_generator(5, device), dtype=f64, device=device)
+    tol = dict(rtol=1e-10, atol=1e-12) if f64 == F64 else dict(rtol=1e-4, atol=1e-5)
+    e = 2 * alpha * (r * pm(name, t)[1]) ** 2
+    out, _ = S.ald(score, sde, x, t, dt, r, 1, S.make_generator(5, device))
+    torch.testing.assert_close(out, (1 - e / v) * x + math.sqrt(2 * e) * z, **tol)
+    e = 2 * alpha * (r * float(z.norm(dim=1).mean()) / float((x / v).norm(dim=1).mean())) ** 2
+    out, _ = S.langevin(score, sde, x, t, dt, r, 1, S.make_generator(5, device))
+    torch.testing.assert_close(out, (1 - e / v) * x + math.sqrt(2 * e) * z, **tol)
 
 
 # -----------------------------------------------------------------------------
