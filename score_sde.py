@@ -135,11 +135,18 @@ class Config:
     ckpt: str = ""                # checkpoint to sample from ("" = <out>/ckpt.pt)
     seed: int = 0
     device: str = "auto"          # auto = cuda -> mps -> cpu
-    # sampling (Sec. 4, App. D / E / G)
+    precision: str = "auto"       # auto | fp32 | tf32 | bf16 (auto: tf32 on CUDA, fp32 elsewhere; bf16: network autocast)
+    compile: bool = False         # torch.compile the network (a one-line message where unsupported)
+    deterministic: bool = False   # deterministic kernels, so a CUDA run repeats bitwise (slower)
+    # sampling (Sec. 4, App. D / E / G). The pc defaults below are the official VE CIFAR-10 settings
+    # (configs/ve/cifar10_ncsnpp_continuous.py: reverse_diffusion + langevin, snr 0.16), used here for every SDE
+    # (our choice). The official VP / sub-VP configs use no corrector: euler_maruyama (continuous models,
+    # e.g. configs/vp/cifar10_ddpmpp_continuous.py; here --sampler em) or ancestral_sampling (discrete DDPM++,
+    # configs/vp/cifar10_ddpmpp.py; --sampler ancestral).
     sampler: str = "pc"           # pc | ode | em | reverse | ancestral (the last three: predictor only)
     predictor: str = "reverse_diffusion"  # for --sampler pc: euler_maruyama | reverse_diffusion | ancestral_sampling | none
     corrector: str = "langevin"   # for --sampler pc: langevin | ald | none
-    snr: float = 0.16             # App. G: r = 0.16 (CIFAR-10)
+    snr: float = 0.16             # App. G: r = 0.16 (VE, CIFAR-10; official default_cifar10_configs.py)
     n_steps: int = 500            # N discretisation steps (paper: 1000; CPU default halved)
     n_corrector_steps: int = 1    # M corrector steps per level (paper: 1)
     sample_eps: float = 0.0       # 0 = paper default per SDE: 1e-3 (VP, sub-VP), 1e-5 (VE)
@@ -290,14 +297,20 @@ def bc(a, x):
 
 
 def randn(x, generator=None):
-    """Standard normal noise shaped like x, optionally from a torch.Generator (reproducible sampling)."""
+    """Standard normal noise shaped like x, on x's device, optionally from a torch.Generator that feeds that
+    device (make_generator(seed, device): reproducible sampling)."""
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def wide(t):
+    """t in the schedules' precision, on its own device: float64 on CPU and CUDA, float32 on MPS (no float64)."""
+    return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
 
 
 class SDE:
     """What the three SDEs share: Eq. 6, Eq. 13, an Euler-Maruyama chain and the Gaussian prior's log-density.
 
-    Schedules are computed in float64 (t is cast once) and returned in x's dtype by the callers.
+    Schedules are computed on t's device in float64 (float32 on MPS: wide(t)) and returned in x's dtype.
     """
     N = 1000          # default number of discretisation steps for samplers
     prior_std = 1.0   # std of the prior p_T = N(0, prior_std^2 I)
@@ -333,7 +346,7 @@ class SDE:
 
     def langevin_alpha(self, t, dt):
         """Alg. 4 / 5: the corrector's step-size factor alpha_i (1 for VE)."""
-        return torch.ones_like(t, dtype=torch.float64)
+        return torch.ones_like(wide(t))
 
 
 class VESDE(SDE):
@@ -348,7 +361,7 @@ class VESDE(SDE):
 
     def sigma(self, t):
         """App. C: sigma(t) = sigma_min (sigma_max / sigma_min)^t, a geometric sequence in t."""
-        return self.sigma_min * torch.exp(t.double() * self.log_ratio)
+        return self.sigma_min * torch.exp(wide(t) * self.log_ratio)
 
     def sde(self, x, t):
         """f = 0, g(t) = sigma(t) sqrt(2 log(sigma_max / sigma_min)) = sqrt(d[sigma^2]/dt)."""
@@ -380,11 +393,11 @@ class VPSDE(SDE):
 
     def beta(self, t):
         """App. B: beta(t) = beta_min + t (beta_max - beta_min) (DDPM's linear beta_i = beta(i/N) / N)."""
-        return self.beta_min + t.double() * (self.beta_max - self.beta_min)
+        return self.beta_min + wide(t) * (self.beta_max - self.beta_min)
 
     def int_beta(self, t):
         """Integral of beta from 0 to t: beta_min t + t^2 (beta_max - beta_min) / 2."""
-        t = t.double()
+        t = wide(t)
         return self.beta_min * t + 0.5 * t ** 2 * (self.beta_max - self.beta_min)
 
     def beta_i(self, t, dt):
@@ -462,7 +475,7 @@ def sigma_max_technique1(x, n_max=5000):
 
 def ve_noise_input(sde, sigma):
     """The VE network's noise input: 999 log(sigma / sigma_min) / log(sigma_max / sigma_min), in [0, 999]."""
-    return 999 * torch.log(sigma.double() / sde.sigma_min) / sde.log_ratio
+    return 999 * torch.log(wide(sigma) / sde.sigma_min) / sde.log_ratio
 
 
 def make_score_fn(net, sde):
@@ -526,8 +539,8 @@ def time_grid(N, eps):
 
 
 def full(x, t):
-    """A time t (float) as the (B,) tensor the score function takes."""
-    return torch.full((len(x),), t, dtype=torch.float64, device=x.device)
+    """A time t (float) as the (B,) tensor the score function takes, on x's device (float64; float32 on MPS)."""
+    return torch.full((len(x),), t, dtype=torch.float32 if x.device.type == "mps" else torch.float64, device=x.device)
 
 
 def euler_maruyama(score_fn, sde, x, t, t_next, generator=None):
@@ -615,7 +628,7 @@ def ald(score_fn, sde, x, t, dt, snr, n_steps, generator=None):
     step e = 2 alpha (r std_t)^2, i.e. proportional to the noise variance at t, instead of the norm ratio."""
     tt = full(x, t)
     alpha = sde.langevin_alpha(tt, dt)
-    std = sde.marginal_prob(torch.ones_like(tt), tt)[1].double()   # std_t of p_0t (App. B)
+    std = wide(sde.marginal_prob(torch.ones_like(tt), tt)[1])      # std_t of p_0t (App. B)
     step = 2 * alpha * (snr * std) ** 2                              # fixed per level, proportional to std_t^2
     x_mean = x
     for _ in range(n_steps):
@@ -685,8 +698,10 @@ def rk45(f, y, t0, t1, rtol=1e-5, atol=1e-5, max_steps=100000):
     """Adaptive Dormand-Prince RK45 for dy/dt = f(t, y) from t0 to t1 (either direction); returns (y(t1), nfe).
 
     Error control as scipy's solve_ivp: err = RMS over all entries of (local error) / (atol + rtol max(|y|, |y_new|)),
-    accept when err <= 1, next step h * min(10, max(0.2, 0.9 err^(-1/5))). The first stage of each step reuses
-    the last stage of the previous one (FSAL), so an accepted or rejected step costs 6 evaluations.
+    accept when err <= 1, next step h * min(10, max(0.2, 0.9 err^(-1/5))), and, as scipy, no growth on the step
+    right after a rejection. The first stage of each step reuses the last stage of the previous one (FSAL), so
+    an accepted or rejected step costs 6 evaluations. The step-size control reads err on the host: one sync per
+    step, inherent to an adaptive solver (the fixed-step samplers make none).
     """
     nfe = 0
 
@@ -708,6 +723,7 @@ def rk45(f, y, t0, t1, rtol=1e-5, atol=1e-5, max_steps=100000):
     d2 = rms((fn(t + direction * h0, y + direction * h0 * k1) - k1) / scale) / h0
     h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
     h = min(100 * h0, h1, abs(t1 - t0))
+    rejected = False                                                # the last attempt was rejected
     for _ in range(max_steps):
         if direction * (t1 - t) <= 0:
             return y, nfe
@@ -723,9 +739,12 @@ def rk45(f, y, t0, t1, rtol=1e-5, atol=1e-5, max_steps=100000):
         err_norm = rms(err / (atol + rtol * torch.maximum(y.abs(), y_new.abs())))
         if err_norm <= 1:                                           # accept: advance, grow the step
             t, y, k1 = t + hs, y_new, k[6]
-            h *= min(10.0, 0.9 * err_norm ** -0.2) if err_norm > 0 else 10.0
+            grow = min(10.0, 0.9 * err_norm ** -0.2) if err_norm > 0 else 10.0
+            h *= min(1.0, grow) if rejected else grow                # scipy: no growth right after a rejection
+            rejected = False
         else:                                                       # reject: shrink the step, retry
             h *= max(0.2, 0.9 * err_norm ** -0.2)
+            rejected = True
     raise RuntimeError(f"rk45: no convergence in {max_steps} steps")
 
 
@@ -734,9 +753,11 @@ def ode_sample(score_fn, sde, shape, rtol=1e-5, atol=1e-5, eps=None, z=None, gen
     """App. D.3 of Song et al. (2021): sample by solving the probability-flow ODE (Eq. 13) from t = 1 to eps
     with adaptive RK45 (the whole batch as one state vector, as the official code does); returns (x, nfe).
     denoise=True (the official sampling.noise_removal): then one reverse-diffusion predictor step without noise
-    from t = eps to the data (t = 0), a Tweedie denoise as at the end of pc_sample (one more evaluation)."""
+    from t = eps to the data (t = 0), a Tweedie denoise as at the end of pc_sample (one more evaluation).
+    The ODE state is integrated in float64 as in the official code (scipy), float32 on MPS; the network still
+    sees float32 (make_score_fn); the result is returned in dtype."""
     eps = sde.sample_eps if eps is None else eps
-    x = sde.prior_sampling(shape, generator, dtype, device) if z is None else z.to(dtype)
+    x = wide(sde.prior_sampling(shape, generator, dtype, device) if z is None else z.to(dtype))
 
     def f(t, y):
         tt = full(y, t)
@@ -746,7 +767,7 @@ def ode_sample(score_fn, sde, shape, rtol=1e-5, atol=1e-5, eps=None, z=None, gen
         x, nfe = rk45(f, x, 1.0, eps, rtol, atol)
         if denoise:
             x, nfe = reverse_diffusion(score_fn, sde, x, eps, 0.0, noise=False)[0], nfe + 1
-    return x, nfe
+    return x.to(dtype), nfe
 
 
 SAMPLERS = {"pc": None, "ode": None, "em": ("euler_maruyama", "none"),
@@ -803,13 +824,14 @@ def likelihood(score_fn, sde, x, estimator="rademacher", dequantize=True, eps=1e
     (score_sde issue #24), which scores a density on a point set and understates bits/dim.
     """
     B, d = len(x), x[0].numel()
-    x = x.double()
+    x = wide(x)                                                      # float64 (float32 on MPS), on x's device
     if dequantize:
         if not levels or levels < 2:
             raise ValueError("dequantize=True needs the number of grey levels of the data (levels >= 2)")
         delta = 2.0 / (levels - 1)
-        x = x + delta * (torch.rand(x.shape, generator=generator, dtype=x.dtype) - 0.5)
-    probe = torch.Generator().manual_seed(int(torch.randint(2 ** 31, (1,), generator=generator)))
+        x = x + delta * (torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) - 0.5)
+    seed = torch.randint(2 ** 31, (1,), generator=generator, device=generator.device if generator else x.device)
+    probe = make_generator(int(seed), x.device)                      # one host read per call, not per step
 
     def f(t, y):
         xt = y[:, :d].reshape(x.shape)
@@ -818,7 +840,7 @@ def likelihood(score_fn, sde, x, estimator="rademacher", dequantize=True, eps=1e
         drift, div = divergence(lambda z: sde.probability_flow(z, tt, score_fn(z, tt)), xt, estimator, probe)
         return torch.cat([drift.flatten(1), div[:, None]], 1)
 
-    y0 = torch.cat([x.flatten(1), torch.zeros(B, 1, dtype=x.dtype)], 1)
+    y0 = torch.cat([x.flatten(1), torch.zeros(B, 1, dtype=x.dtype, device=x.device)], 1)
     y1, nfe = rk45(f, y0, eps, 1.0, rtol, atol)
     z, delta_logp = y1[:, :d].reshape(x.shape), y1[:, d]
     logp = sde.prior_logp(z) + delta_logp                            # log p_eps(x), nats
@@ -829,9 +851,11 @@ def likelihood(score_fn, sde, x, estimator="rademacher", dequantize=True, eps=1e
 
 
 def encode(score_fn, sde, x, eps=1e-5, rtol=1e-5, atol=1e-5):
-    """Sec. 4.3: the latent code z = x(1) of data x(eps) under the probability-flow ODE (uniquely identifiable)."""
+    """Sec. 4.3: the latent code z = x(1) of data x(eps) under the probability-flow ODE (uniquely identifiable);
+    integrated in float64 (float32 on MPS), returned in x's dtype."""
     with torch.no_grad():
-        return rk45(lambda t, y: sde.probability_flow(y, full(y, t), score_fn(y, full(y, t))), x, eps, 1.0, rtol, atol)[0]
+        f = lambda t, y: sde.probability_flow(y, full(y, t), score_fn(y, full(y, t)))
+        return rk45(f, wide(x), eps, 1.0, rtol, atol)[0].to(x.dtype)
 
 
 def decode(score_fn, sde, z, eps=1e-5, rtol=1e-5, atol=1e-5):
@@ -860,6 +884,11 @@ def pc_known(score_fn, sde, known, mask, couple=None, decouple=None, predictor="
     unknown ones keep what the sampler produced; x_mean gets the noise-free mean m_t' known. The official code
     (controllable_generation.py) re-noises the known part to the level t the predictor started from; we noise
     it to the level t' it arrives at, so the state is consistent with p_t' (identical in the limit N -> inf).
+    Two more differences from the official pc_inpainter / pc_colorizer, both ours on purpose: they start from
+    the known part clean (data * mask + prior * (1 - mask), noised only after the first update) where we start
+    it noised to t = 1 like the rest; and their eps defaults to 1e-5 for every SDE, where eps=None here takes
+    the SDE's sampling eps (1e-3 VP / sub-VP, 1e-5 VE), as pc_sample does. (Their x_mean also mixes in the
+    noisy x; ours keeps the update's x_mean.)
     """
     couple = couple or (lambda u: u)
     decouple = decouple or (lambda u: u)
@@ -907,12 +936,12 @@ COLOR_M = torch.tensor([[5.7735014e-01, -8.1649649e-01, 4.7008697e-08],
 
 def decouple(x):
     """RGB (B, 3, H, W) -> decoupled channels u_j = sum_i x_i M_ij (u_0 = grey channel)."""
-    return torch.einsum("bihw,ij->bjhw", x, COLOR_M.to(x))
+    return torch.einsum("bihw,ij->bjhw", x, COLOR_M.to(x.dtype).to(x.device))  # cast on the CPU (MPS: no float64)
 
 
 def couple(u):
     """Inverse of decouple: x_i = sum_j u_j M^-1_ji (M is orthogonal, so M^-1 = M^T up to float32 rounding)."""
-    return torch.einsum("bjhw,ji->bihw", u, torch.linalg.inv(COLOR_M).to(u))
+    return torch.einsum("bjhw,ji->bihw", u, torch.linalg.inv(COLOR_M).to(u.dtype).to(u.device))
 
 
 def colorize(score_fn, sde, x_grey, predictor="reverse_diffusion", corrector="langevin", snr=0.16,
@@ -1013,9 +1042,23 @@ def save_samples(x, path, cfg, data=None):
 MUST_MATCH = ("dataset", "image_size", "model", "sde", "beta_min", "beta_max", "sigma_min", "sigma_max")
 
 
+def finite_or_die(what, loss_sum, net, first, last, path):
+    """The finiteness check of the training loops, at log / checkpoint / sample steps only (one host sync for
+    the window of steps first..last): the loss accumulated on the device and the weights must be finite, else
+    DataError naming the window, so that a NaN never reaches a checkpoint."""
+    norms = torch.stack(torch._foreach_norm([p.detach() for p in net.parameters()]))
+    ok = torch.stack([torch.isfinite(loss_sum), torch.isfinite(norms).all()]).tolist()
+    steps = f"at step {first}" if first == last else f"in steps {first}-{last}"
+    if not ok[0]:
+        raise DataError(f"non-finite {what}loss {steps}; last good checkpoint kept in {path}")
+    if not ok[1]:
+        raise DataError(f"non-finite {what}weights {steps}; last good checkpoint kept in {path}")
+
+
 def train(cfg, resume=False):
     device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)  # one global RNG drives data order, t, noise and dropout
+    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)
+    torch.manual_seed(cfg.seed)  # the global RNGs (CPU, and the device's) drive data order, t, noise and dropout
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
     if cfg.sde == "ve" and cfg.sigma_max == 0:
         cfg = dataclasses.replace(cfg, sigma_max=sigma_max_technique1(data.x))  # NCSNv2 Technique 1
@@ -1025,7 +1068,8 @@ def train(cfg, resume=False):
     model = make_model(cfg, data_shape).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)  # EMA of parameters only (the nets have no buffers)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    score_fn = make_score_fn(model, sde)
+    score_fn = make_score_fn(network(model, autocast, cfg.compile), sde)
+    ema_score_fn = make_score_fn(network(ema, autocast, cfg.compile), sde)   # for the sample grids
     os.makedirs(cfg.out, exist_ok=True)
     path, step = os.path.join(cfg.out, "ckpt.pt"), 0
     if resume:
@@ -1040,18 +1084,21 @@ def train(cfg, resume=False):
                                 f"use another --out or the same settings")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        set_rng_state(ckpt["rng"])
         print(f"resumed from {path} at step {step}")
-    fixed = torch.Generator().manual_seed(cfg.seed + 1)  # fixed noise for the progress grids
+    fixed = make_generator(cfg.seed + 1, device)  # fixed noise for the progress grids
     grid_shape = (min(cfg.n_samples, 64) if cfg.dataset not in TOYS else 2000, *data_shape)
 
     def checkpoint():
         save_checkpoint(path, {"script": SCRIPT, "config": {**dataclasses.asdict(cfg), "data_shape": data_shape},
                                "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                               "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state()}})
+                               "optimizer": opt.state_dict(), "rng": rng_state()})
 
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     stop, t0, step0 = StopFlag(), time.time(), step
+    # No host sync per step: the loss is summed on the device and read, with the finiteness check, only at
+    # log / checkpoint / sample steps (finite_or_die names the window since the last check).
+    loss_sum, n_sum, checked = torch.zeros((), device=device), 0, step
     model.train()
     try:
         while step < cfg.steps and not stop.set:
@@ -1059,31 +1106,33 @@ def train(cfg, resume=False):
             if data.flip:
                 x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(-1), x0)
             L = loss(score_fn, sde, x0, cfg.likelihood_weighting, cfg.train_eps, cfg.t_sampling)
-            if not torch.isfinite(L):
-                raise DataError(f"non-finite loss at step {step + 1}; last good checkpoint kept in {path}")
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)  # linear warm-up (App. H)
             opt.zero_grad(set_to_none=True)
             L.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not torch.isfinite(gnorm):
-                raise DataError(f"non-finite gradient at step {step + 1}; last good checkpoint kept in {path}")
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1 - cfg.ema_decay)
-            step += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            ema_update(ema, model, cfg.ema_decay)
+            loss_sum, n_sum, step = loss_sum + L.detach(), n_sum + 1, step + 1
+            log = step % cfg.log_every == 0 or step == cfg.steps
+            save = step % cfg.ckpt_every == 0 or step == cfg.steps or stop.set
+            grid = step % cfg.sample_every == 0 or step == cfg.steps
+            if log or save or grid:
+                finite_or_die("", loss_sum, model, checked + 1, step, path)
+                checked = step
+            if log:
                 rate = (step - step0) / (time.time() - t0)
-                print(f"step {step}/{cfg.steps}  loss {L.item():.4f}  {rate:.2f} it/s  "
+                print(f"step {step}/{cfg.steps}  loss {float(loss_sum) / n_sum:.4f}  {rate:.2f} it/s  "
                       f"ETA {(cfg.steps - step) / rate / 60:.1f} min", flush=True)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop.set:
+                loss_sum, n_sum = torch.zeros((), device=device), 0
+            if save:
                 checkpoint()
-            if step % cfg.sample_every == 0 or step == cfg.steps:
+            if grid:
                 ema.eval()
-                x, _ = sample(make_score_fn(ema, sde), sde, cfg, grid_shape, fixed.manual_seed(cfg.seed + 1), device)
+                x, _ = sample(ema_score_fn, sde, cfg, grid_shape, fixed.manual_seed(cfg.seed + 1), device)
                 save_samples(x, os.path.join(cfg.out, f"train_{step:06d}.png"), cfg, data.x)
         if stop.set:
+            finite_or_die("", loss_sum, model, checked + 1, step, path)
             checkpoint()
             print(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume", file=sys.stderr)
             sys.exit(130)
@@ -1095,9 +1144,8 @@ def train(cfg, resume=False):
 def run_sample(cfg):
     """--sample: rebuild the network and SDE from the checkpoint's config (its --sde, --dataset, ... win over
     the command line's), sample with the EMA weights using this command line's sampler flags."""
-    device = pick_device(cfg.device)
-    saved, data_shape, score_fn, sde = load_score_model(cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    saved, data_shape, score_fn, sde, device = load_score_model(cfg)
+    gen = make_generator(cfg.seed, device)
     t0 = time.time()
     x, nfe = sample(score_fn, sde, cfg, (cfg.n_samples, *data_shape), gen, device)
     if not torch.isfinite(x).all():
@@ -1118,6 +1166,7 @@ def train_classifier(cfg):
     score checkpoint (--ckpt, so the two share the schedule), or of --sde when there is none; writes
     <out>/classifier.pt (EMA weights used for guidance)."""
     device = pick_device(cfg.device)
+    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)
     torch.manual_seed(cfg.seed)
     spath = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
     if os.path.isfile(spath):                       # the score model's SDE, sigma_max and dataset win
@@ -1133,41 +1182,50 @@ def train_classifier(cfg):
     net = TimeClassifier(data.x.shape[1], K).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr * 5)   # a classifier tolerates a larger step than the score net
-    t0 = time.time()
+    net_fn, ema_fn = network(net, autocast, cfg.compile), network(ema, autocast, cfg.compile)
+    path = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt")
+    t0, loss_sum, n_sum, checked = time.time(), torch.zeros((), device=device), 0, 0
     for step in range(1, cfg.classifier_steps + 1):
         idx = torch.randint(len(data.x), (cfg.batch_size,))
-        L = classifier_loss(net, sde, data.x[idx].to(device), data.y[idx].to(device), cfg.train_eps)
-        if not torch.isfinite(L):
-            raise DataError(f"non-finite classifier loss at step {step}")
+        L = classifier_loss(net_fn, sde, data.x[idx].to(device), data.y[idx].to(device), cfg.train_eps)
         opt.zero_grad(set_to_none=True)
         L.backward()
         opt.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p, 1 - cfg.ema_decay)
+        ema_update(ema, net, cfg.ema_decay)
+        loss_sum, n_sum = loss_sum + L.detach(), n_sum + 1            # read at log steps only (no per-step sync)
         if step % cfg.log_every == 0 or step == cfg.classifier_steps:
-            print(f"classifier step {step}/{cfg.classifier_steps}  cross-entropy {L.item():.4f}  "
+            finite_or_die("classifier ", loss_sum, net, checked + 1, step, path)
+            checked = step
+            print(f"classifier step {step}/{cfg.classifier_steps}  cross-entropy {float(loss_sum) / n_sum:.4f}  "
                   f"{step / (time.time() - t0):.2f} it/s", flush=True)
+            loss_sum, n_sum = torch.zeros((), device=device), 0
     # Held-out accuracy at three noise levels, so a person can see what the guidance has to work with.
     test = load_data(cfg.dataset, train=False, image_size=cfg.image_size or None)
+    tx, ty = test.x.to(device), test.y.to(device)
     with torch.no_grad():
         for t in (0.1, 0.5, 0.9):
-            tt = torch.full((len(test.x),), t)
-            mean, std = sde.marginal_prob(test.x, tt)
-            xt = (mean + bc(std, test.x) * torch.randn_like(test.x)).float()
-            acc = (ema(xt.to(device), net_time(sde, tt).float().to(device)).argmax(1).cpu() == test.y).float().mean()
+            tt = torch.full((len(tx),), t, device=device)
+            mean, std = sde.marginal_prob(tx, tt)
+            xt = (mean + bc(std, tx) * torch.randn_like(tx)).float()
+            acc = float((ema_fn(xt, net_time(sde, tt).float()).argmax(1) == ty).float().mean())
             print(f"held-out accuracy at t = {t}: {acc:.3f}")
-    path = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt")
     save_checkpoint(path, {"script": SCRIPT, "kind": "classifier",
                            "config": {**dataclasses.asdict(cfg), "data_shape": list(data.x.shape[1:]), "n_classes": K},
                            "step": cfg.classifier_steps, "model": net.state_dict(), "ema": ema.state_dict(),
-                           "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state()}})
+                           "optimizer": opt.state_dict(), "rng": rng_state()})
     print(f"classifier -> {path}")
 
 
+def precision_of(cfg, device):
+    """--precision auto: tf32 on CUDA, fp32 elsewhere (a runtime setting: it never has to match a checkpoint)."""
+    return ("tf32" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
+
+
 def load_score_model(cfg):
-    """The EMA score network and SDE of --ckpt (default <out>/ckpt.pt): (saved config, data_shape, score_fn, sde)."""
+    """The EMA score network and SDE of --ckpt (default <out>/ckpt.pt), on --device with this command line's
+    --precision / --compile: (saved config, data_shape, score_fn, sde, device)."""
     device = pick_device(cfg.device)
+    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)
     path = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
     ckpt = load_checkpoint(path)
     try:
@@ -1181,22 +1239,23 @@ def load_score_model(cfg):
         raise DataError(f"{path}: checkpoint does not match this script's network ({type(e).__name__})") from None
     model.to(device).eval()
     sde = make_sde(saved.sde, saved.beta_min, saved.beta_max, saved.sigma_min, saved.sigma_max, cfg.n_steps)
-    return saved, data_shape, make_score_fn(model, sde), sde
+    return saved, data_shape, make_score_fn(network(model, autocast, cfg.compile), sde), sde, device
 
 
-def held_out(saved, cfg, what):
-    """The first --n-eval held-out images of the checkpoint's dataset (image modes refuse 2-D toys)."""
+def held_out(saved, cfg, what, device):
+    """The first --n-eval held-out images of the checkpoint's dataset on device, float64 (float32 on MPS);
+    image modes refuse 2-D toys."""
     if saved.dataset in TOYS and what != "--eval-nll":
         raise ValueError(f"{what} needs image data; the checkpoint was trained on the 2-D toy {saved.dataset}")
     data = load_data(saved.dataset, train=False, image_size=saved.image_size or None)
-    return data, data.x[:cfg.n_eval].double()
+    return data, wide(data.x[:cfg.n_eval].to(device))
 
 
 def run_eval_nll(cfg):
     """--eval-nll: bits/dim (App. D.2) of --n-eval held-out points with --estimator, mean +- standard error."""
-    saved, _, score_fn, sde = load_score_model(cfg)
-    data, x = held_out(saved, cfg, "--eval-nll")
-    gen = torch.Generator().manual_seed(cfg.seed)
+    saved, _, score_fn, sde, device = load_score_model(cfg)
+    data, x = held_out(saved, cfg, "--eval-nll", device)
+    gen = make_generator(cfg.seed, device)
     t0 = time.time()
     bpd, nfe = likelihood(score_fn, sde, x, cfg.estimator, dequantize=data.levels is not None,
                           levels=data.levels, rtol=cfg.rtol, atol=cfg.atol, generator=gen)
@@ -1222,14 +1281,14 @@ def slerp(z0, z1, lam):
 def run_encode(cfg, interpolate=False):
     """--encode: rows of held-out images | their codes z = x(1) | decode(z) (Sec. 4.3).
     --interpolate: 8 rows, each decoding slerp(z_a, z_b, lambda) for 9 lambdas between two encoded images."""
-    saved, _, score_fn, sde = load_score_model(cfg)
-    _, x = held_out(saved, cfg, "--interpolate" if interpolate else "--encode")
+    saved, _, score_fn, sde, device = load_score_model(cfg)
+    _, x = held_out(saved, cfg, "--interpolate" if interpolate else "--encode", device)
     x = x[:16 if interpolate else 8]
     eps = cfg.sample_eps or 1e-5
     z = encode(score_fn, sde, x, eps, cfg.rtol, cfg.atol)
     os.makedirs(cfg.out, exist_ok=True)
     if interpolate:
-        lams = torch.linspace(0, 1, 9, dtype=z.dtype)
+        lams = torch.linspace(0, 1, 9, dtype=z.dtype, device=z.device)
         zs = torch.cat([torch.stack([slerp(z[2 * i], z[2 * i + 1], l) for l in lams]) for i in range(len(z) // 2)])
         out, png = decode(score_fn, sde, zs, eps, cfg.rtol, cfg.atol), os.path.join(cfg.out, "interpolate.png")
         save_grid(out.float(), png, nrow=9)
@@ -1245,20 +1304,20 @@ def run_encode(cfg, interpolate=False):
 def run_inpaint(cfg, colour=False):
     """--inpaint: rows originals | masked (bottom half removed) | completed (App. I.2).
     --colorize: rows originals | grey | colourised (App. I.3); grey data -> a one-line explanation."""
-    saved, data_shape, score_fn, sde = load_score_model(cfg)
+    saved, data_shape, score_fn, sde, device = load_score_model(cfg)
     if colour and data_shape[0] != 3:
         raise ValueError(f"--colorize needs RGB data; {saved.dataset} has {data_shape[0]} channel(s), so there is "
                          f"no colour to restore (App. I.3 works on 3-channel images)")
-    _, x = held_out(saved, cfg, "--colorize" if colour else "--inpaint")
+    _, x = held_out(saved, cfg, "--colorize" if colour else "--inpaint", device)
     x = x[:16]
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = make_generator(cfg.seed, device)
     kw = dict(predictor=cfg.predictor, corrector=cfg.corrector, snr=cfg.snr, n_corrector_steps=cfg.n_corrector_steps,
               eps=cfg.sample_eps or None, n_steps=cfg.n_steps, generator=gen)
     if colour:
         shown = x.mean(1, keepdim=True).expand_as(x)
         out, png = colorize(score_fn, sde, shown, **kw), os.path.join(cfg.out, "colorize.png")
     else:
-        mask = torch.ones(x.shape[1:], dtype=x.dtype)
+        mask = torch.ones(x.shape[1:], dtype=x.dtype, device=x.device)
         mask[..., x.shape[-2] // 2:, :] = 0                              # bottom half unknown
         shown = x * mask - (1 - mask)                                    # masked part drawn black
         out, png = inpaint(score_fn, sde, x, mask, **kw), os.path.join(cfg.out, "inpaint.png")
@@ -1271,7 +1330,7 @@ def run_inpaint(cfg, colour=False):
 def run_class(cfg, label):
     """--sample --class K: class-conditional PC samples (Sec. 5) with the time-dependent classifier of
     --classifier-ckpt; --class all: one row per class."""
-    saved, data_shape, score_fn, sde = load_score_model(cfg)
+    saved, data_shape, score_fn, sde, device = load_score_model(cfg)
     path = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt")
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != "classifier":
@@ -1283,7 +1342,7 @@ def run_class(cfg, label):
     K = cc["n_classes"]
     if label == "all":
         n = max(1, cfg.n_samples // K)
-        y = torch.arange(K).repeat_interleave(n)
+        y = torch.arange(K, device=device).repeat_interleave(n)
     else:
         try:
             k = int(label)
@@ -1291,23 +1350,24 @@ def run_class(cfg, label):
             raise ValueError(f"--class must be an integer in [0, {K - 1}] or 'all' (got {label!r})") from None
         if not 0 <= k < K:
             raise ValueError(f"--class {k} is out of range: the classifier knows classes 0..{K - 1}")
-        n, y = cfg.n_samples, torch.full((cfg.n_samples,), k)
+        n, y = cfg.n_samples, torch.full((cfg.n_samples,), k, device=device)
     clf = TimeClassifier(data_shape[0], K)
     clf.load_state_dict(ckpt["ema"])
-    clf.eval()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    clf.to(device).eval()
+    clf = network(clf, setup_precision(device, precision_of(cfg, device), cfg.deterministic), cfg.compile)
+    gen = make_generator(cfg.seed, device)
     pred, corr = (cfg.predictor, cfg.corrector) if cfg.sampler == "pc" else SAMPLERS.get(cfg.sampler) or ("x", "x")
     if pred == "x":
         raise ValueError("--class needs an SDE sampler (pc, em, reverse, ancestral), not the ODE")
     x = class_sample(score_fn, make_log_prob_fn(clf, sde), sde, (len(y), *data_shape), y, cfg.classifier_scale,
                      predictor=pred, corrector=corr, snr=cfg.snr, n_corrector_steps=cfg.n_corrector_steps,
-                     eps=cfg.sample_eps or None, generator=gen, n_steps=cfg.n_steps)
+                     eps=cfg.sample_eps or None, generator=gen, n_steps=cfg.n_steps, device=device)
     os.makedirs(cfg.out, exist_ok=True)
     png = os.path.join(cfg.out, f"class_{label}.png")
     save_grid(x.float(), png, nrow=n if label == "all" else None)
     with torch.no_grad():
-        acc = float((make_log_prob_fn(clf, sde)(x, torch.full((len(x),), sde.sample_eps, dtype=x.dtype)).argmax(1)
-                     == y).double().mean())
+        t_eps = torch.full((len(x),), sde.sample_eps, dtype=x.dtype, device=x.device)
+        acc = float((make_log_prob_fn(clf, sde)(x, t_eps).argmax(1) == y).float().mean())
     print(f"{len(y)} samples of class {label} (scale {cfg.classifier_scale}); the classifier at t = eps agrees "
           f"on {acc:.0%} -> {png}")
 
@@ -1322,7 +1382,7 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-CHOICES = {"sde": ("vp", "subvp", "ve"), "estimator": ("rademacher", "gaussian", "exact"),
+CHOICES = {"sde": ("vp", "subvp", "ve"), "precision": ("auto", "fp32", "tf32", "bf16"), "estimator": ("rademacher", "gaussian", "exact"),
            "t_sampling": ("iid", "low_discrepancy"), "sampler": tuple(SAMPLERS), "predictor": tuple(PREDICTORS),
            "corrector": tuple(CORRECTORS), "model": tuple(PRESETS)}
 

@@ -73,8 +73,8 @@ MUTATIONS = [
      "replace": "logp = sde.prior_logp(z) - delta_logp",
      "tests": ["tests/test_score_sde.py::test_likelihood_exact_trace_matches_closed_form"]},
     {"name": "sde-couple-not-inverse", "file": "score_sde.py",
-     "find": "torch.linalg.inv(COLOR_M).to(u)",
-     "replace": "COLOR_M.to(u)",
+     "find": "torch.linalg.inv(COLOR_M).to(u.dtype)",
+     "replace": "COLOR_M.to(u.dtype)",
      "tests": ["tests/test_score_sde.py::test_colorize_keeps_grey_and_transform_is_orthogonal"]},
     {"name": "sde-ve-sigma0-not-zero", "file": "score_sde.py",
      "find": "torch.where(t > 0, sigma, torch.zeros_like(sigma))",
@@ -103,14 +103,19 @@ def mixture_at(sde, t):
     return m * MU, m ** 2 * C + s ** 2 * torch.eye(2, dtype=F64)
 
 
+def like(a, x):
+    """A CPU float64 constant in x's dtype on x's device (cast on the CPU first: MPS has no float64)."""
+    return a.to(x.dtype).to(x.device)
+
+
 def mix_score(sde):
-    """Exact grad log p_t(x) of the mixture (all samples of a call share one t, as in every sampler)."""
+    """Exact grad log p_t(x) of the mixture (all samples of a call share one t, as in every sampler), on x's device."""
     def score(x, t):
         mean, cov = mixture_at(sde, float(t[0]))
-        P = torch.linalg.inv(cov)                                    # (K, 2, 2)
+        P, mean = like(torch.linalg.inv(cov), x), like(mean, x)     # (K, 2, 2), (K, 2)
         d = x[:, None, :] - mean[None]                               # (B, K, 2)
         Pd = torch.einsum("kij,bkj->bki", P, d)
-        logp = torch.log(W) - 0.5 * torch.logdet(cov) - 0.5 * (d * Pd).sum(-1)
+        logp = like(torch.log(W) - 0.5 * torch.logdet(cov), x) - 0.5 * (d * Pd).sum(-1)
         return -(torch.softmax(logp, 1)[:, :, None] * Pd).sum(1)     # sum_k r_k(x) (-P_k d_k)
     return score
 
@@ -125,6 +130,7 @@ def sample_mixture(n, mean, cov, g):
 def mixture_errors(x, mean=MU, cov=C):
     """(weight error of component 1, max |mean error|, max relative covariance error) of samples x,
     each point assigned to the nearer component mean; covariance errors are divided by sqrt(C_ii C_jj)."""
+    x = x.cpu().double()
     near1 = (x - mean[1]).norm(dim=1) < (x - mean[0]).norm(dim=1)
     errs = [abs(float(near1.double().mean() - W[1])), 0.0, 0.0]
     for k, sel in enumerate((~near1, near1)):
@@ -217,7 +223,7 @@ PC = [(p, c) for p in ("euler_maruyama", "reverse_diffusion", "ancestral_samplin
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-def test_pc_sampler_every_combination(name):
+def test_pc_sampler_every_combination(name, device, f64):
     """pc_sample with every predictor x corrector (N = 200, M = 1, snr 0.16) on 4000 particles reproduces the
     mixture's weights, component means and covariances. Caught: Langevin noise sqrt(e) instead of sqrt(2 e);
     VE ancestral std without the 1/sigma_i^2; reverse diffusion without G^2 on the score; VP ancestral without
@@ -225,42 +231,44 @@ def test_pc_sampler_every_combination(name):
     sde = SDES[name]()
     score = mix_score(sde)
     for p, c in PC:
-        x = S.pc_sample(score, sde, (4000, 2), p, c, n_steps=200, generator=torch.Generator().manual_seed(1), dtype=F64)
+        x = S.pc_sample(score, sde, (4000, 2), p, c, n_steps=200, generator=S.make_generator(1, device), dtype=f64,
+                        device=device)
         assert_matches(x, f"{name} {p} + {c}")
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp"])
-def test_corrector_only(name):
+def test_corrector_only(name, device, f64):
     """Corrector-only sampling (predictor none, Langevin, M = 4 per level) also gets there on VP and sub-VP
     (the official corrector cannot run on sub-VP at all). Caught: alpha_i = beta_i instead of 1 - beta_i.
     (Corrector-only is the paper's weakest sampler: with the VE SDE and ALD it does not converge at this budget.)"""
     sde = SDES[name]()
     x = S.pc_sample(mix_score(sde), sde, (4000, 2), "none", "langevin", n_corrector_steps=4, n_steps=200,
-                    generator=torch.Generator().manual_seed(2), dtype=F64)
+                    generator=S.make_generator(2, device), dtype=f64, device=device)
     assert_matches(x, f"{name} corrector only", (0.04, 0.05, 0.2))
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
 @pytest.mark.parametrize("corrector", ["langevin", "ald"])
-def test_corrector_keeps_p_t_stationary(name, corrector):
+def test_corrector_keeps_p_t_stationary(name, corrector, device, f64):
     """Started from exact samples of p_t, 30 corrector steps at that t leave p_t unchanged (Langevin MCMC targets
     p_t, Alg. 4/5). Caught: noise sqrt(e) instead of sqrt(2 e) (covariance halves); step 2 (r|z|/|g|) (no square)."""
     sde, t = SDES[name](), 0.05
     mean, cov = mixture_at(sde, t)
     g = torch.Generator().manual_seed(3)
-    x = sample_mixture(4000, mean, cov, g)
+    x = sample_mixture(4000, mean, cov, g).to(f64).to(device)
+    g = g if device.type == "cpu" else S.make_generator(3, device)   # CPU: the same stream continues
     x, _ = S.CORRECTORS[corrector](mix_score(sde), sde, x, t, 1 / 200, 0.16, 30, g)
     errs = mixture_errors(x, mean, cov)
     assert all(e <= tol for e, tol in zip(errs, TOL)), f"{errs}"
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-def test_ode_sampler(name):
+def test_ode_sampler(name, device, f64):
     """ode_sample (Eq. 13 with RK45, rtol = atol = 1e-4) reproduces the mixture, with a modest NFE.
     Caught: probability flow with g^2 instead of g^2 / 2 on the score; RK45 with one wrong tableau entry."""
     sde = SDES[name]()
     x, nfe = S.ode_sample(mix_score(sde), sde, (4000, 2), rtol=1e-4, atol=1e-4,
-                          generator=torch.Generator().manual_seed(4), dtype=F64)
+                          generator=S.make_generator(4, device), dtype=f64, device=device)
     assert_matches(x, f"{name} ode")
     assert 20 < nfe < 400
 
@@ -288,15 +296,15 @@ class WrongDrift(S.VPSDE):
 
 @pytest.mark.parametrize("bad,sampler", [(WrongDiffusion, "euler_maruyama"), (WrongChain, "reverse_diffusion"),
                                          (WrongDiffusion, "ode"), (WrongDrift, "ode")])
-def test_negative_wrong_coefficient_fails(bad, sampler):
+def test_negative_wrong_coefficient_fails(bad, sampler, device, f64):
     """The tolerances of the tests above reject a sampler with a 20% wrong diffusion or drift coefficient
     (the score stays exact for the correct VP SDE)."""
     sde, score = bad(), mix_score(S.VPSDE())
-    g = torch.Generator().manual_seed(1)
+    g = S.make_generator(1, device)
     if sampler == "ode":
-        x, _ = S.ode_sample(score, sde, (4000, 2), rtol=1e-4, atol=1e-4, generator=g, dtype=F64)
+        x, _ = S.ode_sample(score, sde, (4000, 2), rtol=1e-4, atol=1e-4, generator=g, dtype=f64, device=device)
     else:
-        x = S.pc_sample(score, sde, (4000, 2), sampler, "none", n_steps=200, generator=g, dtype=F64)
+        x = S.pc_sample(score, sde, (4000, 2), sampler, "none", n_steps=200, generator=g, dtype=f64, device=device)
     with pytest.raises(AssertionError):
         assert_matches(x, "mutant")
 
@@ -391,7 +399,7 @@ def test_rk45_nfe_falls_as_rtol_loosens():
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-def test_probability_flow_maps_prior_quantiles_to_data_quantiles(name):
+def test_probability_flow_maps_prior_quantiles_to_data_quantiles(name, device, f64):
     """For 1-D Gaussian data N(mu, s^2), p_t is Gaussian and the probability-flow ODE is the monotone affine
     map between p_1 and p_eps: the q-quantile of p_1 lands on the q-quantile of p_eps. Caught: the 1/2 in
     Eq. 13 (probability_flow with g^2 s); a wrong sign of the drift."""
@@ -408,9 +416,10 @@ def test_probability_flow_maps_prior_quantiles_to_data_quantiles(name):
     normal_q = math.sqrt(2) * torch.erfinv(2 * q - 1)                  # standard normal quantiles
     m1, v1 = moments(1.0)
     m0, v0 = moments(eps)
-    z = (m1 + math.sqrt(v1) * normal_q)[:, None]                        # quantiles of p_1
-    x, nfe = S.ode_sample(score, sde, (len(q), 1), rtol=1e-7, atol=1e-7, eps=eps, z=z, dtype=F64, denoise=False)
-    torch.testing.assert_close(x[:, 0], m0 + math.sqrt(v0) * normal_q, rtol=0, atol=1e-4)
+    z = (m1 + math.sqrt(v1) * normal_q)[:, None].to(f64).to(device)    # quantiles of p_1
+    x, nfe = S.ode_sample(score, sde, (len(q), 1), rtol=1e-7, atol=1e-7, eps=eps, z=z, dtype=f64, device=device,
+                          denoise=False)
+    torch.testing.assert_close(x[:, 0].cpu().double(), m0 + math.sqrt(v0) * normal_q, rtol=0, atol=1e-4)
 
 
 # -----------------------------------------------------------------------------
@@ -630,10 +639,10 @@ class ExactPriorVE(S.VESDE):
     """VE SDE whose prior term is the exact p_1 (the paper's N(0, sigma_max^2 I) is off by ~0.02 nats/dim
     here, the price of a finite sigma_max: the data's mean and variance are not negligible against 8^2)."""
     def prior_logp(self, z):
-        return mixture_logp(self, 1.0, z)
+        return like(mixture_logp(self, 1.0, z.cpu().double()), z)
 
 
-def test_likelihood_exact_trace_matches_closed_form():
+def test_likelihood_exact_trace_matches_closed_form(device, f64):
     """likelihood(dequantize=False, exact trace) with the exact mixture score equals the closed-form
     -log p_eps(x) / (d ln 2) within 0.005 nats/dim; the Rademacher and Gaussian Hutchinson estimates agree with
     it on average (mean of 64 probes per point within 4 standard errors). Caught: the sign of the divergence
@@ -643,17 +652,19 @@ def test_likelihood_exact_trace_matches_closed_form():
         eps = 1e-3
         x = torch.tensor([[-1.5, 0.5], [1.0, -0.3], [0.0, 0.0]], dtype=F64)
         exact_bpd = -mixture_logp(sde, eps, x) / (2 * math.log(2))
+        x = x.to(f64).to(device)
         bpd, nfe = S.likelihood(mix_score(sde), sde, x, "exact", dequantize=False, eps=eps, rtol=1e-6, atol=1e-6)
+        bpd = bpd.cpu().double()
         assert ((bpd - exact_bpd) * math.log(2)).abs().max() < 0.005, (sde.name, bpd, exact_bpd)
         for est in ("rademacher", "gaussian"):
             b, _ = S.likelihood(mix_score(sde), sde, x.repeat(64, 1), est, dequantize=False, eps=eps, rtol=1e-4,
-                                atol=1e-4, generator=torch.Generator().manual_seed(5))
-            b = b.reshape(64, 3)
+                                atol=1e-4, generator=S.make_generator(5, device))
+            b = b.cpu().double().reshape(64, 3)
             se = b.std(0) / 8
             assert ((b.mean(0) - exact_bpd).abs() <= 4 * se + 0.005).all(), (sde.name, est, b.mean(0), exact_bpd, se)
 
 
-def test_dequantized_bits_per_dim_1d():
+def test_dequantized_bits_per_dim_1d(device, f64):
     """1-D Gaussian data on K = 17 levels: the dequantised bits/dim is >= the continuous NLL of the same points
     (in bits, after the bin-width shift) and equals the direct numerical value
     -(E_u log p_eps(x + delta (u - 1/2)) + log delta) / ln 2 computed by quadrature over u."""
@@ -667,9 +678,10 @@ def test_dequantized_bits_per_dim_1d():
         return float(m) * mu, float(m) ** 2 * s2 + float(std) ** 2
 
     score = lambda x, t: -(x - moments(float(t[0]))[0]) / moments(float(t[0]))[1]
-    x = torch.full((400, 1), 0.25, dtype=F64)                           # one level (u = 10 of 0..16)
+    x = torch.full((400, 1), 0.25, dtype=f64, device=device)           # one level (u = 10 of 0..16)
     bpd, _ = S.likelihood(score, sde, x, "exact", dequantize=True, levels=K, eps=eps, rtol=1e-6, atol=1e-6,
-                          generator=torch.Generator().manual_seed(0))
+                          generator=S.make_generator(0, device))
+    bpd = bpd.cpu().double()
     m0, v0 = moments(eps)
     logp = lambda y: -0.5 * math.log(2 * math.pi * v0) - (y - m0) ** 2 / (2 * v0)
     u = (torch.arange(2000, dtype=F64) + 0.5) / 2000
@@ -680,12 +692,12 @@ def test_dequantized_bits_per_dim_1d():
     assert float(direct) >= float(continuous)
 
 
-def test_encode_decode_round_trip():
+def test_encode_decode_round_trip(device, f64):
     """decode(encode(x)) == x with the exact score (the probability-flow ODE is invertible); the code of the
     mixture's data is ~N(0, I) for VP."""
     sde = S.VPSDE()
     g = torch.Generator().manual_seed(6)
-    x = sample_mixture(200, *mixture_at(sde, 1e-3), g)
+    x = sample_mixture(200, *mixture_at(sde, 1e-3), g).to(f64).to(device)
     z = S.encode(mix_score(sde), sde, x, eps=1e-3)
     assert abs(float(z.std()) - 1) < 0.1 and float(z.mean().abs()) < 0.1
     torch.testing.assert_close(S.decode(mix_score(sde), sde, z, eps=1e-3), x, rtol=0, atol=2e-3)
@@ -706,7 +718,7 @@ def conditional_x1(x0):
 
 
 @pytest.mark.parametrize("name,x0", [("vp", -1.5), ("ve", 1.0)])
-def test_inpaint_matches_analytic_conditional(name, x0):
+def test_inpaint_matches_analytic_conditional(name, x0, device, f64):
     """App. I.2 inpainting with the exact joint score, x0 known: samples of x1 have the analytic conditional's
     weights, mean and variance (x0 at a component's mean, where that component's posterior weight is > 0.999).
     Caught (each mutation applied, test failed): known part imposed without its forward noise (mean only) and
@@ -715,18 +727,19 @@ def test_inpaint_matches_analytic_conditional(name, x0):
     Honest limit (measured, not asserted): the paper's replacement method is an approximation of conditioning,
     not exact. At x0 = -0.3, where the analytic conditional is 99.7% component 0, it returns ~50% / 50%:
     the unknown coordinate picks its component at noise levels where the known one is drowned in fresh noise."""
-    sde, g = SDES[name](), torch.Generator().manual_seed(0)
+    sde, g = SDES[name](), S.make_generator(0, device)
     w, ms, vs = conditional_x1(x0)
-    x = torch.zeros(4000, 2, dtype=F64)
+    x = torch.zeros(4000, 2, dtype=f64, device=device)
     x[:, 0] = x0
     seen, exact = [], mix_score(sde)
 
     def spy(x, t):  # the known coordinate the score sees must be a fresh draw of p_0t(. | x0) (App. B)
-        m, s = sde.marginal_prob(torch.full((1,), x0, dtype=F64), t[:1])
+        m, s = sde.marginal_prob(torch.full((1,), x0, dtype=f64, device=device), t[:1])
         seen.append((float((x[:, 0].mean() - m) / s), float(x[:, 0].std() / s)))
         return exact(x, t)
 
-    out = S.inpaint(spy, sde, x, torch.tensor([1.0, 0.0], dtype=F64), n_steps=200, generator=g)
+    out = S.inpaint(spy, sde, x, torch.tensor([1.0, 0.0], dtype=f64, device=device), n_steps=200, generator=g)
+    out = out.cpu().double()
     assert max(abs(z) for z, _ in seen) < 0.1 and max(abs(r - 1) for _, r in seen) < 0.07, "known part's noise"
     assert float((out[:, 0] - x0).abs().max()) < 1e-3                      # the known coordinate is kept
     x1 = out[:, 1]
@@ -743,7 +756,7 @@ def test_inpaint_mask_of_wrong_shape_is_one_error():
         S.inpaint(mix_score(sde), sde, torch.zeros(5, 2, dtype=F64), torch.ones(3, dtype=F64))
 
 
-def test_colorize_keeps_grey_and_transform_is_orthogonal():
+def test_colorize_keeps_grey_and_transform_is_orthogonal(device, f64):
     """App. I.3: COLOR_M is orthogonal (M M^T = I to float32 rounding) with first column (1,1,1)/sqrt(3); colorize
     with the exact score of a 3-D Gaussian over (R, G, B) keeps every pixel's grey value and fills in colour
     with the Gaussian's conditional mean. Caught: grey channel taken as mask index 1; couple using M instead of M^-1."""
@@ -753,16 +766,16 @@ def test_colorize_keeps_grey_and_transform_is_orthogonal():
     mu = torch.tensor([0.3, -0.2, 0.1], dtype=F64)
     A = torch.tensor([[0.2, 0.05, 0.0], [0.0, 0.15, 0.04], [0.03, 0.0, 0.1]], dtype=F64)
     Sig = A @ A.T + 0.01 * torch.eye(3, dtype=F64)
-    sde, g = S.VPSDE(), torch.Generator().manual_seed(1)
+    sde, g = S.VPSDE(), S.make_generator(1, device)
 
     def score(x, t):
-        m, s = sde.marginal_prob(torch.ones(1, dtype=F64), t[:1])
+        m, s = sde.marginal_prob(torch.ones(1, dtype=F64), t[:1].cpu().double())
         cov = m ** 2 * Sig + s ** 2 * torch.eye(3, dtype=F64)
-        d = x.flatten(1) - m * mu
-        return -(d @ torch.linalg.inv(cov)).reshape(x.shape)
+        d = x.flatten(1) - like(m * mu, x)
+        return -(d @ like(torch.linalg.inv(cov), x)).reshape(x.shape)
 
-    grey = torch.full((2000, 3, 1, 1), 0.2, dtype=F64)
-    out = S.colorize(score, sde, grey, n_steps=200, generator=g)
+    grey = torch.full((2000, 3, 1, 1), 0.2, dtype=f64, device=device)
+    out = S.colorize(score, sde, grey, n_steps=200, generator=g).cpu().double()
     assert float((out.mean(1) - 0.2).abs().max()) < 1e-3                 # grey value kept
     # Conditional mean of x given its channel mean = 0.2 (a linear Gaussian condition a^T x = 0.2, a = 1/3).
     a = torch.full((3,), 1 / 3, dtype=F64)
@@ -780,21 +793,21 @@ def mixture_log_posterior(sde):
     """Exact log p_t(y | x) of the labelled mixture (label = component): log_softmax_k(log w_k + log N_k(x; t))."""
     def log_prob(x, t):
         mean, cov = mixture_at(sde, float(t[0]))
-        d = x[:, None, :] - mean[None]
-        Pd = torch.einsum("kij,bkj->bki", torch.linalg.inv(cov), d)
-        return torch.log_softmax(torch.log(W) - 0.5 * torch.logdet(cov) - 0.5 * (d * Pd).sum(-1), 1)
+        d = x[:, None, :] - like(mean, x)[None]
+        Pd = torch.einsum("kij,bkj->bki", like(torch.linalg.inv(cov), x), d)
+        return torch.log_softmax(like(torch.log(W) - 0.5 * torch.logdet(cov), x) - 0.5 * (d * Pd).sum(-1), 1)
     return log_prob
 
 
 @pytest.mark.parametrize("name,y", [("vp", 0), ("ve", 1)])
-def test_class_guidance_with_exact_posterior_samples_the_class(name, y):
+def test_class_guidance_with_exact_posterior_samples_the_class(name, y, device, f64):
     """Sec. 5: score + grad log p_t(y | x) with the exact posterior is the exact score of component y, so every
     sample lands in it with its mean and covariance. Caught: scale 0 (weight error 0.3 / 0.7); sign of the
     classifier gradient flipped; log p_t summed over all classes instead of taking class y."""
-    sde, g = SDES[name](), torch.Generator().manual_seed(2)
-    labels = torch.full((3000,), y, dtype=torch.long)
+    sde, g = SDES[name](), S.make_generator(2, device)
+    labels = torch.full((3000,), y, dtype=torch.long, device=device)
     x = S.class_sample(mix_score(sde), mixture_log_posterior(sde), sde, (3000, 2), labels, scale=1.0,
-                       n_steps=200, generator=g, dtype=F64)
+                       n_steps=200, generator=g, dtype=f64, device=device).cpu().double()
     near = (x - MU[1]).norm(dim=1) < (x - MU[0]).norm(dim=1)
     frac = float((near == bool(y)).double().mean())
     assert frac > 0.99, frac
@@ -817,10 +830,12 @@ TOY = ["--dataset", "moons", "--batch-size", "64", "--log-every", "5", "--n-step
 
 
 @pytest.fixture(scope="module")
-def toy_ckpt(tmp_path_factory):
-    """A 10-step VE run on the moons toy (the VE path exercises Technique 1 and the sigma input), in-process."""
+def toy_ckpt(tmp_path_factory, device):
+    """A 10-step VE run on the moons toy (the VE path exercises Technique 1 and the sigma input), in-process, with
+    its sample grid at step 10 (on --device: the grid's generator must feed that device)."""
     out = tmp_path_factory.mktemp("toy")
-    S.main(["--train", "--sde", "ve", "--steps", "10", "--sample-every", "10", "--ckpt-every", "5", "--out", str(out), *TOY])
+    S.main(["--train", "--sde", "ve", "--steps", "10", "--sample-every", "10", "--ckpt-every", "5", "--out", str(out),
+            "--device", device.type, *TOY])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 10 and ckpt["config"]["sigma_max"] > 1 and ckpt["config"]["data_shape"] == [2]
     assert (out / "train_000010.png").exists()
@@ -828,9 +843,10 @@ def toy_ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sampler", ["pc", "ode", "em", "reverse", "ancestral"])
-def test_cli_sample_each_sampler(toy_ckpt, sampler, tmp_path, capsys):
+def test_cli_sample_each_sampler(toy_ckpt, sampler, tmp_path, capsys, device):
     """`--sample --sampler X` (in-process main()) writes samples.png and samples.npz of --n-samples points."""
     S.main(["--sample", "--sampler", sampler, "--ckpt", str(toy_ckpt / "ckpt.pt"), "--out", str(tmp_path),
+            "--device", device.type,
             "--n-steps", "10", "--n-samples", "20", "--rtol", "1e-3", "--atol", "1e-3"])
     assert "score evaluations" in capsys.readouterr().out
     assert (tmp_path / "samples.png").exists()
@@ -838,26 +854,30 @@ def test_cli_sample_each_sampler(toy_ckpt, sampler, tmp_path, capsys):
     assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (20, 2)
 
 
-def test_cli_digits_default_paths(tmp_path):
+def test_cli_digits_default_paths(tmp_path, device):
     """The digits U-Net path: train 2 steps with the defaults' code path, then `--sample` with no --ckpt
     (default <out>/ckpt.pt) works; here --out points into tmp_path and --n-steps is small for speed."""
-    r = run("--train", "--steps", "2", "--sample-every", "2", "--n-steps", "25", "--n-samples", "4", "--out", str(tmp_path))
+    dev = ("--device", device.type)
+    r = run("--train", "--steps", "2", "--sample-every", "2", "--n-steps", "25", "--n-samples", "4", "--out", str(tmp_path),
+            *dev)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "train_000002.png").exists()
-    r = run("--sample", "--out", str(tmp_path), "--n-steps", "25", "--n-samples", "4")
+    r = run("--sample", "--out", str(tmp_path), "--n-steps", "25", "--n-samples", "4", *dev)
     assert r.returncode == 0, r.stderr
     import numpy as np
     assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (4, 8, 8, 1)
 
 
 @pytest.fixture(scope="module")
-def digits_ckpt(tmp_path_factory):
-    """A 2-step digits U-Net (VP, low-discrepancy t: the training-loop path of issue 8's option) and a 3-step
-    time-dependent classifier next to it, both in-process."""
+def digits_ckpt(tmp_path_factory, device):
+    """A 2-step digits U-Net (VP, low-discrepancy t: the training-loop path of issue 8's option; its sample grid at
+    the last step) and a 3-step time-dependent classifier next to it, both in-process on --device."""
     out = tmp_path_factory.mktemp("digits")
     S.main(["--train", "--steps", "2", "--n-steps", "25", "--n-samples", "4", "--t-sampling", "low_discrepancy",
-            "--out", str(out)])
-    S.main(["--train-classifier", "--classifier-steps", "3", "--batch-size", "16", "--out", str(out)])
+            "--out", str(out), "--device", device.type])
+    assert (out / "train_000002.png").exists()
+    S.main(["--train-classifier", "--classifier-steps", "3", "--batch-size", "16", "--out", str(out),
+            "--device", device.type])
     ckpt = torch.load(out / "classifier.pt", weights_only=True)
     assert ckpt["kind"] == "classifier" and ckpt["config"]["n_classes"] == 10 and ckpt["config"]["sde"] == "vp"
     return out
@@ -875,11 +895,44 @@ FAST = ["--n-eval", "4", "--n-steps", "25", "--rtol", "1e-2", "--atol", "1e-2", 
     (["--sample", "--class", "3"], "class_3.png", "samples of class 3"),
     (["--sample", "--class", "all"], "class_all.png", "samples of class all"),
 ])
-def test_cli_modes_write_pngs(digits_ckpt, mode, png, words, capsys):
-    """Each issue-7 mode on the tiny digits checkpoint: runs, prints its summary, writes its PNG."""
-    S.main([*mode, "--out", str(digits_ckpt), *FAST])
+def test_cli_modes_write_pngs(digits_ckpt, mode, png, words, capsys, device):
+    """Each issue-7 mode on the tiny digits checkpoint, on --device: runs, prints its summary, writes its PNG."""
+    S.main([*mode, "--out", str(digits_ckpt), "--device", device.type, *FAST])
     assert words in capsys.readouterr().out
     assert (digits_ckpt / png).exists()
+
+
+def test_cli_colorize_rgb_folder(tmp_path, capsys, device):
+    """--colorize on RGB data (a folder of 8 random 8x8 PNGs as the dataset): train 2 steps, then colourise."""
+    import numpy as np
+    from PIL import Image
+    folder = tmp_path / "rgb"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = str(tmp_path / "out")
+    S.main(["--train", "--dataset", str(folder), "--image-size", "8", "--steps", "2", "--batch-size", "8",
+            "--sampler", "em", "--n-steps", "25", "--n-samples", "4", "--out", out, "--device", device.type])
+    S.main(["--colorize", "--corrector", "none", "--out", out, "--device", device.type, *FAST])
+    assert "colourised" in capsys.readouterr().out and (tmp_path / "out" / "colorize.png").exists()
+
+
+def test_cli_bf16_smoke(tmp_path, capsys, device):
+    """--precision bf16 (autocast for the network; on the CPU, CPU autocast): train 2 steps with a sample grid,
+    then --sample; samples finite, the checkpoint's weights float32. A checkpoint written with bf16 samples with
+    --precision fp32 too (precision is a runtime setting)."""
+    out = str(tmp_path)
+    S.main(["--train", "--steps", "2", "--sample-every", "2", "--sampler", "em", "--n-steps", "25", "--n-samples", "4",
+            "--out", out, "--precision", "bf16", "--device", device.type])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+    for precision in ("bf16", "fp32"):
+        S.main(["--sample", "--sampler", "em", "--out", out, "--n-steps", "25", "--n-samples", "4",
+                "--precision", precision, "--device", device.type])
+        assert "score evaluations" in capsys.readouterr().out
+    import numpy as np
+    assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (4, 8, 8, 1)
 
 
 @pytest.mark.parametrize("args,words", [
@@ -912,11 +965,12 @@ def test_low_discrepancy_t_one_per_stratum():
     assert len(set(((t - eps) / (1 - eps) * B).floor().long().tolist())) < B   # iid collides (p(no collision) ~ 1e-27)
 
 
-def test_resume_is_exact(tmp_path, capsys):
-    """2N steps straight == N steps, stop, --resume to 2N: bitwise identical model, EMA and optimizer (CPU).
-    Caught: not restoring the RNG state (different minibatches after the resume)."""
+def test_resume_is_exact(tmp_path, capsys, device):
+    """2N steps straight == N steps, stop, --resume to 2N: bitwise identical model, EMA and optimizer (on CUDA with
+    --deterministic). Caught: not restoring the RNG state (different minibatches after the resume)."""
     base = ["--train", "--dataset", "moons", "--batch-size", "32", "--sample-every", "1000", "--log-every", "1000",
-            "--sde", "subvp", "--n-steps", "25"]
+            "--sde", "subvp", "--n-steps", "25", "--device", device.type]
+    base += ["--deterministic"] if device.type == "cuda" else []
     S.main(base + ["--steps", "8", "--out", str(tmp_path / "a")])
     S.main(base + ["--steps", "4", "--out", str(tmp_path / "b")])
     S.main(base + ["--steps", "8", "--out", str(tmp_path / "b"), "--resume"])
@@ -927,12 +981,15 @@ def test_resume_is_exact(tmp_path, capsys):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    for i, state in enumerate(a["rng"].get("cuda", [])):
+        assert torch.equal(state, b["rng"]["cuda"][i])
 
 
-def test_sigkill_then_resume(tmp_path):
+def test_sigkill_then_resume(tmp_path, device):
     """SIGKILL mid-run leaves the last atomic checkpoint readable; --resume finishes the run from it."""
     args = ["--train", "--dataset", "moons", "--batch-size", "32", "--steps", "100000", "--ckpt-every", "20",
-            "--sample-every", "100000", "--log-every", "100000", "--n-steps", "25", "--out", str(tmp_path)]
+            "--sample-every", "100000", "--log-every", "100000", "--n-steps", "25", "--device", device.type,
+            "--out", str(tmp_path)]
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "score_sde.py"), *args], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     ckpt, deadline = tmp_path / "ckpt.pt", time.time() + 120
@@ -948,9 +1005,10 @@ def test_sigkill_then_resume(tmp_path):
     assert torch.load(ckpt, weights_only=True)["step"] == step + 10
 
 
-def test_sigterm_saves_and_exits(tmp_path):
+def test_sigterm_saves_and_exits(tmp_path, device):
     """SIGTERM (like Ctrl-C) stops between steps, writes the checkpoint, exits 130 with a resume hint."""
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "score_sde.py"), "--train", "--dataset", "moons",
+                          "--device", device.type,
                           "--steps", "100000", "--log-every", "1", "--sample-every", "100000", "--ckpt-every", "100000",
                           "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -961,8 +1019,10 @@ def test_sigterm_saves_and_exits(tmp_path):
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] >= 1
 
 
-def test_nonfinite_loss_is_one_line(tmp_path, monkeypatch, capsys):
-    """A NaN in the data gives a non-finite loss: one line naming the step, exit 2, nothing saved."""
+def test_nonfinite_loss_is_one_line(tmp_path, monkeypatch, capsys, device):
+    """A NaN in the data gives a non-finite loss: one line naming the window of steps since the last check (the
+    loss is read only at log / checkpoint / sample steps, here the last step 3), exit 2, nothing saved.
+    A NaN that only reaches the weights is caught there too (the weights are checked before every checkpoint)."""
     real = S.load_data
 
     def poisoned(*a, **k):
@@ -972,10 +1032,32 @@ def test_nonfinite_loss_is_one_line(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(S, "load_data", poisoned)
     with pytest.raises(SystemExit) as e:
-        S.main(["--train", "--dataset", "moons", "--steps", "3", "--out", str(tmp_path)])
+        S.main(["--train", "--dataset", "moons", "--steps", "3", "--out", str(tmp_path), "--device", device.type])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "non-finite loss at step 1" in err
+    assert e.value.code == 2 and err.count("\n") == 1 and "non-finite loss in steps 1-3" in err, err
     assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_nonfinite_weights_never_reach_a_checkpoint(tmp_path, monkeypatch, capsys, device):
+    """Weights turned NaN after a good step (an optimizer step gone wrong) are caught before the checkpoint of
+    that step: one line naming the step, exit 2, the checkpoint of the last good step kept."""
+    real = S.ema_update
+    calls = []
+
+    def poison(ema, model, decay):
+        real(ema, model, decay)
+        calls.append(1)
+        if len(calls) == 4:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(S, "ema_update", poison)
+    with pytest.raises(SystemExit) as e:
+        S.main(["--train", "--dataset", "moons", "--steps", "4", "--ckpt-every", "2", "--log-every", "100",
+                "--out", str(tmp_path), "--device", device.type])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "non-finite weights in steps 3-4" in err, err
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 BAD = [  # (arguments, words the one-line message must contain)
