@@ -22,6 +22,7 @@ Commands (outputs under runs/score_sde):
     python score_sde.py --train-classifier               # time-dependent classifier p_t(y | x) -> classifier.pt
     python score_sde.py --sample --class 3               # class-conditional samples (--class all: a row per class)
     python score_sde.py --train --t-sampling low_discrepancy   # one training t per stratum of the batch
+    python score_sde.py --train --device cuda --precision bf16 --compile   # GPU: bf16 autocast, torch.compile
 
 Map of the paper onto this file:
     Eq. 5   forward SDE  dx = f(x, t) dt + g(t) dw          -> VESDE / VPSDE / subVPSDE .sde()
@@ -77,11 +78,18 @@ Conventions and notation clashes:
     with sigma_0 = 0 (VE, Eq. 8).
   * Langevin step: the paper's Alg. 4/5 form x + e s + sqrt(2 e) z; NCSN's x + (a/2) s + sqrt(a) z is the same
     with a = 2 e.
+  * Devices and precision: every mode runs on --device (the rule is stated in the "Running it" block below).
+    Schedules, sampler and likelihood arithmetic run on the model's device in float64 (wide()), in float32 on
+    MPS, which has no float64; the ODE state too (the official code integrates in float64 with scipy). The
+    network runs under --precision (fp32 | tf32 | bf16 autocast; auto = tf32 on CUDA) and returns float32.
+    The fixed-step samplers make no host sync per step; RK45 reads its error norm once per step (step-size
+    control needs it on the host).
   * Last step is noise-free: pc_sample returns x_mean of its last predictor step, t = eps -> 0, which (reverse
     diffusion, ancestral) is a Tweedie denoise x(0) ~ x + std^2 s; ode_sample ends with the same step (the
-    official noise_removal). With the exact score of a point mass this leaves no spread for VE, and for VP
-    |2 - sqrt(1 - b) - b / std(eps)^2| std(eps) with b = beta(eps) eps (0.09 std(eps) ~ 0.001 at eps = 1e-3);
-    the official code's b = beta_min / N leaves 0.09 std(eps) at N = 1000 too, and 0.82 std(eps) at N = 500.
+    official noise_removal). From exact samples of p_eps of a point mass (exact score) this step leaves no
+    spread for VE, and for VP |2 - sqrt(1 - b) - b / std(eps)^2| std(eps) with b = beta(eps) eps (0.09 std(eps)
+    ~ 0.001 at eps = 1e-3); the official b = beta_min / N leaves 0.09 std(eps) at N = 1000 too, 0.82 std(eps) at
+    N = 500. sub-VP's chain is Euler-Maruyama: ~1.2 std(eps) ~ 1e-4 left (tests: test_point_mass_spread_*).
 """
 import argparse
 import contextlib
@@ -135,7 +143,7 @@ class Config:
     ckpt: str = ""                # checkpoint to sample from ("" = <out>/ckpt.pt)
     seed: int = 0
     device: str = "auto"          # auto = cuda -> mps -> cpu
-    precision: str = "auto"       # auto | fp32 | tf32 | bf16 (auto: tf32 on CUDA, fp32 elsewhere; bf16: network autocast)
+    precision: str = "auto"       # auto | fp32 | tf32 | bf16 (auto: tf32 on CUDA, else fp32; bf16: network autocast)
     compile: bool = False         # torch.compile the network (a one-line message where unsupported)
     deterministic: bool = False   # deterministic kernels, so a CUDA run repeats bitwise (slower)
     # sampling (Sec. 4, App. D / E / G). The pc defaults below are the official VE CIFAR-10 settings
@@ -658,7 +666,7 @@ def pc_sample(score_fn, sde, shape, predictor="reverse_diffusion", corrector="la
     instead of t = 1, and would make the last update a Langevin step. The last predictor step goes from t_1 = eps
     to the data, t_0 = 0, as in the official code: reverse diffusion and ancestral sampling then end with a
     Tweedie denoise (VE: sigma_0 = 0, x + sigma(eps)^2 s exactly; VP: beta(eps) eps against std(eps)^2 =
-    1 - exp(-int_0^eps beta), 1.19x at eps = 1e-3), Euler-Maruyama with an Euler step of length eps. With
+    1 - exp(-int_0^eps beta), 1.09x at eps = 1e-3), Euler-Maruyama with an Euler step of length eps. With
     denoise=True the result is x_mean of that last update (its noise left out). eps=None takes the paper's
     per-SDE default (1e-3 VP / sub-VP, 1e-5 VE); n_steps=None takes sde.N; z (optional) is the starting x_N.
     """
@@ -830,7 +838,7 @@ def likelihood(score_fn, sde, x, estimator="rademacher", dequantize=True, eps=1e
             raise ValueError("dequantize=True needs the number of grey levels of the data (levels >= 2)")
         delta = 2.0 / (levels - 1)
         x = x + delta * (torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) - 0.5)
-    seed = torch.randint(2 ** 31, (1,), generator=generator, device=generator.device if generator else x.device)
+    seed = torch.randint(2 ** 31, (1,), generator=generator, device=x.device if generator is None else generator.device)
     probe = make_generator(int(seed), x.device)                      # one host read per call, not per step
 
     def f(t, y):
@@ -1382,7 +1390,8 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-CHOICES = {"sde": ("vp", "subvp", "ve"), "precision": ("auto", "fp32", "tf32", "bf16"), "estimator": ("rademacher", "gaussian", "exact"),
+CHOICES = {"sde": ("vp", "subvp", "ve"), "precision": ("auto", "fp32", "tf32", "bf16"),
+           "estimator": ("rademacher", "gaussian", "exact"),
            "t_sampling": ("iid", "low_discrepancy"), "sampler": tuple(SAMPLERS), "predictor": tuple(PREDICTORS),
            "corrector": tuple(CORRECTORS), "model": tuple(PRESETS)}
 
