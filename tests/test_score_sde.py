@@ -84,6 +84,10 @@ MUTATIONS = [
      "find": "    return list(zip(ts, ts[1:] + [0.0]))",
      "replace": "    ts = [eps + (1 - eps) * k / N for k in range(N, -1, -1)]\n    return list(zip(ts[:-1], ts[1:]))",
      "tests": ["tests/test_score_sde.py::test_point_mass_spread_after_pc_and_ode[ve]"]},
+    {"name": "sde-rk45-growth-after-rejection", "file": "score_sde.py",
+     "find": "h *= min(1.0, grow) if rejected else grow",
+     "replace": "h *= grow",
+     "tests": ["tests/test_score_sde.py::test_rk45_no_step_growth_right_after_a_rejection"]},
     {"name": "sde-ode-no-denoise", "file": "score_sde.py",
      "find": "        if denoise:\n",
      "replace": "        if False:\n",
@@ -396,6 +400,27 @@ def test_rk45_nfe_falls_as_rtol_loosens():
         _, nfe = S.rk45(lambda t, y: y @ A.T, y0, 0.0, 3.0, rtol=rtol, atol=rtol)
         nfes.append(nfe)
     assert nfes == sorted(nfes, reverse=True) and nfes[0] > 2 * nfes[-1], nfes
+
+
+def test_rk45_no_step_growth_right_after_a_rejection():
+    """scipy's RK45 rule (followed by the official code's solver): the step accepted right after a rejected one
+    is not followed by a larger step. Read from the evaluation times: after the two evaluations of the initial
+    step estimate, each attempt (t, h) evaluates t + h/5, t + 3h/10, t + 4h/5, t + 8h/9, t + h, t + h; an attempt
+    was accepted when the next one starts at t + h. A narrow bump in f forces rejections.
+    Caught: growth allowed right after a rejection."""
+    times = []
+
+    def f(t, y):
+        times.append(t)
+        return -y + 50 * math.exp(-((t - 0.5) / 0.02) ** 2)
+
+    S.rk45(f, torch.ones(1, 1, dtype=F64), 0.0, 1.0, rtol=1e-6, atol=1e-6)
+    ev = times[2:]
+    att = [(ev[i + 4] - 1.25 * (ev[i + 4] - ev[i]), 1.25 * (ev[i + 4] - ev[i])) for i in range(0, len(ev), 6)]
+    accepted = [abs(b[0] - (a[0] + a[1])) < 1e-12 for a, b in zip(att, att[1:])] + [True]
+    after_reject = [k for k in range(1, len(att) - 1) if not accepted[k - 1] and accepted[k]]
+    assert len(after_reject) >= 2, att
+    assert all(att[k + 1][1] <= att[k][1] * (1 + 1e-9) for k in after_reject), att
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
