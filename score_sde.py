@@ -22,6 +22,7 @@ Commands (outputs under runs/score_sde):
     python score_sde.py --train-classifier               # time-dependent classifier p_t(y | x) -> classifier.pt
     python score_sde.py --sample --class 3               # class-conditional samples (--class all: a row per class)
     python score_sde.py --train --t-sampling low_discrepancy   # one training t per stratum of the batch
+    python score_sde.py --train --device cuda --precision bf16 --compile   # GPU: bf16 autocast, torch.compile
 
 Map of the paper onto this file:
     Eq. 5   forward SDE  dx = f(x, t) dt + g(t) dw          -> VESDE / VPSDE / subVPSDE .sde()
@@ -70,12 +71,25 @@ Conventions and notation clashes:
     from sigma (for the geometric VE schedule this number equals 999 t). The score is read from the network as
     in the official code (models/utils.py get_score_fn): VP / sub-VP predict the noise, s = -eps_hat / std_t;
     VE networks output sigma * score (NCSN++ scale_by_sigma), s = net / sigma_t.
-  * Time grid: a sampler with N steps walks t_N = 1 > t_{N-1} > ... > t_0 = eps, t_k = eps + (1 - eps) k / N,
-    built once as (t, t_next) pairs; each predictor step goes from t to t_next (the chain index i = k), and the
-    discrete chains use beta_i = beta(t) dt (VP, Eq. 10 with dt = 1/N) and sigma_i = sigma(t_i) (VE, Eq. 8).
+  * Time grid (as the official code's linspace(1, eps, N)): a sampler with N steps visits the N levels
+    t_N = 1 > ... > t_1 = eps, t_k = eps + (1 - eps) (k - 1) / (N - 1), and its last predictor step goes on to the
+    data, t_0 = 0; built once as (t, t_next) pairs. Each predictor step goes from t to t_next (the chain index
+    i = k), and the discrete chains use beta_i = beta(t) dt (VP, Eq. 10, dt = t - t_next) and sigma_i = sigma(t_i)
+    with sigma_0 = 0 (VE, Eq. 8).
   * Langevin step: the paper's Alg. 4/5 form x + e s + sqrt(2 e) z; NCSN's x + (a/2) s + sqrt(a) z is the same
     with a = 2 e.
-  * Last step is noise-free: pc_sample returns x_mean, the last update without its noise.
+  * Devices and precision: every mode runs on --device (the rule is stated in the "Running it" block below).
+    Schedules, sampler and likelihood arithmetic run on the model's device in float64 (wide()), in float32 on
+    MPS, which has no float64; the ODE state too (the official code integrates in float64 with scipy). The
+    network runs under --precision (fp32 | tf32 | bf16 autocast; auto = tf32 on CUDA) and returns float32.
+    The fixed-step samplers make no host sync per step; RK45 reads its error norm once per step (step-size
+    control needs it on the host).
+  * Last step is noise-free: pc_sample returns x_mean of its last predictor step, t = eps -> 0, which (reverse
+    diffusion, ancestral) is a Tweedie denoise x(0) ~ x + std^2 s; ode_sample ends with the same step (the
+    official noise_removal). From exact samples of p_eps of a point mass (exact score) this step leaves no
+    spread for VE, and for VP |2 - sqrt(1 - b) - b / std(eps)^2| std(eps) with b = beta(eps) eps (0.09 std(eps)
+    ~ 0.001 at eps = 1e-3); the official b = beta_min / N leaves 0.09 std(eps) at N = 1000 too, 0.82 std(eps) at
+    N = 500. sub-VP's chain is Euler-Maruyama: ~1.2 std(eps) ~ 1e-4 left (tests: test_point_mass_spread_*).
 """
 import argparse
 import contextlib
@@ -129,11 +143,18 @@ class Config:
     ckpt: str = ""                # checkpoint to sample from ("" = <out>/ckpt.pt)
     seed: int = 0
     device: str = "auto"          # auto = cuda -> mps -> cpu
-    # sampling (Sec. 4, App. D / E / G)
+    precision: str = "auto"       # auto | fp32 | tf32 | bf16 (auto: tf32 on CUDA, else fp32; bf16: network autocast)
+    compile: bool = False         # torch.compile the network (a one-line message where unsupported)
+    deterministic: bool = False   # deterministic kernels, so a CUDA run repeats bitwise (slower)
+    # sampling (Sec. 4, App. D / E / G). The pc defaults below are the official VE CIFAR-10 settings
+    # (configs/ve/cifar10_ncsnpp_continuous.py: reverse_diffusion + langevin, snr 0.16), used here for every SDE
+    # (our choice). The official VP / sub-VP configs use no corrector: euler_maruyama (continuous models,
+    # e.g. configs/vp/cifar10_ddpmpp_continuous.py; here --sampler em) or ancestral_sampling (discrete DDPM++,
+    # configs/vp/cifar10_ddpmpp.py; --sampler ancestral).
     sampler: str = "pc"           # pc | ode | em | reverse | ancestral (the last three: predictor only)
     predictor: str = "reverse_diffusion"  # for --sampler pc: euler_maruyama | reverse_diffusion | ancestral_sampling | none
     corrector: str = "langevin"   # for --sampler pc: langevin | ald | none
-    snr: float = 0.16             # App. G: r = 0.16 (CIFAR-10)
+    snr: float = 0.16             # App. G: r = 0.16 (VE, CIFAR-10; official default_cifar10_configs.py)
     n_steps: int = 500            # N discretisation steps (paper: 1000; CPU default halved)
     n_corrector_steps: int = 1    # M corrector steps per level (paper: 1)
     sample_eps: float = 0.0       # 0 = paper default per SDE: 1e-3 (VP, sub-VP), 1e-5 (VE)
@@ -389,14 +410,20 @@ def bc(a, x):
 
 
 def randn(x, generator=None):
-    """Standard normal noise shaped like x, optionally from a torch.Generator (reproducible sampling)."""
+    """Standard normal noise shaped like x, on x's device, optionally from a torch.Generator that feeds that
+    device (make_generator(seed, device): reproducible sampling)."""
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def wide(t):
+    """t in the schedules' precision, on its own device: float64 on CPU and CUDA, float32 on MPS (no float64)."""
+    return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
 
 
 class SDE:
     """What the three SDEs share: Eq. 6, Eq. 13, an Euler-Maruyama chain and the Gaussian prior's log-density.
 
-    Schedules are computed in float64 (t is cast once) and returned in x's dtype by the callers.
+    Schedules are computed on t's device in float64 (float32 on MPS: wide(t)) and returned in x's dtype.
     """
     N = 1000          # default number of discretisation steps for samplers
     prior_std = 1.0   # std of the prior p_T = N(0, prior_std^2 I)
@@ -427,9 +454,12 @@ class SDE:
         d = z[0].numel()
         return -0.5 * d * math.log(2 * math.pi * self.prior_std ** 2) - z.flatten(1).pow(2).sum(1) / (2 * self.prior_std ** 2)
 
+    def check_chain(self, N, eps):
+        """Any N-step grid works for VE (the VP chain overrides this)."""
+
     def langevin_alpha(self, t, dt):
         """Alg. 4 / 5: the corrector's step-size factor alpha_i (1 for VE)."""
-        return torch.ones_like(t, dtype=torch.float64)
+        return torch.ones_like(wide(t))
 
 
 class VESDE(SDE):
@@ -444,7 +474,7 @@ class VESDE(SDE):
 
     def sigma(self, t):
         """App. C: sigma(t) = sigma_min (sigma_max / sigma_min)^t, a geometric sequence in t."""
-        return self.sigma_min * torch.exp(t.double() * self.log_ratio)
+        return self.sigma_min * torch.exp(wide(t) * self.log_ratio)
 
     def sde(self, x, t):
         """f = 0, g(t) = sigma(t) sqrt(2 log(sigma_max / sigma_min)) = sqrt(d[sigma^2]/dt)."""
@@ -454,9 +484,16 @@ class VESDE(SDE):
         """App. B: p_0t = N(x(0), sigma(t)^2 I), taking x(0) as the data perturbed by sigma_min (as the official code)."""
         return x, self.sigma(t).to(x.dtype)
 
+    def chain_sigma(self, t):
+        """sigma_i of the SMLD chain (Eq. 8) at time t: sigma(t), except sigma_0 = 0 at t = 0 (Eq. 8's x_0 is the
+        data; the official discretize: adjacent sigma 0 at the first index). The last predictor step, from
+        t = eps to t = 0, is then x + sigma(eps)^2 s(x, eps): Tweedie's denoise."""
+        sigma = self.sigma(t)
+        return torch.where(t > 0, sigma, torch.zeros_like(sigma))
+
     def discretize(self, x, t, dt):
         """Eq. 8, the SMLD chain: x_i = x_{i-1} + sqrt(sigma_i^2 - sigma_{i-1}^2) z, between t - dt and t."""
-        G = (self.sigma(t) ** 2 - self.sigma(t - dt) ** 2).sqrt()
+        G = (self.sigma(t) ** 2 - self.chain_sigma(t - dt) ** 2).sqrt()
         return torch.zeros_like(x), G.to(x.dtype)
 
 
@@ -469,20 +506,26 @@ class VPSDE(SDE):
 
     def beta(self, t):
         """App. B: beta(t) = beta_min + t (beta_max - beta_min) (DDPM's linear beta_i = beta(i/N) / N)."""
-        return self.beta_min + t.double() * (self.beta_max - self.beta_min)
+        return self.beta_min + wide(t) * (self.beta_max - self.beta_min)
 
     def int_beta(self, t):
         """Integral of beta from 0 to t: beta_min t + t^2 (beta_max - beta_min) / 2."""
-        t = t.double()
+        t = wide(t)
         return self.beta_min * t + 0.5 * t ** 2 * (self.beta_max - self.beta_min)
 
     def beta_i(self, t, dt):
-        """beta_i = beta(t) dt of the DDPM chain (Eq. 10 with dt = 1/N); it must stay below 1."""
-        b = self.beta(t) * dt
-        if float(b.max()) >= 1:
-            raise ValueError(f"the VP chain needs beta(t) dt < 1 (got {float(b.max()):.2f}): use more steps "
-                             f"(--n-steps > beta_max = {self.beta_max:g})")
-        return b
+        """beta_i = beta(t) dt of the DDPM chain (Eq. 10 with dt the grid step; official: beta(t) / N). The last
+        step, t = eps -> 0, has beta(eps) eps (official: beta_min / N; the same at N = 1 / eps up to beta(eps) vs
+        beta(0)). beta_i < 1 is checked once per sampler by check_chain, not here (no host sync per step)."""
+        return self.beta(t) * dt
+
+    def check_chain(self, N, eps):
+        """The DDPM chain of an N-step grid needs beta_i = beta(t) dt < 1 at every level (else sqrt(1 - beta_i)
+        and the corrector's alpha_i = 1 - beta_i fail): ValueError naming --n-steps if not."""
+        b = max((self.beta_min + t * (self.beta_max - self.beta_min)) * (t - t_next) for t, t_next in time_grid(N, eps))
+        if b >= 1:
+            raise ValueError(f"the VP chain needs beta(t) dt < 1 (got {b:.2f}): use more steps "
+                             f"(--n-steps > beta_max + 1 = {self.beta_max + 1:g})")
 
     def sde(self, x, t):
         """f = -beta(t) x / 2, g = sqrt(beta(t))."""
@@ -545,7 +588,7 @@ def sigma_max_technique1(x, n_max=5000):
 
 def ve_noise_input(sde, sigma):
     """The VE network's noise input: 999 log(sigma / sigma_min) / log(sigma_max / sigma_min), in [0, 999]."""
-    return 999 * torch.log(sigma.double() / sde.sigma_min) / sde.log_ratio
+    return 999 * torch.log(wide(sigma) / sde.sigma_min) / sde.log_ratio
 
 
 def make_score_fn(net, sde):
@@ -602,14 +645,15 @@ def loss(score_model, sde, x, likelihood_weighting=False, eps=1e-5, t_sampling="
 # Predictors and correctors return (x, x_mean): the new state and the same update without its noise.
 
 def time_grid(N, eps):
-    """The (t, t_next) pairs of N steps from t = 1 down to t = eps: t_k = eps + (1 - eps) k / N, k = N ... 0."""
-    ts = [eps + (1 - eps) * k / N for k in range(N, -1, -1)]
-    return list(zip(ts[:-1], ts[1:]))
+    """The (t, t_next) pairs of N predictor steps, as in the official code: N levels t_k = eps + (1 - eps) (k - 1) /
+    (N - 1), k = N ... 1 (t_N = 1, t_1 = eps; N = 1: the single level 1), and after t_1 = eps the data, t_0 = 0."""
+    ts = [eps + (1 - eps) * (k - 1) / (N - 1) for k in range(N, 0, -1)] if N > 1 else [1.0]
+    return list(zip(ts, ts[1:] + [0.0]))
 
 
 def full(x, t):
-    """A time t (float) as the (B,) tensor the score function takes."""
-    return torch.full((len(x),), t, dtype=torch.float64, device=x.device)
+    """A time t (float) as the (B,) tensor the score function takes, on x's device (float64; float32 on MPS)."""
+    return torch.full((len(x),), t, dtype=torch.float32 if x.device.type == "mps" else torch.float64, device=x.device)
 
 
 def euler_maruyama(score_fn, sde, x, t, t_next, generator=None):
@@ -620,11 +664,14 @@ def euler_maruyama(score_fn, sde, x, t, t_next, generator=None):
     return x_mean + bc(g, x) * math.sqrt(dt) * randn(x, generator), x_mean
 
 
-def reverse_diffusion(score_fn, sde, x, t, t_next, generator=None):
+def reverse_diffusion(score_fn, sde, x, t, t_next, generator=None, noise=True):
     """App. E: the reverse-diffusion predictor, the forward chain run backwards in the same discretisation:
-    x_i = x_{i+1} - f_{i+1}(x_{i+1}) + G_{i+1}^2 s(x_{i+1}, t_{i+1}) + G_{i+1} z."""
+    x_i = x_{i+1} - f_{i+1}(x_{i+1}) + G_{i+1}^2 s(x_{i+1}, t_{i+1}) + G_{i+1} z.  noise=False: x_mean only
+    (returned twice; no noise is drawn)."""
     f, G = sde.discretize(x, full(x, t), t - t_next)
     x_mean = x - f + bc(G ** 2, x) * score_fn(x, full(x, t))
+    if not noise:
+        return x_mean, x_mean
     return x_mean + bc(G, x) * randn(x, generator), x_mean
 
 
@@ -639,7 +686,7 @@ def ancestral_sampling(score_fn, sde, x, t, t_next, generator=None):
     tt = full(x, t)
     score = score_fn(x, tt)
     if isinstance(sde, VESDE):
-        s2, s2_next = sde.sigma(tt) ** 2, sde.sigma(full(x, t_next)) ** 2
+        s2, s2_next = sde.sigma(tt) ** 2, sde.chain_sigma(full(x, t_next)) ** 2  # sigma_0 = 0 at t_next = 0
         x_mean = x + bc(s2 - s2_next, x) * score
         std = (s2_next * (s2 - s2_next) / s2).sqrt()
     elif isinstance(sde, subVPSDE):
@@ -694,7 +741,7 @@ def ald(score_fn, sde, x, t, dt, snr, n_steps, generator=None):
     step e = 2 alpha (r std_t)^2, i.e. proportional to the noise variance at t, instead of the norm ratio."""
     tt = full(x, t)
     alpha = sde.langevin_alpha(tt, dt)
-    std = sde.marginal_prob(torch.ones_like(tt), tt)[1].double()   # std_t of p_0t (App. B)
+    std = wide(sde.marginal_prob(torch.ones_like(tt), tt)[1])      # std_t of p_0t (App. B)
     step = 2 * alpha * (snr * std) ** 2                              # fixed per level, proportional to std_t^2
     x_mean = x
     for _ in range(n_steps):
@@ -718,12 +765,15 @@ def pc_sample(score_fn, sde, shape, predictor="reverse_diffusion", corrector="la
               dtype=torch.float32, device="cpu"):
     """Algorithm 1 of Song et al. (2021): predictor-corrector sampling (Alg. 2 for VE, Alg. 3 for VP).
 
-    x_N ~ p_T; at each level t_k, k = N ... 1: M corrector steps targeting p_{t_k}, then one predictor step of
-    the reverse SDE from t_k to t_{k-1}. This is the official code's order; Alg. 2/3 print the corrector after
-    the predictor, which is the same chain except that it corrects at t = eps instead of t = 1, and would make
-    the last update a Langevin step. With denoise=True the result is x_mean of the last update (the predictor's
-    step to t = eps without its noise). eps=None takes the paper's per-SDE default (1e-3 VP / sub-VP,
-    1e-5 VE); n_steps=None takes sde.N; z (optional) is the starting x_N.
+    x_N ~ p_T; at each level t_k, k = N ... 1 (time_grid: t_N = 1, ..., t_1 = eps): M corrector steps targeting
+    p_{t_k}, then one predictor step of the reverse SDE from t_k to t_{k-1}. This is the official code's order;
+    Alg. 2/3 print the corrector after the predictor, which is the same chain except that it corrects at t = eps
+    instead of t = 1, and would make the last update a Langevin step. The last predictor step goes from t_1 = eps
+    to the data, t_0 = 0, as in the official code: reverse diffusion and ancestral sampling then end with a
+    Tweedie denoise (VE: sigma_0 = 0, x + sigma(eps)^2 s exactly; VP: beta(eps) eps against std(eps)^2 =
+    1 - exp(-int_0^eps beta), 1.09x at eps = 1e-3), Euler-Maruyama with an Euler step of length eps. With
+    denoise=True the result is x_mean of that last update (its noise left out). eps=None takes the paper's
+    per-SDE default (1e-3 VP / sub-VP, 1e-5 VE); n_steps=None takes sde.N; z (optional) is the starting x_N.
     """
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; choose from {', '.join(PREDICTORS)}")
@@ -731,6 +781,7 @@ def pc_sample(score_fn, sde, shape, predictor="reverse_diffusion", corrector="la
         raise ValueError(f"unknown corrector {corrector!r}; choose from {', '.join(CORRECTORS)}")
     eps = sde.sample_eps if eps is None else eps
     N = n_steps or sde.N
+    sde.check_chain(N, eps)
     x = sde.prior_sampling(shape, generator, dtype, device) if z is None else z.to(dtype)
     x_mean = x
     with torch.no_grad():
@@ -760,8 +811,10 @@ def rk45(f, y, t0, t1, rtol=1e-5, atol=1e-5, max_steps=100000):
     """Adaptive Dormand-Prince RK45 for dy/dt = f(t, y) from t0 to t1 (either direction); returns (y(t1), nfe).
 
     Error control as scipy's solve_ivp: err = RMS over all entries of (local error) / (atol + rtol max(|y|, |y_new|)),
-    accept when err <= 1, next step h * min(10, max(0.2, 0.9 err^(-1/5))). The first stage of each step reuses
-    the last stage of the previous one (FSAL), so an accepted or rejected step costs 6 evaluations.
+    accept when err <= 1, next step h * min(10, max(0.2, 0.9 err^(-1/5))), and, as scipy, no growth on the step
+    right after a rejection. The first stage of each step reuses the last stage of the previous one (FSAL), so
+    an accepted or rejected step costs 6 evaluations. The step-size control reads err on the host: one sync per
+    step, inherent to an adaptive solver (the fixed-step samplers make none).
     """
     nfe = 0
 
@@ -783,6 +836,7 @@ def rk45(f, y, t0, t1, rtol=1e-5, atol=1e-5, max_steps=100000):
     d2 = rms((fn(t + direction * h0, y + direction * h0 * k1) - k1) / scale) / h0
     h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
     h = min(100 * h0, h1, abs(t1 - t0))
+    rejected = False                                                # the last attempt was rejected
     for _ in range(max_steps):
         if direction * (t1 - t) <= 0:
             return y, nfe
@@ -798,25 +852,35 @@ def rk45(f, y, t0, t1, rtol=1e-5, atol=1e-5, max_steps=100000):
         err_norm = rms(err / (atol + rtol * torch.maximum(y.abs(), y_new.abs())))
         if err_norm <= 1:                                           # accept: advance, grow the step
             t, y, k1 = t + hs, y_new, k[6]
-            h *= min(10.0, 0.9 * err_norm ** -0.2) if err_norm > 0 else 10.0
+            grow = min(10.0, 0.9 * err_norm ** -0.2) if err_norm > 0 else 10.0
+            h *= min(1.0, grow) if rejected else grow                # scipy: no growth right after a rejection
+            rejected = False
         else:                                                       # reject: shrink the step, retry
             h *= max(0.2, 0.9 * err_norm ** -0.2)
+            rejected = True
     raise RuntimeError(f"rk45: no convergence in {max_steps} steps")
 
 
 def ode_sample(score_fn, sde, shape, rtol=1e-5, atol=1e-5, eps=None, z=None, generator=None,
-               dtype=torch.float32, device="cpu"):
+               dtype=torch.float32, device="cpu", denoise=True):
     """App. D.3 of Song et al. (2021): sample by solving the probability-flow ODE (Eq. 13) from t = 1 to eps
-    with adaptive RK45 (the whole batch as one state vector, as the official code does); returns (x, nfe)."""
+    with adaptive RK45 (the whole batch as one state vector, as the official code does); returns (x, nfe).
+    denoise=True (the official sampling.noise_removal): then one reverse-diffusion predictor step without noise
+    from t = eps to the data (t = 0), a Tweedie denoise as at the end of pc_sample (one more evaluation).
+    The ODE state is integrated in float64 as in the official code (scipy), float32 on MPS; the network still
+    sees float32 (make_score_fn); the result is returned in dtype."""
     eps = sde.sample_eps if eps is None else eps
-    x = sde.prior_sampling(shape, generator, dtype, device) if z is None else z.to(dtype)
+    x = wide(sde.prior_sampling(shape, generator, dtype, device) if z is None else z.to(dtype))
 
     def f(t, y):
         tt = full(y, t)
         return sde.probability_flow(y, tt, score_fn(y, tt))
 
     with torch.no_grad():
-        return rk45(f, x, 1.0, eps, rtol, atol)
+        x, nfe = rk45(f, x, 1.0, eps, rtol, atol)
+        if denoise:
+            x, nfe = reverse_diffusion(score_fn, sde, x, eps, 0.0, noise=False)[0], nfe + 1
+    return x.to(dtype), nfe
 
 
 SAMPLERS = {"pc": None, "ode": None, "em": ("euler_maruyama", "none"),
@@ -873,13 +937,14 @@ def likelihood(score_fn, sde, x, estimator="rademacher", dequantize=True, eps=1e
     (score_sde issue #24), which scores a density on a point set and understates bits/dim.
     """
     B, d = len(x), x[0].numel()
-    x = x.double()
+    x = wide(x)                                                      # float64 (float32 on MPS), on x's device
     if dequantize:
         if not levels or levels < 2:
             raise ValueError("dequantize=True needs the number of grey levels of the data (levels >= 2)")
         delta = 2.0 / (levels - 1)
-        x = x + delta * (torch.rand(x.shape, generator=generator, dtype=x.dtype) - 0.5)
-    probe = torch.Generator().manual_seed(int(torch.randint(2 ** 31, (1,), generator=generator)))
+        x = x + delta * (torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) - 0.5)
+    seed = torch.randint(2 ** 31, (1,), generator=generator, device=x.device if generator is None else generator.device)
+    probe = make_generator(int(seed), x.device)                      # one host read per call, not per step
 
     def f(t, y):
         xt = y[:, :d].reshape(x.shape)
@@ -888,7 +953,7 @@ def likelihood(score_fn, sde, x, estimator="rademacher", dequantize=True, eps=1e
         drift, div = divergence(lambda z: sde.probability_flow(z, tt, score_fn(z, tt)), xt, estimator, probe)
         return torch.cat([drift.flatten(1), div[:, None]], 1)
 
-    y0 = torch.cat([x.flatten(1), torch.zeros(B, 1, dtype=x.dtype)], 1)
+    y0 = torch.cat([x.flatten(1), torch.zeros(B, 1, dtype=x.dtype, device=x.device)], 1)
     y1, nfe = rk45(f, y0, eps, 1.0, rtol, atol)
     z, delta_logp = y1[:, :d].reshape(x.shape), y1[:, d]
     logp = sde.prior_logp(z) + delta_logp                            # log p_eps(x), nats
@@ -899,14 +964,16 @@ def likelihood(score_fn, sde, x, estimator="rademacher", dequantize=True, eps=1e
 
 
 def encode(score_fn, sde, x, eps=1e-5, rtol=1e-5, atol=1e-5):
-    """Sec. 4.3: the latent code z = x(1) of data x(eps) under the probability-flow ODE (uniquely identifiable)."""
+    """Sec. 4.3: the latent code z = x(1) of data x(eps) under the probability-flow ODE (uniquely identifiable);
+    integrated in float64 (float32 on MPS), returned in x's dtype."""
     with torch.no_grad():
-        return rk45(lambda t, y: sde.probability_flow(y, full(y, t), score_fn(y, full(y, t))), x, eps, 1.0, rtol, atol)[0]
+        f = lambda t, y: sde.probability_flow(y, full(y, t), score_fn(y, full(y, t)))
+        return rk45(f, wide(x), eps, 1.0, rtol, atol)[0].to(x.dtype)
 
 
 def decode(score_fn, sde, z, eps=1e-5, rtol=1e-5, atol=1e-5):
     """Sec. 4.3: data x(eps) from a latent code z = x(1), the ODE run backwards (ode_sample with a given start)."""
-    return ode_sample(score_fn, sde, z.shape, rtol, atol, eps, z=z, dtype=z.dtype)[0]
+    return ode_sample(score_fn, sde, z.shape, rtol, atol, eps, z=z, dtype=z.dtype, device=z.device, denoise=False)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -930,15 +997,22 @@ def pc_known(score_fn, sde, known, mask, couple=None, decouple=None, predictor="
     unknown ones keep what the sampler produced; x_mean gets the noise-free mean m_t' known. The official code
     (controllable_generation.py) re-noises the known part to the level t the predictor started from; we noise
     it to the level t' it arrives at, so the state is consistent with p_t' (identical in the limit N -> inf).
+    Two more differences from the official pc_inpainter / pc_colorizer, both ours on purpose: they start from
+    the known part clean (data * mask + prior * (1 - mask), noised only after the first update) where we start
+    it noised to t = 1 like the rest; and their eps defaults to 1e-5 for every SDE, where eps=None here takes
+    the SDE's sampling eps (1e-3 VP / sub-VP, 1e-5 VE), as pc_sample does. (Their x_mean also mixes in the
+    noisy x; ours keeps the update's x_mean.)
     """
     couple = couple or (lambda u: u)
     decouple = decouple or (lambda u: u)
     eps = sde.sample_eps if eps is None else eps
     N = n_steps or sde.N
+    sde.check_chain(N, eps)
     u_known = decouple(known)
 
     def impose(x, x_mean, t):
         mean, std = sde.marginal_prob(u_known, full(x, t))             # p_0t(u(t) | u_known)
+        std = std * (t > 0)                                            # t = 0 is the data itself (VE: sigma_0 = 0)
         noisy = mean + bc(std, x) * randn(x, generator)
         x = couple(decouple(x) * (1 - mask) + noisy * mask)
         x_mean = couple(decouple(x_mean) * (1 - mask) + mean * mask)
@@ -975,12 +1049,12 @@ COLOR_M = torch.tensor([[5.7735014e-01, -8.1649649e-01, 4.7008697e-08],
 
 def decouple(x):
     """RGB (B, 3, H, W) -> decoupled channels u_j = sum_i x_i M_ij (u_0 = grey channel)."""
-    return torch.einsum("bihw,ij->bjhw", x, COLOR_M.to(x))
+    return torch.einsum("bihw,ij->bjhw", x, COLOR_M.to(x.dtype).to(x.device))  # cast on the CPU (MPS: no float64)
 
 
 def couple(u):
     """Inverse of decouple: x_i = sum_j u_j M^-1_ji (M is orthogonal, so M^-1 = M^T up to float32 rounding)."""
-    return torch.einsum("bjhw,ji->bihw", u, torch.linalg.inv(COLOR_M).to(u))
+    return torch.einsum("bjhw,ji->bihw", u, torch.linalg.inv(COLOR_M).to(u.dtype).to(u.device))
 
 
 def colorize(score_fn, sde, x_grey, predictor="reverse_diffusion", corrector="langevin", snr=0.16,
@@ -1081,9 +1155,23 @@ def save_samples(x, path, cfg, data=None):
 MUST_MATCH = ("dataset", "image_size", "model", "sde", "beta_min", "beta_max", "sigma_min", "sigma_max")
 
 
+def finite_or_die(what, loss_sum, net, first, last, path):
+    """The finiteness check of the training loops, at log / checkpoint / sample steps only (one host sync for
+    the window of steps first..last): the loss accumulated on the device and the weights must be finite, else
+    DataError naming the window, so that a NaN never reaches a checkpoint."""
+    norms = torch.stack(torch._foreach_norm([p.detach() for p in net.parameters()]))
+    ok = torch.stack([torch.isfinite(loss_sum), torch.isfinite(norms).all()]).tolist()
+    steps = f"at step {first}" if first == last else f"in steps {first}-{last}"
+    if not ok[0]:
+        raise DataError(f"non-finite {what}loss {steps}; last good checkpoint kept in {path}")
+    if not ok[1]:
+        raise DataError(f"non-finite {what}weights {steps}; last good checkpoint kept in {path}")
+
+
 def train(cfg, resume=False):
     device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)  # one global RNG drives data order, t, noise and dropout
+    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)
+    torch.manual_seed(cfg.seed)  # the global RNGs (CPU, and the device's) drive data order, t, noise and dropout
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
     if cfg.sde == "ve" and cfg.sigma_max == 0:
         cfg = dataclasses.replace(cfg, sigma_max=sigma_max_technique1(data.x))  # NCSNv2 Technique 1
@@ -1093,7 +1181,8 @@ def train(cfg, resume=False):
     model = make_model(cfg, data_shape).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)  # EMA of parameters only (the nets have no buffers)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    score_fn = make_score_fn(model, sde)
+    score_fn = make_score_fn(network(model, autocast, cfg.compile), sde)
+    ema_score_fn = make_score_fn(network(ema, autocast, cfg.compile), sde)   # for the sample grids
     os.makedirs(cfg.out, exist_ok=True)
     path, step = os.path.join(cfg.out, "ckpt.pt"), 0
     if resume:
@@ -1108,18 +1197,21 @@ def train(cfg, resume=False):
                                 f"use another --out or the same settings")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        set_rng_state(ckpt["rng"])
         print(f"resumed from {path} at step {step}")
-    fixed = torch.Generator().manual_seed(cfg.seed + 1)  # fixed noise for the progress grids
+    fixed = make_generator(cfg.seed + 1, device)  # fixed noise for the progress grids
     grid_shape = (min(cfg.n_samples, 64) if cfg.dataset not in TOYS else 2000, *data_shape)
 
     def checkpoint():
         save_checkpoint(path, {"script": SCRIPT, "config": {**dataclasses.asdict(cfg), "data_shape": data_shape},
                                "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                               "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state()}})
+                               "optimizer": opt.state_dict(), "rng": rng_state()})
 
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     stop, t0, step0 = StopFlag(), time.time(), step
+    # No host sync per step: the loss is summed on the device and read, with the finiteness check, only at
+    # log / checkpoint / sample steps (finite_or_die names the window since the last check).
+    loss_sum, n_sum, checked = torch.zeros((), device=device), 0, step
     model.train()
     try:
         while step < cfg.steps and not stop.set:
@@ -1127,31 +1219,33 @@ def train(cfg, resume=False):
             if data.flip:
                 x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(-1), x0)
             L = loss(score_fn, sde, x0, cfg.likelihood_weighting, cfg.train_eps, cfg.t_sampling)
-            if not torch.isfinite(L):
-                raise DataError(f"non-finite loss at step {step + 1}; last good checkpoint kept in {path}")
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)  # linear warm-up (App. H)
             opt.zero_grad(set_to_none=True)
             L.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not torch.isfinite(gnorm):
-                raise DataError(f"non-finite gradient at step {step + 1}; last good checkpoint kept in {path}")
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1 - cfg.ema_decay)
-            step += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            ema_update(ema, model, cfg.ema_decay)
+            loss_sum, n_sum, step = loss_sum + L.detach(), n_sum + 1, step + 1
+            log = step % cfg.log_every == 0 or step == cfg.steps
+            save = step % cfg.ckpt_every == 0 or step == cfg.steps or stop.set
+            grid = step % cfg.sample_every == 0 or step == cfg.steps
+            if log or save or grid:
+                finite_or_die("", loss_sum, model, checked + 1, step, path)
+                checked = step
+            if log:
                 rate = (step - step0) / (time.time() - t0)
-                print(f"step {step}/{cfg.steps}  loss {L.item():.4f}  {rate:.2f} it/s  "
+                print(f"step {step}/{cfg.steps}  loss {float(loss_sum) / n_sum:.4f}  {rate:.2f} it/s  "
                       f"ETA {(cfg.steps - step) / rate / 60:.1f} min", flush=True)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop.set:
+                loss_sum, n_sum = torch.zeros((), device=device), 0
+            if save:
                 checkpoint()
-            if step % cfg.sample_every == 0 or step == cfg.steps:
+            if grid:
                 ema.eval()
-                x, _ = sample(make_score_fn(ema, sde), sde, cfg, grid_shape, fixed.manual_seed(cfg.seed + 1), device)
+                x, _ = sample(ema_score_fn, sde, cfg, grid_shape, fixed.manual_seed(cfg.seed + 1), device)
                 save_samples(x, os.path.join(cfg.out, f"train_{step:06d}.png"), cfg, data.x)
         if stop.set:
+            finite_or_die("", loss_sum, model, checked + 1, step, path)
             checkpoint()
             print(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume", file=sys.stderr)
             sys.exit(130)
@@ -1163,9 +1257,8 @@ def train(cfg, resume=False):
 def run_sample(cfg):
     """--sample: rebuild the network and SDE from the checkpoint's config (its --sde, --dataset, ... win over
     the command line's), sample with the EMA weights using this command line's sampler flags."""
-    device = pick_device(cfg.device)
-    saved, data_shape, score_fn, sde = load_score_model(cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    saved, data_shape, score_fn, sde, device = load_score_model(cfg)
+    gen = make_generator(cfg.seed, device)
     t0 = time.time()
     x, nfe = sample(score_fn, sde, cfg, (cfg.n_samples, *data_shape), gen, device)
     if not torch.isfinite(x).all():
@@ -1186,6 +1279,7 @@ def train_classifier(cfg):
     score checkpoint (--ckpt, so the two share the schedule), or of --sde when there is none; writes
     <out>/classifier.pt (EMA weights used for guidance)."""
     device = pick_device(cfg.device)
+    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)
     torch.manual_seed(cfg.seed)
     spath = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
     if os.path.isfile(spath):                       # the score model's SDE, sigma_max and dataset win
@@ -1201,41 +1295,50 @@ def train_classifier(cfg):
     net = TimeClassifier(data.x.shape[1], K).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr * 5)   # a classifier tolerates a larger step than the score net
-    t0 = time.time()
+    net_fn, ema_fn = network(net, autocast, cfg.compile), network(ema, autocast, cfg.compile)
+    path = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt")
+    t0, loss_sum, n_sum, checked = time.time(), torch.zeros((), device=device), 0, 0
     for step in range(1, cfg.classifier_steps + 1):
         idx = torch.randint(len(data.x), (cfg.batch_size,))
-        L = classifier_loss(net, sde, data.x[idx].to(device), data.y[idx].to(device), cfg.train_eps)
-        if not torch.isfinite(L):
-            raise DataError(f"non-finite classifier loss at step {step}")
+        L = classifier_loss(net_fn, sde, data.x[idx].to(device), data.y[idx].to(device), cfg.train_eps)
         opt.zero_grad(set_to_none=True)
         L.backward()
         opt.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p, 1 - cfg.ema_decay)
+        ema_update(ema, net, cfg.ema_decay)
+        loss_sum, n_sum = loss_sum + L.detach(), n_sum + 1            # read at log steps only (no per-step sync)
         if step % cfg.log_every == 0 or step == cfg.classifier_steps:
-            print(f"classifier step {step}/{cfg.classifier_steps}  cross-entropy {L.item():.4f}  "
+            finite_or_die("classifier ", loss_sum, net, checked + 1, step, path)
+            checked = step
+            print(f"classifier step {step}/{cfg.classifier_steps}  cross-entropy {float(loss_sum) / n_sum:.4f}  "
                   f"{step / (time.time() - t0):.2f} it/s", flush=True)
+            loss_sum, n_sum = torch.zeros((), device=device), 0
     # Held-out accuracy at three noise levels, so a person can see what the guidance has to work with.
     test = load_data(cfg.dataset, train=False, image_size=cfg.image_size or None)
+    tx, ty = test.x.to(device), test.y.to(device)
     with torch.no_grad():
         for t in (0.1, 0.5, 0.9):
-            tt = torch.full((len(test.x),), t)
-            mean, std = sde.marginal_prob(test.x, tt)
-            xt = (mean + bc(std, test.x) * torch.randn_like(test.x)).float()
-            acc = (ema(xt.to(device), net_time(sde, tt).float().to(device)).argmax(1).cpu() == test.y).float().mean()
+            tt = torch.full((len(tx),), t, device=device)
+            mean, std = sde.marginal_prob(tx, tt)
+            xt = (mean + bc(std, tx) * torch.randn_like(tx)).float()
+            acc = float((ema_fn(xt, net_time(sde, tt).float()).argmax(1) == ty).float().mean())
             print(f"held-out accuracy at t = {t}: {acc:.3f}")
-    path = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt")
     save_checkpoint(path, {"script": SCRIPT, "kind": "classifier",
                            "config": {**dataclasses.asdict(cfg), "data_shape": list(data.x.shape[1:]), "n_classes": K},
                            "step": cfg.classifier_steps, "model": net.state_dict(), "ema": ema.state_dict(),
-                           "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state()}})
+                           "optimizer": opt.state_dict(), "rng": rng_state()})
     print(f"classifier -> {path}")
 
 
+def precision_of(cfg, device):
+    """--precision auto: tf32 on CUDA, fp32 elsewhere (a runtime setting: it never has to match a checkpoint)."""
+    return ("tf32" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
+
+
 def load_score_model(cfg):
-    """The EMA score network and SDE of --ckpt (default <out>/ckpt.pt): (saved config, data_shape, score_fn, sde)."""
+    """The EMA score network and SDE of --ckpt (default <out>/ckpt.pt), on --device with this command line's
+    --precision / --compile: (saved config, data_shape, score_fn, sde, device)."""
     device = pick_device(cfg.device)
+    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)
     path = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
     ckpt = load_checkpoint(path)
     try:
@@ -1249,22 +1352,23 @@ def load_score_model(cfg):
         raise DataError(f"{path}: checkpoint does not match this script's network ({type(e).__name__})") from None
     model.to(device).eval()
     sde = make_sde(saved.sde, saved.beta_min, saved.beta_max, saved.sigma_min, saved.sigma_max, cfg.n_steps)
-    return saved, data_shape, make_score_fn(model, sde), sde
+    return saved, data_shape, make_score_fn(network(model, autocast, cfg.compile), sde), sde, device
 
 
-def held_out(saved, cfg, what):
-    """The first --n-eval held-out images of the checkpoint's dataset (image modes refuse 2-D toys)."""
+def held_out(saved, cfg, what, device):
+    """The first --n-eval held-out images of the checkpoint's dataset on device, float64 (float32 on MPS);
+    image modes refuse 2-D toys."""
     if saved.dataset in TOYS and what != "--eval-nll":
         raise ValueError(f"{what} needs image data; the checkpoint was trained on the 2-D toy {saved.dataset}")
     data = load_data(saved.dataset, train=False, image_size=saved.image_size or None)
-    return data, data.x[:cfg.n_eval].double()
+    return data, wide(data.x[:cfg.n_eval].to(device))
 
 
 def run_eval_nll(cfg):
     """--eval-nll: bits/dim (App. D.2) of --n-eval held-out points with --estimator, mean +- standard error."""
-    saved, _, score_fn, sde = load_score_model(cfg)
-    data, x = held_out(saved, cfg, "--eval-nll")
-    gen = torch.Generator().manual_seed(cfg.seed)
+    saved, _, score_fn, sde, device = load_score_model(cfg)
+    data, x = held_out(saved, cfg, "--eval-nll", device)
+    gen = make_generator(cfg.seed, device)
     t0 = time.time()
     bpd, nfe = likelihood(score_fn, sde, x, cfg.estimator, dequantize=data.levels is not None,
                           levels=data.levels, rtol=cfg.rtol, atol=cfg.atol, generator=gen)
@@ -1290,14 +1394,14 @@ def slerp(z0, z1, lam):
 def run_encode(cfg, interpolate=False):
     """--encode: rows of held-out images | their codes z = x(1) | decode(z) (Sec. 4.3).
     --interpolate: 8 rows, each decoding slerp(z_a, z_b, lambda) for 9 lambdas between two encoded images."""
-    saved, _, score_fn, sde = load_score_model(cfg)
-    _, x = held_out(saved, cfg, "--interpolate" if interpolate else "--encode")
+    saved, _, score_fn, sde, device = load_score_model(cfg)
+    _, x = held_out(saved, cfg, "--interpolate" if interpolate else "--encode", device)
     x = x[:16 if interpolate else 8]
     eps = cfg.sample_eps or 1e-5
     z = encode(score_fn, sde, x, eps, cfg.rtol, cfg.atol)
     os.makedirs(cfg.out, exist_ok=True)
     if interpolate:
-        lams = torch.linspace(0, 1, 9, dtype=z.dtype)
+        lams = torch.linspace(0, 1, 9, dtype=z.dtype, device=z.device)
         zs = torch.cat([torch.stack([slerp(z[2 * i], z[2 * i + 1], l) for l in lams]) for i in range(len(z) // 2)])
         out, png = decode(score_fn, sde, zs, eps, cfg.rtol, cfg.atol), os.path.join(cfg.out, "interpolate.png")
         save_grid(out.float(), png, nrow=9)
@@ -1313,20 +1417,20 @@ def run_encode(cfg, interpolate=False):
 def run_inpaint(cfg, colour=False):
     """--inpaint: rows originals | masked (bottom half removed) | completed (App. I.2).
     --colorize: rows originals | grey | colourised (App. I.3); grey data -> a one-line explanation."""
-    saved, data_shape, score_fn, sde = load_score_model(cfg)
+    saved, data_shape, score_fn, sde, device = load_score_model(cfg)
     if colour and data_shape[0] != 3:
         raise ValueError(f"--colorize needs RGB data; {saved.dataset} has {data_shape[0]} channel(s), so there is "
                          f"no colour to restore (App. I.3 works on 3-channel images)")
-    _, x = held_out(saved, cfg, "--colorize" if colour else "--inpaint")
+    _, x = held_out(saved, cfg, "--colorize" if colour else "--inpaint", device)
     x = x[:16]
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = make_generator(cfg.seed, device)
     kw = dict(predictor=cfg.predictor, corrector=cfg.corrector, snr=cfg.snr, n_corrector_steps=cfg.n_corrector_steps,
               eps=cfg.sample_eps or None, n_steps=cfg.n_steps, generator=gen)
     if colour:
         shown = x.mean(1, keepdim=True).expand_as(x)
         out, png = colorize(score_fn, sde, shown, **kw), os.path.join(cfg.out, "colorize.png")
     else:
-        mask = torch.ones(x.shape[1:], dtype=x.dtype)
+        mask = torch.ones(x.shape[1:], dtype=x.dtype, device=x.device)
         mask[..., x.shape[-2] // 2:, :] = 0                              # bottom half unknown
         shown = x * mask - (1 - mask)                                    # masked part drawn black
         out, png = inpaint(score_fn, sde, x, mask, **kw), os.path.join(cfg.out, "inpaint.png")
@@ -1339,7 +1443,7 @@ def run_inpaint(cfg, colour=False):
 def run_class(cfg, label):
     """--sample --class K: class-conditional PC samples (Sec. 5) with the time-dependent classifier of
     --classifier-ckpt; --class all: one row per class."""
-    saved, data_shape, score_fn, sde = load_score_model(cfg)
+    saved, data_shape, score_fn, sde, device = load_score_model(cfg)
     path = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt")
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != "classifier":
@@ -1351,7 +1455,7 @@ def run_class(cfg, label):
     K = cc["n_classes"]
     if label == "all":
         n = max(1, cfg.n_samples // K)
-        y = torch.arange(K).repeat_interleave(n)
+        y = torch.arange(K, device=device).repeat_interleave(n)
     else:
         try:
             k = int(label)
@@ -1359,23 +1463,24 @@ def run_class(cfg, label):
             raise ValueError(f"--class must be an integer in [0, {K - 1}] or 'all' (got {label!r})") from None
         if not 0 <= k < K:
             raise ValueError(f"--class {k} is out of range: the classifier knows classes 0..{K - 1}")
-        n, y = cfg.n_samples, torch.full((cfg.n_samples,), k)
+        n, y = cfg.n_samples, torch.full((cfg.n_samples,), k, device=device)
     clf = TimeClassifier(data_shape[0], K)
     clf.load_state_dict(ckpt["ema"])
-    clf.eval()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    clf.to(device).eval()
+    clf = network(clf, setup_precision(device, precision_of(cfg, device), cfg.deterministic), cfg.compile)
+    gen = make_generator(cfg.seed, device)
     pred, corr = (cfg.predictor, cfg.corrector) if cfg.sampler == "pc" else SAMPLERS.get(cfg.sampler) or ("x", "x")
     if pred == "x":
         raise ValueError("--class needs an SDE sampler (pc, em, reverse, ancestral), not the ODE")
     x = class_sample(score_fn, make_log_prob_fn(clf, sde), sde, (len(y), *data_shape), y, cfg.classifier_scale,
                      predictor=pred, corrector=corr, snr=cfg.snr, n_corrector_steps=cfg.n_corrector_steps,
-                     eps=cfg.sample_eps or None, generator=gen, n_steps=cfg.n_steps)
+                     eps=cfg.sample_eps or None, generator=gen, n_steps=cfg.n_steps, device=device)
     os.makedirs(cfg.out, exist_ok=True)
     png = os.path.join(cfg.out, f"class_{label}.png")
     save_grid(x.float(), png, nrow=n if label == "all" else None)
     with torch.no_grad():
-        acc = float((make_log_prob_fn(clf, sde)(x, torch.full((len(x),), sde.sample_eps, dtype=x.dtype)).argmax(1)
-                     == y).double().mean())
+        t_eps = torch.full((len(x),), sde.sample_eps, dtype=x.dtype, device=x.device)
+        acc = float((make_log_prob_fn(clf, sde)(x, t_eps).argmax(1) == y).float().mean())
     print(f"{len(y)} samples of class {label} (scale {cfg.classifier_scale}); the classifier at t = eps agrees "
           f"on {acc:.0%} -> {png}")
 
@@ -1390,7 +1495,8 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-CHOICES = {"sde": ("vp", "subvp", "ve"), "estimator": ("rademacher", "gaussian", "exact"),
+CHOICES = {"sde": ("vp", "subvp", "ve"), "precision": ("auto", "fp32", "tf32", "bf16"),
+           "estimator": ("rademacher", "gaussian", "exact"),
            "t_sampling": ("iid", "low_discrepancy"), "sampler": tuple(SAMPLERS), "predictor": tuple(PREDICTORS),
            "corrector": tuple(CORRECTORS), "model": tuple(PRESETS)}
 
@@ -1430,8 +1536,8 @@ def validate(cfg, args):
         raise ValueError(f"--train-eps must be in (0, 1) (got {cfg.train_eps})")
     if not (cfg.sample_eps == 0 or 0 < cfg.sample_eps < 1):
         raise ValueError(f"--sample-eps must be in (0, 1), or 0 for the paper's default (got {cfg.sample_eps})")
-    if args.train and cfg.sde != "ve" and cfg.beta_max / cfg.n_steps >= 1:
-        raise ValueError(f"the VP chain needs beta(t) dt < 1: use --n-steps > beta_max = {cfg.beta_max:g}")
+    if args.train and cfg.sde != "ve" and (cfg.n_steps < 2 or cfg.beta_max / (cfg.n_steps - 1) >= 1):
+        raise ValueError(f"the VP chain needs beta(t) dt < 1: use --n-steps > beta_max + 1 = {cfg.beta_max + 1:g}")
     if cfg.sampler == "pc" and cfg.predictor == "none" and cfg.corrector == "none":
         raise ValueError("--predictor none with --corrector none would return the prior noise")
     try:  # an output folder we cannot write is reported now, not after training

@@ -20,6 +20,80 @@ sys.path.insert(0, ROOT)
 import score_sde as S  # noqa: E402
 
 F64 = torch.float64
+# Deliberate breaks of score_sde.py and the tests that catch them: python tests/mutations.py sde (issue 13).
+MUTATIONS = [
+    {"name": "sde-prior-normaliser", "file": "score_sde.py",
+     "find": "math.log(2 * math.pi * self.prior_std ** 2)",
+     "replace": "math.log(2 * math.pi * self.prior_std)",
+     "tests": ["tests/test_score_sde.py::test_prior_logp_is_the_normal_density[ve]"]},
+    {"name": "sde-likelihood-weighting-g", "file": "score_sde.py",
+     "find": "g2 = sde.sde(torch.zeros_like(x), t)[1] ** 2",
+     "replace": "g2 = sde.sde(torch.zeros_like(x), t)[1]",
+     "tests": ["tests/test_score_sde.py::test_weighted_loss_of_a_wrong_score[vp]",
+               "tests/test_score_sde.py::test_weighted_loss_of_a_wrong_score[ve]"]},
+    {"name": "sde-ald-step-size", "file": "score_sde.py",
+     "find": "step = 2 * alpha * (snr * std) ** 2",
+     "replace": "step = 2 * alpha * snr ** 2 * std",
+     "tests": ["tests/test_score_sde.py::test_corrector_step_sizes[vp]",
+               "tests/test_score_sde.py::test_corrector_step_sizes[ve]"]},
+    {"name": "sde-langevin-step-no-square", "file": "score_sde.py",
+     "find": "step = 2 * alpha * (snr * ratio) ** 2",
+     "replace": "step = 2 * alpha * (snr * ratio)",
+     "tests": ["tests/test_score_sde.py::test_corrector_step_sizes[ve]"]},
+    {"name": "sde-langevin-noise-sqrt-e", "file": "score_sde.py",
+     "find": "x = x_mean + bc((2 * step).sqrt(), x) * z               # Langevin noise",
+     "replace": "x = x_mean + bc(step.sqrt(), x) * z               # Langevin noise",
+     "tests": ["tests/test_score_sde.py::test_corrector_keeps_p_t_stationary[langevin-vp]"]},
+    {"name": "sde-vp-alpha-is-beta", "file": "score_sde.py",
+     "find": "return 1 - self.beta_i(t, dt)",
+     "replace": "return self.beta_i(t, dt)",
+     "tests": ["tests/test_score_sde.py::test_corrector_step_sizes[vp]"]},
+    {"name": "sde-probability-flow-half", "file": "score_sde.py",
+     "find": "return drift - 0.5 * bc(g ** 2, x) * score",
+     "replace": "return drift - bc(g ** 2, x) * score",
+     "tests": ["tests/test_score_sde.py::test_probability_flow_maps_prior_quantiles_to_data_quantiles[vp]"]},
+    {"name": "sde-int-beta-half", "file": "score_sde.py",
+     "find": "0.5 * t ** 2 * (self.beta_max - self.beta_min)",
+     "replace": "t ** 2 * (self.beta_max - self.beta_min)",
+     "tests": ["tests/test_score_sde.py::test_marginal_prob_solves_the_moment_odes[vp]"]},
+    {"name": "sde-ve-g-factor-2", "file": "score_sde.py",
+     "find": "math.sqrt(2 * self.log_ratio)).to(x.dtype)",
+     "replace": "math.sqrt(self.log_ratio)).to(x.dtype)",
+     "tests": ["tests/test_score_sde.py::test_marginal_prob_solves_the_moment_odes[ve]"]},
+    {"name": "sde-vp-ancestral-no-sqrt", "file": "score_sde.py",
+     "find": "x_mean = (x + bc(beta, x) * score) / bc((1 - beta).sqrt(), x)",
+     "replace": "x_mean = x + bc(beta, x) * score",
+     "tests": ["tests/test_score_sde.py::test_vp_ancestral_equals_ddpm_step"]},
+    {"name": "sde-subvp-ancestral-noise", "file": "score_sde.py",
+     "find": "std = s_next * b2.sqrt() / s",
+     "replace": "std = b2.sqrt()",
+     "tests": ["tests/test_score_sde.py::test_ancestral_is_gaussian_posterior_with_tweedie_x0[subvp]"]},
+    {"name": "sde-divergence-sign", "file": "score_sde.py",
+     "find": "logp = sde.prior_logp(z) + delta_logp",
+     "replace": "logp = sde.prior_logp(z) - delta_logp",
+     "tests": ["tests/test_score_sde.py::test_likelihood_exact_trace_matches_closed_form"]},
+    {"name": "sde-couple-not-inverse", "file": "score_sde.py",
+     "find": "torch.linalg.inv(COLOR_M).to(u.dtype)",
+     "replace": "COLOR_M.to(u.dtype)",
+     "tests": ["tests/test_score_sde.py::test_colorize_keeps_grey_and_transform_is_orthogonal"]},
+    {"name": "sde-ve-sigma0-not-zero", "file": "score_sde.py",
+     "find": "torch.where(t > 0, sigma, torch.zeros_like(sigma))",
+     "replace": "sigma",
+     "tests": ["tests/test_score_sde.py::test_last_predictor_step_denoises[ve]"]},
+    {"name": "sde-grid-ends-at-eps", "file": "score_sde.py",
+     "find": "    return list(zip(ts, ts[1:] + [0.0]))",
+     "replace": "    ts = [eps + (1 - eps) * k / N for k in range(N, -1, -1)]\n    return list(zip(ts[:-1], ts[1:]))",
+     "tests": ["tests/test_score_sde.py::test_point_mass_spread_after_pc_and_ode[ve]"]},
+    {"name": "sde-rk45-growth-after-rejection", "file": "score_sde.py",
+     "find": "h *= min(1.0, grow) if rejected else grow",
+     "replace": "h *= grow",
+     "tests": ["tests/test_score_sde.py::test_rk45_no_step_growth_right_after_a_rejection"]},
+    {"name": "sde-ode-no-denoise", "file": "score_sde.py",
+     "find": "        if denoise:\n",
+     "replace": "        if False:\n",
+     "tests": ["tests/test_score_sde.py::test_point_mass_spread_after_pc_and_ode[ve]"]},
+]
+
 # The mixture: two well-separated, correlated components with unequal weights (data scale ~[-2, 2]).
 W = torch.tensor([0.3, 0.7], dtype=F64)
 MU = torch.tensor([[-1.5, 0.5], [1.0, -0.5]], dtype=F64)
@@ -33,14 +107,19 @@ def mixture_at(sde, t):
     return m * MU, m ** 2 * C + s ** 2 * torch.eye(2, dtype=F64)
 
 
+def like(a, x):
+    """A CPU float64 constant in x's dtype on x's device (cast on the CPU first: MPS has no float64)."""
+    return a.to(x.dtype).to(x.device)
+
+
 def mix_score(sde):
-    """Exact grad log p_t(x) of the mixture (all samples of a call share one t, as in every sampler)."""
+    """Exact grad log p_t(x) of the mixture (all samples of a call share one t, as in every sampler), on x's device."""
     def score(x, t):
         mean, cov = mixture_at(sde, float(t[0]))
-        P = torch.linalg.inv(cov)                                    # (K, 2, 2)
+        P, mean = like(torch.linalg.inv(cov), x), like(mean, x)     # (K, 2, 2), (K, 2)
         d = x[:, None, :] - mean[None]                               # (B, K, 2)
         Pd = torch.einsum("kij,bkj->bki", P, d)
-        logp = torch.log(W) - 0.5 * torch.logdet(cov) - 0.5 * (d * Pd).sum(-1)
+        logp = like(torch.log(W) - 0.5 * torch.logdet(cov), x) - 0.5 * (d * Pd).sum(-1)
         return -(torch.softmax(logp, 1)[:, :, None] * Pd).sum(1)     # sum_k r_k(x) (-P_k d_k)
     return score
 
@@ -55,6 +134,7 @@ def sample_mixture(n, mean, cov, g):
 def mixture_errors(x, mean=MU, cov=C):
     """(weight error of component 1, max |mean error|, max relative covariance error) of samples x,
     each point assigned to the nearer component mean; covariance errors are divided by sqrt(C_ii C_jj)."""
+    x = x.cpu().double()
     near1 = (x - mean[1]).norm(dim=1) < (x - mean[0]).norm(dim=1)
     errs = [abs(float(near1.double().mean() - W[1])), 0.0, 0.0]
     for k, sel in enumerate((~near1, near1)):
@@ -115,7 +195,7 @@ def test_vp_marginal_equals_product_of_chain():
     m, s = sde.marginal_prob(torch.ones(1, dtype=F64), torch.ones(1, dtype=F64))
     errors = []
     for N in (2500, 10000):
-        t = torch.tensor([t for t, _ in S.time_grid(N, 0.0)], dtype=F64)     # all N steps at once, (N,)
+        t = torch.arange(N, 0, -1, dtype=F64) / N                            # t_i = i / N, all N steps at once
         f, G = sde.discretize(torch.ones(N, 1, dtype=F64), t, 1 / N)
         prod_alpha = float(((f[:, 0] + 1) ** 2).prod())                     # prod (sqrt(1 - beta_i))^2
         errors.append(abs(prod_alpha / float(m) ** 2 - 1))
@@ -126,7 +206,18 @@ def test_vp_marginal_equals_product_of_chain():
     assert errors[1] < 0.02 and 3.5 < errors[0] / errors[1] < 4.5, errors
     ve, x = S.VESDE(0.01, 8.0), torch.ones(1, 1, dtype=F64)
     total = sum(float(ve.discretize(x, torch.tensor([t], dtype=F64), t - tn)[1]) ** 2 for t, tn in S.time_grid(50, 1e-5))
-    assert total == pytest.approx(8.0 ** 2 - float(ve.sigma(torch.tensor(1e-5))) ** 2, rel=1e-10)
+    assert total == pytest.approx(8.0 ** 2, rel=1e-10)   # the grid ends at the data, sigma_0 = 0 (Eq. 8)
+
+
+def test_time_grid_is_the_official_linspace():
+    """time_grid(N, eps): the N levels of the official torch.linspace(1, eps, N), each paired with the next, and the
+    last level eps paired with t = 0 (the data); N = 1 is the single step 1 -> 0.
+    Caught: the old grid of N steps from 1 to eps (its last step landed at eps, not the data)."""
+    grid = S.time_grid(7, 1e-3)
+    levels = torch.tensor([t for t, _ in grid], dtype=F64)
+    torch.testing.assert_close(levels, torch.linspace(1, 1e-3, 7, dtype=F64), rtol=0, atol=1e-15)
+    assert [tn for _, tn in grid] == [t for t, _ in grid[1:]] + [0.0]
+    assert S.time_grid(1, 1e-3) == [(1.0, 0.0)]
 
 
 # -----------------------------------------------------------------------------
@@ -136,7 +227,7 @@ PC = [(p, c) for p in ("euler_maruyama", "reverse_diffusion", "ancestral_samplin
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-def test_pc_sampler_every_combination(name):
+def test_pc_sampler_every_combination(name, device, f64):
     """pc_sample with every predictor x corrector (N = 200, M = 1, snr 0.16) on 4000 particles reproduces the
     mixture's weights, component means and covariances. Caught: Langevin noise sqrt(e) instead of sqrt(2 e);
     VE ancestral std without the 1/sigma_i^2; reverse diffusion without G^2 on the score; VP ancestral without
@@ -144,42 +235,44 @@ def test_pc_sampler_every_combination(name):
     sde = SDES[name]()
     score = mix_score(sde)
     for p, c in PC:
-        x = S.pc_sample(score, sde, (4000, 2), p, c, n_steps=200, generator=torch.Generator().manual_seed(1), dtype=F64)
+        x = S.pc_sample(score, sde, (4000, 2), p, c, n_steps=200, generator=S.make_generator(1, device), dtype=f64,
+                        device=device)
         assert_matches(x, f"{name} {p} + {c}")
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp"])
-def test_corrector_only(name):
+def test_corrector_only(name, device, f64):
     """Corrector-only sampling (predictor none, Langevin, M = 4 per level) also gets there on VP and sub-VP
     (the official corrector cannot run on sub-VP at all). Caught: alpha_i = beta_i instead of 1 - beta_i.
     (Corrector-only is the paper's weakest sampler: with the VE SDE and ALD it does not converge at this budget.)"""
     sde = SDES[name]()
     x = S.pc_sample(mix_score(sde), sde, (4000, 2), "none", "langevin", n_corrector_steps=4, n_steps=200,
-                    generator=torch.Generator().manual_seed(2), dtype=F64)
+                    generator=S.make_generator(2, device), dtype=f64, device=device)
     assert_matches(x, f"{name} corrector only", (0.04, 0.05, 0.2))
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
 @pytest.mark.parametrize("corrector", ["langevin", "ald"])
-def test_corrector_keeps_p_t_stationary(name, corrector):
+def test_corrector_keeps_p_t_stationary(name, corrector, device, f64):
     """Started from exact samples of p_t, 30 corrector steps at that t leave p_t unchanged (Langevin MCMC targets
     p_t, Alg. 4/5). Caught: noise sqrt(e) instead of sqrt(2 e) (covariance halves); step 2 (r|z|/|g|) (no square)."""
     sde, t = SDES[name](), 0.05
     mean, cov = mixture_at(sde, t)
     g = torch.Generator().manual_seed(3)
-    x = sample_mixture(4000, mean, cov, g)
+    x = sample_mixture(4000, mean, cov, g).to(f64).to(device)
+    g = g if device.type == "cpu" else S.make_generator(3, device)   # CPU: the same stream continues
     x, _ = S.CORRECTORS[corrector](mix_score(sde), sde, x, t, 1 / 200, 0.16, 30, g)
     errs = mixture_errors(x, mean, cov)
     assert all(e <= tol for e, tol in zip(errs, TOL)), f"{errs}"
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-def test_ode_sampler(name):
+def test_ode_sampler(name, device, f64):
     """ode_sample (Eq. 13 with RK45, rtol = atol = 1e-4) reproduces the mixture, with a modest NFE.
     Caught: probability flow with g^2 instead of g^2 / 2 on the score; RK45 with one wrong tableau entry."""
     sde = SDES[name]()
     x, nfe = S.ode_sample(mix_score(sde), sde, (4000, 2), rtol=1e-4, atol=1e-4,
-                          generator=torch.Generator().manual_seed(4), dtype=F64)
+                          generator=S.make_generator(4, device), dtype=f64, device=device)
     assert_matches(x, f"{name} ode")
     assert 20 < nfe < 400
 
@@ -207,15 +300,15 @@ class WrongDrift(S.VPSDE):
 
 @pytest.mark.parametrize("bad,sampler", [(WrongDiffusion, "euler_maruyama"), (WrongChain, "reverse_diffusion"),
                                          (WrongDiffusion, "ode"), (WrongDrift, "ode")])
-def test_negative_wrong_coefficient_fails(bad, sampler):
+def test_negative_wrong_coefficient_fails(bad, sampler, device, f64):
     """The tolerances of the tests above reject a sampler with a 20% wrong diffusion or drift coefficient
     (the score stays exact for the correct VP SDE)."""
     sde, score = bad(), mix_score(S.VPSDE())
-    g = torch.Generator().manual_seed(1)
+    g = S.make_generator(1, device)
     if sampler == "ode":
-        x, _ = S.ode_sample(score, sde, (4000, 2), rtol=1e-4, atol=1e-4, generator=g, dtype=F64)
+        x, _ = S.ode_sample(score, sde, (4000, 2), rtol=1e-4, atol=1e-4, generator=g, dtype=f64, device=device)
     else:
-        x = S.pc_sample(score, sde, (4000, 2), sampler, "none", n_steps=200, generator=g, dtype=F64)
+        x = S.pc_sample(score, sde, (4000, 2), sampler, "none", n_steps=200, generator=g, dtype=f64, device=device)
     with pytest.raises(AssertionError):
         assert_matches(x, "mutant")
 
@@ -245,10 +338,8 @@ def test_vp_ancestral_equals_ddpm_step():
     alpha_bar = np.cumprod(1 - beta)
     sde = S.VPSDE(0.1, 20.0, N)
     eps_net = lambda x: torch.sin(3 * x) + 0.5 * x                   # any noise predictor
-    grid = S.time_grid(N, 0.0)                                       # t_i = i / N
     for i in (N, 500, 2):
-        t, t_next = grid[N - i]
-        assert t == pytest.approx(i / N)
+        t, t_next = i / N, (i - 1) / N                                # t_i = i / N
         x = torch.randn(5, 3, generator=torch.Generator().manual_seed(i), dtype=F64)
         z = torch.randn(5, 3, generator=torch.Generator().manual_seed(7), dtype=F64)
         b, ab = beta[i - 1], alpha_bar[i - 1]
@@ -311,8 +402,29 @@ def test_rk45_nfe_falls_as_rtol_loosens():
     assert nfes == sorted(nfes, reverse=True) and nfes[0] > 2 * nfes[-1], nfes
 
 
+def test_rk45_no_step_growth_right_after_a_rejection():
+    """scipy's RK45 rule (followed by the official code's solver): the step accepted right after a rejected one
+    is not followed by a larger step. Read from the evaluation times: after the two evaluations of the initial
+    step estimate, each attempt (t, h) evaluates t + h/5, t + 3h/10, t + 4h/5, t + 8h/9, t + h, t + h; an attempt
+    was accepted when the next one starts at t + h. A narrow bump in f forces rejections.
+    Caught: growth allowed right after a rejection."""
+    times = []
+
+    def f(t, y):
+        times.append(t)
+        return -y + 50 * math.exp(-((t - 0.5) / 0.02) ** 2)
+
+    S.rk45(f, torch.ones(1, 1, dtype=F64), 0.0, 1.0, rtol=1e-6, atol=1e-6)
+    ev = times[2:]
+    att = [(ev[i + 4] - 1.25 * (ev[i + 4] - ev[i]), 1.25 * (ev[i + 4] - ev[i])) for i in range(0, len(ev), 6)]
+    accepted = [abs(b[0] - (a[0] + a[1])) < 1e-12 for a, b in zip(att, att[1:])] + [True]
+    after_reject = [k for k in range(1, len(att) - 1) if not accepted[k - 1] and accepted[k]]
+    assert len(after_reject) >= 2, att
+    assert all(att[k + 1][1] <= att[k][1] * (1 + 1e-9) for k in after_reject), att
+
+
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-def test_probability_flow_maps_prior_quantiles_to_data_quantiles(name):
+def test_probability_flow_maps_prior_quantiles_to_data_quantiles(name, device, f64):
     """For 1-D Gaussian data N(mu, s^2), p_t is Gaussian and the probability-flow ODE is the monotone affine
     map between p_1 and p_eps: the q-quantile of p_1 lands on the q-quantile of p_eps. Caught: the 1/2 in
     Eq. 13 (probability_flow with g^2 s); a wrong sign of the drift."""
@@ -329,9 +441,179 @@ def test_probability_flow_maps_prior_quantiles_to_data_quantiles(name):
     normal_q = math.sqrt(2) * torch.erfinv(2 * q - 1)                  # standard normal quantiles
     m1, v1 = moments(1.0)
     m0, v0 = moments(eps)
-    z = (m1 + math.sqrt(v1) * normal_q)[:, None]                        # quantiles of p_1
-    x, nfe = S.ode_sample(score, sde, (len(q), 1), rtol=1e-7, atol=1e-7, eps=eps, z=z, dtype=F64)
-    torch.testing.assert_close(x[:, 0], m0 + math.sqrt(v0) * normal_q, rtol=0, atol=1e-4)
+    z = (m1 + math.sqrt(v1) * normal_q)[:, None].to(f64).to(device)    # quantiles of p_1
+    tol = 1e-7 if f64 == F64 else 1e-5                                  # float32 (MPS) cannot resolve 1e-7
+    x, nfe = S.ode_sample(score, sde, (len(q), 1), rtol=tol, atol=tol, eps=eps, z=z, dtype=f64, device=device,
+                          denoise=False)
+    torch.testing.assert_close(x[:, 0].cpu().double(), m0 + math.sqrt(v0) * normal_q, rtol=0, atol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# Issue 13: the last step lands on the data (t = 0), checked with point masses (exact score)
+
+def pm(name, t):
+    """(mean coefficient m_t, std_t, g(t)^2) of the test SDEs written out here (App. B), independently of score_sde:
+    VP / sub-VP with beta(t) = 0.1 + 19.9 t, int_0^t beta = 0.1 t + 9.95 t^2; VE (SDES: 0.01, 8) sigma = 0.01 800^t."""
+    if name == "ve":
+        sigma = 0.01 * 800.0 ** t
+        return 1.0, sigma, 2 * math.log(800.0) * sigma ** 2
+    B, beta = 0.1 * t + 9.95 * t * t, 0.1 + 19.9 * t
+    if name == "vp":
+        return math.exp(-B / 2), math.sqrt(-math.expm1(-B)), beta
+    return math.exp(-B / 2), -math.expm1(-B), beta * -math.expm1(-2 * B)
+
+
+def pm_reverse_step(name, t, t_next, m, std):
+    """The reverse-diffusion predictor from t to t_next with the exact score -(x - m x0) / std^2 of a point mass x0,
+    written as x' = A x + C x0 + G z: VE (Eq. 8, sigma_0 = 0), VP (Eq. 10, beta_i = beta(t) dt), sub-VP (App. E:
+    Euler-Maruyama chain f = -beta x dt / 2, G^2 = g^2 dt). Returns (A, C, G)."""
+    dt = t - t_next
+    if name == "ve":
+        G2 = pm(name, t)[1] ** 2 - (pm(name, t_next)[1] ** 2 if t_next > 0 else 0.0)
+        return 1 - G2 / std ** 2, G2 * m / std ** 2, math.sqrt(G2)
+    if name == "vp":
+        b = (0.1 + 19.9 * t) * dt
+        return 2 - math.sqrt(1 - b) - b / std ** 2, b * m / std ** 2, math.sqrt(b)
+    G2 = pm(name, t)[2] * dt
+    return 1 + (0.1 + 19.9 * t) * dt / 2 - G2 / std ** 2, G2 * m / std ** 2, math.sqrt(G2)
+
+
+def pm_score(name, x0):
+    def score(x, t):
+        m, std, _ = pm(name, float(t[0]))
+        return -(x - m * x0) / std ** 2
+    return score
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_last_predictor_step_denoises(name, device, f64):
+    """The last predictor step goes from t = eps to the data (t = 0), as in the official code. Started from exact
+    samples x = m x0 + std z of p_eps for a point mass x0, its x_mean is Tweedie's x0 for VE (reverse diffusion
+    and ancestral: sigma_0 = 0) and sub-VP ancestral, and for VP / sub-VP reverse diffusion the affine map
+    A x + C x0 written out in pm_reverse_step (VP: |A| std = 0.09 std(eps) left). Caught: sigma_0 = sigma(0)
+    instead of 0 in the VE chain (the last step would barely move)."""
+    sde, eps = SDES[name](), SDES[name]().sample_eps
+    m, std, _ = pm(name, eps)
+    x0 = torch.tensor([0.3, -0.5], dtype=f64, device=device)
+    z = torch.randn(500, 2, generator=torch.Generator().manual_seed(0), dtype=F64).to(device, f64)
+    x = m * x0 + std * z
+    A, C, _ = pm_reverse_step(name, eps, 0.0, m, std)
+    tol = dict(rtol=1e-9, atol=1e-12) if f64 == F64 else dict(rtol=1e-4, atol=1e-6)
+    _, x_mean = S.reverse_diffusion(pm_score(name, x0), sde, x, eps, 0.0, S.make_generator(1, device))
+    torch.testing.assert_close(x_mean, A * x + C * x0, **tol)
+    _, x_mean = S.ancestral_sampling(pm_score(name, x0), sde, x, eps, 0.0, S.make_generator(1, device))
+    if name == "vp":  # x0_hat with beta(eps) eps for std(eps)^2: (x - b (x - m x0) / std^2) / sqrt(1 - b)
+        b = (0.1 + 19.9 * eps) * eps
+        torch.testing.assert_close(x_mean, (x - b * (x - m * x0) / std ** 2) / math.sqrt(1 - b), **tol)
+    else:
+        torch.testing.assert_close(x_mean, x0.expand_as(x), **tol)
+    if name == "ve":
+        assert A == 0                                             # Tweedie: no spread left at all
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_point_mass_spread_after_pc_and_ode(name, device, f64):
+    """With the exact score of a point mass x0, PC sampling (reverse diffusion, no corrector, N = 100) and the ODE
+    sampler end at the spread that the discretisation leaves, computed exactly here: PC by the mean / variance
+    recursion of the affine Gaussian chain x' = A x + C x0 + G z (pm_reverse_step), the ODE by its closed form
+    x(eps) = m_eps x0 + (std_eps / std_1)(x(1) - m_1 x0) followed by the noise-free last step (noise_removal).
+    VE: no spread (Tweedie); VP ~0.09 std(eps); sub-VP ~1.2 std(eps) ~ 1e-4 (its chain is Euler-Maruyama).
+    Caught: the time grid ending at eps (no step to the data); ode_sample without its denoising step."""
+    sde, eps, N = SDES[name](), SDES[name]().sample_eps, 100
+    x0 = torch.tensor([0.3, -0.5], dtype=f64, device=device)
+    score = pm_score(name, x0)
+    # PC, predictor only: exact mean and variance of every coordinate through the chain.
+    x = S.pc_sample(score, sde, (4000, 2), "reverse_diffusion", "none", n_steps=N,
+                    generator=S.make_generator(0, device), dtype=f64, device=device)
+    mu, var = torch.zeros(2, dtype=F64), sde.prior_std ** 2
+    for t, t_next in S.time_grid(N, eps):
+        m, std, _ = pm(name, t)
+        A, C, G = pm_reverse_step(name, t, t_next, m, std)
+        mu, var, last = A * mu + C * x0.cpu().double(), A * A * var + G * G, A * A * var
+    spread = float((x.cpu().double() - mu).std())
+    if name == "ve":
+        assert spread < (1e-9 if f64 == F64 else 1e-5), spread
+    else:
+        assert spread == pytest.approx(math.sqrt(last), rel=0.05), (spread, math.sqrt(last))
+        assert float((x.cpu().double().mean(0) - mu).abs().max()) < 4 * math.sqrt(last / 4000) + 1e-12
+    # The ODE: deterministic, so every sample is checked.
+    z = torch.randn(500, 2, generator=torch.Generator().manual_seed(1), dtype=F64).to(device, f64)
+    tol = 1e-7 if f64 == F64 else 1e-5                                  # float32 (MPS) cannot resolve 1e-7
+    x, _ = S.ode_sample(score, sde, z.shape, rtol=tol, atol=tol, eps=eps, z=z, dtype=f64, device=device)
+    (m1, s1, _), (m, std, _) = pm(name, 1.0), pm(name, eps)
+    A, C, _ = pm_reverse_step(name, eps, 0.0, m, std)
+    x_eps = m * x0 + std / s1 * (z - m1 * x0)
+    torch.testing.assert_close(x, A * x_eps + C * x0, rtol=0, atol=1e-7 if f64 == F64 else 1e-5)
+    if name == "ve":
+        assert float((x - x0).abs().max()) < (1e-9 if f64 == F64 else 1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Issue 13: formulas the samplers' statistics cannot see
+
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_prior_logp_is_the_normal_density(name, device, f64):
+    """prior_logp(z) = log N(z; 0, prior_std^2 I) summed over dimensions, against torch.distributions.Normal.
+    Caught: the VE normaliser log(2 pi sigma) instead of log(2 pi sigma^2) (the VE likelihood test replaces
+    prior_logp with the exact p_1, so only this test sees it)."""
+    sde = SDES[name]()
+    z = 1.3 * sde.prior_std * torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    want = torch.distributions.Normal(0.0, sde.prior_std).log_prob(z).flatten(1).sum(1)
+    torch.testing.assert_close(sde.prior_logp(z.to(device, f64)).cpu().double(), want,
+                               rtol=1e-8 if f64 == F64 else 1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_weighted_loss_of_a_wrong_score(name, device, f64):
+    """Eq. 7 with a deliberately wrong score: data at x0 = 0, model score = the exact score of a point mass at
+    c = (0.5, 0.5), i.e. of N(m_t c, std_t^2 I). Then s + z / std_t = m_t c / std_t^2 for every z, and the loss is
+    E_t[lambda(t) m_t^2 |c|^2 / (d std_t^4)], computed here by Simpson's rule over t in [0.5, 1] (t drawn
+    low-discrepancy in [0.5, 1], so the Monte-Carlo error is below 1e-3): lambda = std^2 (default) and lambda = g^2
+    (likelihood weighting). Caught: likelihood weighting g instead of g^2 (the exact-score loss test gives 0 under
+    any weighting)."""
+    sde, lo = SDES[name](), 0.5
+    c2 = 0.25                                                          # |c|^2 / d
+    u = torch.linspace(lo, 1, 2001, dtype=F64).tolist()
+    w = [1 if i in (0, 2000) else 4 if i % 2 else 2 for i in range(2001)]
+
+    def simpson(f):
+        return sum(wi * f(t) for wi, t in zip(w, u)) / 6000                  # the mean over U[lo, 1]
+
+    want_std2 = simpson(lambda t: pm(name, t)[0] ** 2 * c2 / pm(name, t)[1] ** 2)
+    want_g2 = simpson(lambda t: pm(name, t)[2] * pm(name, t)[0] ** 2 * c2 / pm(name, t)[1] ** 4)
+    x0 = torch.zeros(2000, 2, dtype=f64, device=device)
+    c = torch.full((2,), 0.5, dtype=f64, device=device)
+
+    def score(x, t):  # the exact score of N(m_t c, std_t^2 I)
+        m, std = sde.marginal_prob(torch.ones_like(t), t)
+        return -(x - S.bc(m, x) * c) / S.bc(std, x) ** 2
+
+    torch.manual_seed(0)
+    got_std2 = float(S.loss(score, sde, x0, eps=lo, t_sampling="low_discrepancy"))
+    got_g2 = float(S.loss(score, sde, x0, likelihood_weighting=True, eps=lo, t_sampling="low_discrepancy"))
+    assert got_std2 == pytest.approx(want_std2, rel=2e-3) and got_g2 == pytest.approx(want_g2, rel=2e-3), \
+        (got_std2, want_std2, got_g2, want_g2)
+
+
+@pytest.mark.parametrize("name", ["vp", "ve"])
+def test_corrector_step_sizes(name, device, f64):
+    """One corrector step on the score -x / v of N(0, v I) is x' = (1 - e / v) x + sqrt(2 e) z; with z redrawn
+    from the same generator, the output is checked exactly for the step sizes of Alg. 4 / 5:
+    ALD (official form) e = 2 alpha (r std_t)^2; Langevin e = 2 alpha (r |z| / |g|)^2 with batch-mean norms;
+    alpha = 1 (VE), 1 - beta(t) dt (VP). Caught: ALD step 2 alpha r^2 std_t (the stationarity test holds for any
+    small step); Langevin step without the square; alpha_i = beta_i instead of 1 - beta_i."""
+    sde, t, dt, r, v = SDES[name](), 0.3, 1 / 200, 0.16, 0.7
+    alpha = 1.0 if name == "ve" else 1 - (0.1 + 19.9 * t) * dt
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=F64).to(device, f64)
+    score = lambda y, tt: -y / v
+    z = torch.randn(x.shape, generator=S.make_generator(5, device), dtype=f64, device=device)
+    tol = dict(rtol=1e-10, atol=1e-12) if f64 == F64 else dict(rtol=1e-4, atol=1e-5)
+    e = 2 * alpha * (r * pm(name, t)[1]) ** 2
+    out, _ = S.ald(score, sde, x, t, dt, r, 1, S.make_generator(5, device))
+    torch.testing.assert_close(out, (1 - e / v) * x + math.sqrt(2 * e) * z, **tol)
+    e = 2 * alpha * (r * float(z.norm(dim=1).mean()) / float((x / v).norm(dim=1).mean())) ** 2
+    out, _ = S.langevin(score, sde, x, t, dt, r, 1, S.make_generator(5, device))
+    torch.testing.assert_close(out, (1 - e / v) * x + math.sqrt(2 * e) * z, **tol)
 
 
 # -----------------------------------------------------------------------------
@@ -384,10 +666,10 @@ class ExactPriorVE(S.VESDE):
     """VE SDE whose prior term is the exact p_1 (the paper's N(0, sigma_max^2 I) is off by ~0.02 nats/dim
     here, the price of a finite sigma_max: the data's mean and variance are not negligible against 8^2)."""
     def prior_logp(self, z):
-        return mixture_logp(self, 1.0, z)
+        return like(mixture_logp(self, 1.0, z.cpu().double()), z)
 
 
-def test_likelihood_exact_trace_matches_closed_form():
+def test_likelihood_exact_trace_matches_closed_form(device, f64):
     """likelihood(dequantize=False, exact trace) with the exact mixture score equals the closed-form
     -log p_eps(x) / (d ln 2) within 0.005 nats/dim; the Rademacher and Gaussian Hutchinson estimates agree with
     it on average (mean of 64 probes per point within 4 standard errors). Caught: the sign of the divergence
@@ -397,17 +679,19 @@ def test_likelihood_exact_trace_matches_closed_form():
         eps = 1e-3
         x = torch.tensor([[-1.5, 0.5], [1.0, -0.3], [0.0, 0.0]], dtype=F64)
         exact_bpd = -mixture_logp(sde, eps, x) / (2 * math.log(2))
+        x = x.to(f64).to(device)
         bpd, nfe = S.likelihood(mix_score(sde), sde, x, "exact", dequantize=False, eps=eps, rtol=1e-6, atol=1e-6)
+        bpd = bpd.cpu().double()
         assert ((bpd - exact_bpd) * math.log(2)).abs().max() < 0.005, (sde.name, bpd, exact_bpd)
         for est in ("rademacher", "gaussian"):
             b, _ = S.likelihood(mix_score(sde), sde, x.repeat(64, 1), est, dequantize=False, eps=eps, rtol=1e-4,
-                                atol=1e-4, generator=torch.Generator().manual_seed(5))
-            b = b.reshape(64, 3)
+                                atol=1e-4, generator=S.make_generator(5, device))
+            b = b.cpu().double().reshape(64, 3)
             se = b.std(0) / 8
             assert ((b.mean(0) - exact_bpd).abs() <= 4 * se + 0.005).all(), (sde.name, est, b.mean(0), exact_bpd, se)
 
 
-def test_dequantized_bits_per_dim_1d():
+def test_dequantized_bits_per_dim_1d(device, f64):
     """1-D Gaussian data on K = 17 levels: the dequantised bits/dim is >= the continuous NLL of the same points
     (in bits, after the bin-width shift) and equals the direct numerical value
     -(E_u log p_eps(x + delta (u - 1/2)) + log delta) / ln 2 computed by quadrature over u."""
@@ -421,9 +705,10 @@ def test_dequantized_bits_per_dim_1d():
         return float(m) * mu, float(m) ** 2 * s2 + float(std) ** 2
 
     score = lambda x, t: -(x - moments(float(t[0]))[0]) / moments(float(t[0]))[1]
-    x = torch.full((400, 1), 0.25, dtype=F64)                           # one level (u = 10 of 0..16)
+    x = torch.full((400, 1), 0.25, dtype=f64, device=device)           # one level (u = 10 of 0..16)
     bpd, _ = S.likelihood(score, sde, x, "exact", dequantize=True, levels=K, eps=eps, rtol=1e-6, atol=1e-6,
-                          generator=torch.Generator().manual_seed(0))
+                          generator=S.make_generator(0, device))
+    bpd = bpd.cpu().double()
     m0, v0 = moments(eps)
     logp = lambda y: -0.5 * math.log(2 * math.pi * v0) - (y - m0) ** 2 / (2 * v0)
     u = (torch.arange(2000, dtype=F64) + 0.5) / 2000
@@ -434,12 +719,12 @@ def test_dequantized_bits_per_dim_1d():
     assert float(direct) >= float(continuous)
 
 
-def test_encode_decode_round_trip():
+def test_encode_decode_round_trip(device, f64):
     """decode(encode(x)) == x with the exact score (the probability-flow ODE is invertible); the code of the
     mixture's data is ~N(0, I) for VP."""
     sde = S.VPSDE()
     g = torch.Generator().manual_seed(6)
-    x = sample_mixture(200, *mixture_at(sde, 1e-3), g)
+    x = sample_mixture(200, *mixture_at(sde, 1e-3), g).to(f64).to(device)
     z = S.encode(mix_score(sde), sde, x, eps=1e-3)
     assert abs(float(z.std()) - 1) < 0.1 and float(z.mean().abs()) < 0.1
     torch.testing.assert_close(S.decode(mix_score(sde), sde, z, eps=1e-3), x, rtol=0, atol=2e-3)
@@ -460,7 +745,7 @@ def conditional_x1(x0):
 
 
 @pytest.mark.parametrize("name,x0", [("vp", -1.5), ("ve", 1.0)])
-def test_inpaint_matches_analytic_conditional(name, x0):
+def test_inpaint_matches_analytic_conditional(name, x0, device, f64):
     """App. I.2 inpainting with the exact joint score, x0 known: samples of x1 have the analytic conditional's
     weights, mean and variance (x0 at a component's mean, where that component's posterior weight is > 0.999).
     Caught (each mutation applied, test failed): known part imposed without its forward noise (mean only) and
@@ -469,18 +754,19 @@ def test_inpaint_matches_analytic_conditional(name, x0):
     Honest limit (measured, not asserted): the paper's replacement method is an approximation of conditioning,
     not exact. At x0 = -0.3, where the analytic conditional is 99.7% component 0, it returns ~50% / 50%:
     the unknown coordinate picks its component at noise levels where the known one is drowned in fresh noise."""
-    sde, g = SDES[name](), torch.Generator().manual_seed(0)
+    sde, g = SDES[name](), S.make_generator(0, device)
     w, ms, vs = conditional_x1(x0)
-    x = torch.zeros(4000, 2, dtype=F64)
+    x = torch.zeros(4000, 2, dtype=f64, device=device)
     x[:, 0] = x0
     seen, exact = [], mix_score(sde)
 
     def spy(x, t):  # the known coordinate the score sees must be a fresh draw of p_0t(. | x0) (App. B)
-        m, s = sde.marginal_prob(torch.full((1,), x0, dtype=F64), t[:1])
+        m, s = sde.marginal_prob(torch.full((1,), x0, dtype=f64, device=device), t[:1])
         seen.append((float((x[:, 0].mean() - m) / s), float(x[:, 0].std() / s)))
         return exact(x, t)
 
-    out = S.inpaint(spy, sde, x, torch.tensor([1.0, 0.0], dtype=F64), n_steps=200, generator=g)
+    out = S.inpaint(spy, sde, x, torch.tensor([1.0, 0.0], dtype=f64, device=device), n_steps=200, generator=g)
+    out = out.cpu().double()
     assert max(abs(z) for z, _ in seen) < 0.1 and max(abs(r - 1) for _, r in seen) < 0.07, "known part's noise"
     assert float((out[:, 0] - x0).abs().max()) < 1e-3                      # the known coordinate is kept
     x1 = out[:, 1]
@@ -497,7 +783,7 @@ def test_inpaint_mask_of_wrong_shape_is_one_error():
         S.inpaint(mix_score(sde), sde, torch.zeros(5, 2, dtype=F64), torch.ones(3, dtype=F64))
 
 
-def test_colorize_keeps_grey_and_transform_is_orthogonal():
+def test_colorize_keeps_grey_and_transform_is_orthogonal(device, f64):
     """App. I.3: COLOR_M is orthogonal (M M^T = I to float32 rounding) with first column (1,1,1)/sqrt(3); colorize
     with the exact score of a 3-D Gaussian over (R, G, B) keeps every pixel's grey value and fills in colour
     with the Gaussian's conditional mean. Caught: grey channel taken as mask index 1; couple using M instead of M^-1."""
@@ -507,16 +793,16 @@ def test_colorize_keeps_grey_and_transform_is_orthogonal():
     mu = torch.tensor([0.3, -0.2, 0.1], dtype=F64)
     A = torch.tensor([[0.2, 0.05, 0.0], [0.0, 0.15, 0.04], [0.03, 0.0, 0.1]], dtype=F64)
     Sig = A @ A.T + 0.01 * torch.eye(3, dtype=F64)
-    sde, g = S.VPSDE(), torch.Generator().manual_seed(1)
+    sde, g = S.VPSDE(), S.make_generator(1, device)
 
     def score(x, t):
-        m, s = sde.marginal_prob(torch.ones(1, dtype=F64), t[:1])
+        m, s = sde.marginal_prob(torch.ones(1, dtype=F64), t[:1].cpu().double())
         cov = m ** 2 * Sig + s ** 2 * torch.eye(3, dtype=F64)
-        d = x.flatten(1) - m * mu
-        return -(d @ torch.linalg.inv(cov)).reshape(x.shape)
+        d = x.flatten(1) - like(m * mu, x)
+        return -(d @ like(torch.linalg.inv(cov), x)).reshape(x.shape)
 
-    grey = torch.full((2000, 3, 1, 1), 0.2, dtype=F64)
-    out = S.colorize(score, sde, grey, n_steps=200, generator=g)
+    grey = torch.full((2000, 3, 1, 1), 0.2, dtype=f64, device=device)
+    out = S.colorize(score, sde, grey, n_steps=200, generator=g).cpu().double()
     assert float((out.mean(1) - 0.2).abs().max()) < 1e-3                 # grey value kept
     # Conditional mean of x given its channel mean = 0.2 (a linear Gaussian condition a^T x = 0.2, a = 1/3).
     a = torch.full((3,), 1 / 3, dtype=F64)
@@ -534,21 +820,21 @@ def mixture_log_posterior(sde):
     """Exact log p_t(y | x) of the labelled mixture (label = component): log_softmax_k(log w_k + log N_k(x; t))."""
     def log_prob(x, t):
         mean, cov = mixture_at(sde, float(t[0]))
-        d = x[:, None, :] - mean[None]
-        Pd = torch.einsum("kij,bkj->bki", torch.linalg.inv(cov), d)
-        return torch.log_softmax(torch.log(W) - 0.5 * torch.logdet(cov) - 0.5 * (d * Pd).sum(-1), 1)
+        d = x[:, None, :] - like(mean, x)[None]
+        Pd = torch.einsum("kij,bkj->bki", like(torch.linalg.inv(cov), x), d)
+        return torch.log_softmax(like(torch.log(W) - 0.5 * torch.logdet(cov), x) - 0.5 * (d * Pd).sum(-1), 1)
     return log_prob
 
 
 @pytest.mark.parametrize("name,y", [("vp", 0), ("ve", 1)])
-def test_class_guidance_with_exact_posterior_samples_the_class(name, y):
+def test_class_guidance_with_exact_posterior_samples_the_class(name, y, device, f64):
     """Sec. 5: score + grad log p_t(y | x) with the exact posterior is the exact score of component y, so every
     sample lands in it with its mean and covariance. Caught: scale 0 (weight error 0.3 / 0.7); sign of the
     classifier gradient flipped; log p_t summed over all classes instead of taking class y."""
-    sde, g = SDES[name](), torch.Generator().manual_seed(2)
-    labels = torch.full((3000,), y, dtype=torch.long)
+    sde, g = SDES[name](), S.make_generator(2, device)
+    labels = torch.full((3000,), y, dtype=torch.long, device=device)
     x = S.class_sample(mix_score(sde), mixture_log_posterior(sde), sde, (3000, 2), labels, scale=1.0,
-                       n_steps=200, generator=g, dtype=F64)
+                       n_steps=200, generator=g, dtype=f64, device=device).cpu().double()
     near = (x - MU[1]).norm(dim=1) < (x - MU[0]).norm(dim=1)
     frac = float((near == bool(y)).double().mean())
     assert frac > 0.99, frac
@@ -571,10 +857,12 @@ TOY = ["--dataset", "moons", "--batch-size", "64", "--log-every", "5", "--n-step
 
 
 @pytest.fixture(scope="module")
-def toy_ckpt(tmp_path_factory):
-    """A 10-step VE run on the moons toy (the VE path exercises Technique 1 and the sigma input), in-process."""
+def toy_ckpt(tmp_path_factory, device):
+    """A 10-step VE run on the moons toy (the VE path exercises Technique 1 and the sigma input), in-process, with
+    its sample grid at step 10 (on --device: the grid's generator must feed that device)."""
     out = tmp_path_factory.mktemp("toy")
-    S.main(["--train", "--sde", "ve", "--steps", "10", "--sample-every", "10", "--ckpt-every", "5", "--out", str(out), *TOY])
+    S.main(["--train", "--sde", "ve", "--steps", "10", "--sample-every", "10", "--ckpt-every", "5", "--out", str(out),
+            "--device", device.type, *TOY])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 10 and ckpt["config"]["sigma_max"] > 1 and ckpt["config"]["data_shape"] == [2]
     assert (out / "train_000010.png").exists()
@@ -582,9 +870,10 @@ def toy_ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sampler", ["pc", "ode", "em", "reverse", "ancestral"])
-def test_cli_sample_each_sampler(toy_ckpt, sampler, tmp_path, capsys):
+def test_cli_sample_each_sampler(toy_ckpt, sampler, tmp_path, capsys, device):
     """`--sample --sampler X` (in-process main()) writes samples.png and samples.npz of --n-samples points."""
     S.main(["--sample", "--sampler", sampler, "--ckpt", str(toy_ckpt / "ckpt.pt"), "--out", str(tmp_path),
+            "--device", device.type,
             "--n-steps", "10", "--n-samples", "20", "--rtol", "1e-3", "--atol", "1e-3"])
     assert "score evaluations" in capsys.readouterr().out
     assert (tmp_path / "samples.png").exists()
@@ -592,26 +881,30 @@ def test_cli_sample_each_sampler(toy_ckpt, sampler, tmp_path, capsys):
     assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (20, 2)
 
 
-def test_cli_digits_default_paths(tmp_path):
+def test_cli_digits_default_paths(tmp_path, device):
     """The digits U-Net path: train 2 steps with the defaults' code path, then `--sample` with no --ckpt
     (default <out>/ckpt.pt) works; here --out points into tmp_path and --n-steps is small for speed."""
-    r = run("--train", "--steps", "2", "--sample-every", "2", "--n-steps", "25", "--n-samples", "4", "--out", str(tmp_path))
+    dev = ("--device", device.type)
+    r = run("--train", "--steps", "2", "--sample-every", "2", "--n-steps", "25", "--n-samples", "4", "--out", str(tmp_path),
+            *dev)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "train_000002.png").exists()
-    r = run("--sample", "--out", str(tmp_path), "--n-steps", "25", "--n-samples", "4")
+    r = run("--sample", "--out", str(tmp_path), "--n-steps", "25", "--n-samples", "4", *dev)
     assert r.returncode == 0, r.stderr
     import numpy as np
     assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (4, 8, 8, 1)
 
 
 @pytest.fixture(scope="module")
-def digits_ckpt(tmp_path_factory):
-    """A 2-step digits U-Net (VP, low-discrepancy t: the training-loop path of issue 8's option) and a 3-step
-    time-dependent classifier next to it, both in-process."""
+def digits_ckpt(tmp_path_factory, device):
+    """A 2-step digits U-Net (VP, low-discrepancy t: the training-loop path of issue 8's option; its sample grid at
+    the last step) and a 3-step time-dependent classifier next to it, both in-process on --device."""
     out = tmp_path_factory.mktemp("digits")
     S.main(["--train", "--steps", "2", "--n-steps", "25", "--n-samples", "4", "--t-sampling", "low_discrepancy",
-            "--out", str(out)])
-    S.main(["--train-classifier", "--classifier-steps", "3", "--batch-size", "16", "--out", str(out)])
+            "--out", str(out), "--device", device.type])
+    assert (out / "train_000002.png").exists()
+    S.main(["--train-classifier", "--classifier-steps", "3", "--batch-size", "16", "--out", str(out),
+            "--device", device.type])
     ckpt = torch.load(out / "classifier.pt", weights_only=True)
     assert ckpt["kind"] == "classifier" and ckpt["config"]["n_classes"] == 10 and ckpt["config"]["sde"] == "vp"
     return out
@@ -629,11 +922,44 @@ FAST = ["--n-eval", "4", "--n-steps", "25", "--rtol", "1e-2", "--atol", "1e-2", 
     (["--sample", "--class", "3"], "class_3.png", "samples of class 3"),
     (["--sample", "--class", "all"], "class_all.png", "samples of class all"),
 ])
-def test_cli_modes_write_pngs(digits_ckpt, mode, png, words, capsys):
-    """Each issue-7 mode on the tiny digits checkpoint: runs, prints its summary, writes its PNG."""
-    S.main([*mode, "--out", str(digits_ckpt), *FAST])
+def test_cli_modes_write_pngs(digits_ckpt, mode, png, words, capsys, device):
+    """Each issue-7 mode on the tiny digits checkpoint, on --device: runs, prints its summary, writes its PNG."""
+    S.main([*mode, "--out", str(digits_ckpt), "--device", device.type, *FAST])
     assert words in capsys.readouterr().out
     assert (digits_ckpt / png).exists()
+
+
+def test_cli_colorize_rgb_folder(tmp_path, capsys, device):
+    """--colorize on RGB data (a folder of 8 random 8x8 PNGs as the dataset): train 2 steps, then colourise."""
+    import numpy as np
+    from PIL import Image
+    folder = tmp_path / "rgb"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = str(tmp_path / "out")
+    S.main(["--train", "--dataset", str(folder), "--image-size", "8", "--steps", "2", "--batch-size", "8",
+            "--sampler", "em", "--n-steps", "25", "--n-samples", "4", "--out", out, "--device", device.type])
+    S.main(["--colorize", "--corrector", "none", "--out", out, "--device", device.type, *FAST])
+    assert "colourised" in capsys.readouterr().out and (tmp_path / "out" / "colorize.png").exists()
+
+
+def test_cli_bf16_smoke(tmp_path, capsys, device):
+    """--precision bf16 (autocast for the network; on the CPU, CPU autocast): train 2 steps with a sample grid,
+    then --sample; samples finite, the checkpoint's weights float32. A checkpoint written with bf16 samples with
+    --precision fp32 too (precision is a runtime setting)."""
+    out = str(tmp_path)
+    S.main(["--train", "--steps", "2", "--sample-every", "2", "--sampler", "em", "--n-steps", "25", "--n-samples", "4",
+            "--out", out, "--precision", "bf16", "--device", device.type])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+    for precision in ("bf16", "fp32"):
+        S.main(["--sample", "--sampler", "em", "--out", out, "--n-steps", "25", "--n-samples", "4",
+                "--precision", precision, "--device", device.type])
+        assert "score evaluations" in capsys.readouterr().out
+    import numpy as np
+    assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (4, 8, 8, 1)
 
 
 @pytest.mark.parametrize("args,words", [
@@ -666,11 +992,14 @@ def test_low_discrepancy_t_one_per_stratum():
     assert len(set(((t - eps) / (1 - eps) * B).floor().long().tolist())) < B   # iid collides (p(no collision) ~ 1e-27)
 
 
-def test_resume_is_exact(tmp_path, capsys):
-    """2N steps straight == N steps, stop, --resume to 2N: bitwise identical model, EMA and optimizer (CPU).
-    Caught: not restoring the RNG state (different minibatches after the resume)."""
+def test_resume_is_exact(tmp_path, capsys, device):
+    """2N steps straight == N steps, stop, --resume to 2N: bitwise identical model, EMA and optimizer (on CUDA with
+    --deterministic). Caught: not restoring the RNG state (different minibatches after the resume)."""
     base = ["--train", "--dataset", "moons", "--batch-size", "32", "--sample-every", "1000", "--log-every", "1000",
-            "--sde", "subvp", "--n-steps", "25"]
+            "--sde", "subvp", "--n-steps", "25", "--device", device.type]
+    base += ["--deterministic"] if device.type == "cuda" else []
+    if device.type == "mps":
+        pytest.skip("MPS has no deterministic mode: bitwise resume is checked on the CPU and on CUDA")
     S.main(base + ["--steps", "8", "--out", str(tmp_path / "a")])
     S.main(base + ["--steps", "4", "--out", str(tmp_path / "b")])
     S.main(base + ["--steps", "8", "--out", str(tmp_path / "b"), "--resume"])
@@ -681,12 +1010,15 @@ def test_resume_is_exact(tmp_path, capsys):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    for i, state in enumerate(a["rng"].get("cuda", [])):
+        assert torch.equal(state, b["rng"]["cuda"][i])
 
 
-def test_sigkill_then_resume(tmp_path):
+def test_sigkill_then_resume(tmp_path, device):
     """SIGKILL mid-run leaves the last atomic checkpoint readable; --resume finishes the run from it."""
     args = ["--train", "--dataset", "moons", "--batch-size", "32", "--steps", "100000", "--ckpt-every", "20",
-            "--sample-every", "100000", "--log-every", "100000", "--n-steps", "25", "--out", str(tmp_path)]
+            "--sample-every", "100000", "--log-every", "100000", "--n-steps", "25", "--device", device.type,
+            "--out", str(tmp_path)]
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "score_sde.py"), *args], cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     ckpt, deadline = tmp_path / "ckpt.pt", time.time() + 120
@@ -702,9 +1034,10 @@ def test_sigkill_then_resume(tmp_path):
     assert torch.load(ckpt, weights_only=True)["step"] == step + 10
 
 
-def test_sigterm_saves_and_exits(tmp_path):
+def test_sigterm_saves_and_exits(tmp_path, device):
     """SIGTERM (like Ctrl-C) stops between steps, writes the checkpoint, exits 130 with a resume hint."""
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "score_sde.py"), "--train", "--dataset", "moons",
+                          "--device", device.type,
                           "--steps", "100000", "--log-every", "1", "--sample-every", "100000", "--ckpt-every", "100000",
                           "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -715,8 +1048,10 @@ def test_sigterm_saves_and_exits(tmp_path):
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] >= 1
 
 
-def test_nonfinite_loss_is_one_line(tmp_path, monkeypatch, capsys):
-    """A NaN in the data gives a non-finite loss: one line naming the step, exit 2, nothing saved."""
+def test_nonfinite_loss_is_one_line(tmp_path, monkeypatch, capsys, device):
+    """A NaN in the data gives a non-finite loss: one line naming the window of steps since the last check (the
+    loss is read only at log / checkpoint / sample steps, here the last step 3), exit 2, nothing saved.
+    A NaN that only reaches the weights is caught there too (the weights are checked before every checkpoint)."""
     real = S.load_data
 
     def poisoned(*a, **k):
@@ -726,10 +1061,32 @@ def test_nonfinite_loss_is_one_line(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(S, "load_data", poisoned)
     with pytest.raises(SystemExit) as e:
-        S.main(["--train", "--dataset", "moons", "--steps", "3", "--out", str(tmp_path)])
+        S.main(["--train", "--dataset", "moons", "--steps", "3", "--out", str(tmp_path), "--device", device.type])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "non-finite loss at step 1" in err
+    assert e.value.code == 2 and err.count("\n") == 1 and "non-finite loss in steps 1-3" in err, err
     assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_nonfinite_weights_never_reach_a_checkpoint(tmp_path, monkeypatch, capsys, device):
+    """Weights turned NaN after a good step (an optimizer step gone wrong) are caught before the checkpoint of
+    that step: one line naming the step, exit 2, the checkpoint of the last good step kept."""
+    real = S.ema_update
+    calls = []
+
+    def poison(ema, model, decay):
+        real(ema, model, decay)
+        calls.append(1)
+        if len(calls) == 4:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(S, "ema_update", poison)
+    with pytest.raises(SystemExit) as e:
+        S.main(["--train", "--dataset", "moons", "--steps", "4", "--ckpt-every", "2", "--log-every", "100",
+                "--out", str(tmp_path), "--device", device.type])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "non-finite weights in steps 3-4" in err, err
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 BAD = [  # (arguments, words the one-line message must contain)
