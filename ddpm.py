@@ -95,8 +95,8 @@ class Config:
     beta_T: float = 0.02          # Sec. 4: beta_T = 0.02 (linear schedule only)
     variance: str = "beta"        # Sec. 3.2: sigma_t^2 = beta_t or "beta_tilde" ("similar results", the paper says);
     #                               beta_t is the official code's CIFAR-10 setting (run_cifar.py: "fixedlarge")
-    loss_type: str = "simple"     # Sec. 3.4: "simple" = L_simple (Eq. 14, the paper's); "elbo" = the bound (Eq. 12 + L_0)
-    #                               as the official "kl" loss: one t per example, that term in bits/dim;
+    loss_type: str = "simple"     # Sec. 3.4: "simple" = L_simple (Eq. 14, the paper's); "elbo" = the bound
+    #                               (Eq. 12 + L_0) as the official "kl" loss: one t per example, that term in bits/dim;
     #                               "vlb" = VDM's continuous-time bound (Kingma et al. 2021, Eqs. 11, 17), net: see --cond
     clip_denoised: str = "auto"   # official code clips x0_hat to [-1, 1] when sampling: auto = on for images, off for toys
     t_sampling: str = "iid"       # timesteps per minibatch: "iid" uniform (Alg. 1) or "low_discrepancy" (VDM App. I.1)
@@ -614,9 +614,9 @@ def vdm_sampler(vdm_net, T, variance="beta_tilde", clip=False, levels=None, net=
     passes the network() wrapper). With sigma^2 = beta~ every step down to t = 1/T is VDM's ancestral step
     p(z_s | z_t) = q(z_s | z_t, x = x_hat) (Eq. 9); the last one returns the mean, x_hat itself, as DDPM does,
     where VDM samples z_0 and decodes it with p(x | z_0). (Until issue 13 the chain was normalised by alpha_0^2,
-    which treats z_0 as the clean data: at t = 1/T it saw sigma_{t|0}, about 8x smaller than sigma_t, and left
-    z_0's noise, sd 1.3e-3, in the samples.) gamma is evaluated on the network's device; the schedule's
-    float64 master is built from those values on the CPU.
+    which treats z_0 as the clean data: at t = 1/T it saw sigma_{t|0}, 7.4x smaller than sigma_t for T = 1000 and
+    gamma(0) = -13.3, and left z_0's noise, sd 1.3e-3, in the samples.) gamma is evaluated on the network's
+    device; the schedule's float64 master is built from those values on the CPU.
     """
     gamma = vdm_net.gamma_fn()
     dev = next(vdm_net.parameters(), torch.zeros(())).device if isinstance(vdm_net, torch.nn.Module) else "cpu"

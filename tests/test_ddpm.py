@@ -27,55 +27,75 @@ from ddpm import DDPM, Config, make_schedule  # noqa: E402
 SCRIPT = os.path.join(ROOT, "ddpm.py")
 F64 = torch.float64
 
-T_ = "tests/test_ddpm.py::"
 MUTATIONS = [  # deliberate breaks of ddpm.py, each caught by the tests named (python tests/mutations.py ddpm)
     {"name": "ddpm-decoder-edges-not-widened", "file": "ddpm.py",
      "find": "return torch.where(x0 < -1 + 1e-6, log_cdf_plus, torch.where(x0 > 1 - 1e-6, log_sf_minus, log_mid))",
-     "replace": "return log_mid", "tests": [T_ + "test_decoder_edge_bins_reach_infinity"]},
+     "replace": "return log_mid",
+     "tests": ["tests/test_ddpm.py::test_decoder_edge_bins_reach_infinity"]},
     {"name": "ddpm-decoder-flip-branch-wrong", "file": "ddpm.py",
      "find": "a, b = torch.where(flip, -z_plus, z_minus), torch.where(flip, -z_minus, z_plus)",
      "replace": "a, b = torch.where(flip, -z_minus, z_minus), torch.where(flip, -z_plus, z_plus)",
-     "tests": [T_ + "test_decoder_matches_numerical_integration"]},
-    {"name": "ddpm-decoder-no-flip", "file": "ddpm.py", "find": "flip = z_minus > 0", "replace": "flip = z_minus > 1e9",
-     "tests": [T_ + "test_decoder_matches_numerical_integration"]},
-    {"name": "ddpm-prior-mean-sqrt-dropped", "file": "ddpm.py", "find": "normal_kl(math.sqrt(ab_T) * x0.to(dt)",
-     "replace": "normal_kl(ab_T * x0.to(dt)", "tests": [T_ + "test_prior_term_at_small_T"]},
-    {"name": "ddpm-prior-left-out-of-total", "file": "ddpm.py", "find": "total = (prior + diffusion + decoder) * to_bpd",
-     "replace": "total = (diffusion + decoder) * to_bpd", "tests": [T_ + "test_prior_term_at_small_T"]},
-    {"name": "ddpm-noise-at-last-step", "file": "ddpm.py", "find": "if t == 0:\n            return mean",
-     "replace": "if t == -1:\n            return mean", "tests": [T_ + "test_exact_oracle_sampling_matches_mixture"]},
+     "tests": ["tests/test_ddpm.py::test_decoder_matches_numerical_integration"]},
+    {"name": "ddpm-decoder-no-flip", "file": "ddpm.py",
+     "find": "flip = z_minus > 0",
+     "replace": "flip = z_minus > 1e9",
+     "tests": ["tests/test_ddpm.py::test_decoder_matches_numerical_integration"]},
+    {"name": "ddpm-prior-mean-sqrt-dropped", "file": "ddpm.py",
+     "find": "normal_kl(math.sqrt(ab_T) * x0.to(dt)",
+     "replace": "normal_kl(ab_T * x0.to(dt)",
+     "tests": ["tests/test_ddpm.py::test_prior_term_at_small_T"]},
+    {"name": "ddpm-prior-left-out-of-total", "file": "ddpm.py",
+     "find": "total = (prior + diffusion + decoder) * to_bpd",
+     "replace": "total = (diffusion + decoder) * to_bpd",
+     "tests": ["tests/test_ddpm.py::test_prior_term_at_small_T"]},
+    {"name": "ddpm-noise-at-last-step", "file": "ddpm.py",
+     "find": "if t == 0:\n            return mean",
+     "replace": "if t == -1:\n            return mean",
+     "tests": ["tests/test_ddpm.py::test_exact_oracle_sampling_matches_mixture"]},
     {"name": "ddpm-variance-swapped", "file": "ddpm.py",
      "find": "sigma2 = self.beta if variance == \"beta\" else self.beta_tilde",
      "replace": "sigma2 = self.beta_tilde if variance == \"beta\" else self.beta",
-     "tests": [T_ + "test_exact_oracle_sampling_matches_mixture"]},
-    {"name": "ddpm-sigma-for-variance", "file": "ddpm.py", "find": "return mean + var.sqrt() * z",
-     "replace": "return mean + var * z", "tests": [T_ + "test_exact_oracle_sampling_matches_mixture"]},
+     "tests": ["tests/test_ddpm.py::test_exact_oracle_sampling_matches_mixture"]},
+    {"name": "ddpm-sigma-for-variance", "file": "ddpm.py",
+     "find": "return mean + var.sqrt() * z",
+     "replace": "return mean + var * z",
+     "tests": ["tests/test_ddpm.py::test_exact_oracle_sampling_matches_mixture"]},
     {"name": "ddpm-eq11-sqrt-dropped", "file": "ddpm.py",
      "find": "self.eps_coef = self.beta / self.sqrt_one_minus_alpha_bar",
-     "replace": "self.eps_coef = self.beta / (1 - self.alpha_bar)", "tests": [T_ + "test_posterior_is_product_of_gaussians"]},
-    {"name": "ddpm-kl-arguments-swapped", "file": "ddpm.py", "find": "for v in (q_mean, q_var, mean, var)",
-     "replace": "for v in (mean, var, q_mean, q_var)", "tests": [T_ + "test_nll_bpd_gaussian_matches_closed_form"]},
+     "replace": "self.eps_coef = self.beta / (1 - self.alpha_bar)",
+     "tests": ["tests/test_ddpm.py::test_posterior_is_product_of_gaussians"]},
+    {"name": "ddpm-kl-arguments-swapped", "file": "ddpm.py",
+     "find": "for v in (q_mean, q_var, mean, var)",
+     "replace": "for v in (mean, var, q_mean, q_var)",
+     "tests": ["tests/test_ddpm.py::test_nll_bpd_gaussian_matches_closed_form[beta]"]},
     {"name": "ddpm-decoder-variance-beta1", "file": "ddpm.py",
      "find": "self.sigma2 = torch.cat([self.beta_tilde[1:2], sigma2[1:]])",
      "replace": "self.sigma2 = torch.cat([self.beta[0:1], sigma2[1:]])",
-     "tests": [T_ + "test_nll_bpd_gaussian_matches_closed_form"]},
-    {"name": "ddpm-elbo-constant-dropped", "file": "ddpm.py", "find": " + self.at(\"C\", t, x0)", "replace": "",
-     "tests": [T_ + "test_elbo_loss_is_unbiased_estimate_of_bound"]},
-    {"name": "ddpm-elbo-old-scale", "file": "ddpm.py", "find": "return per_elem.flatten(1).mean(1).mean() / math.log(2)",
+     "tests": ["tests/test_ddpm.py::test_nll_bpd_gaussian_matches_closed_form[beta]"]},
+    {"name": "ddpm-elbo-constant-dropped", "file": "ddpm.py",
+     "find": " + self.at(\"C\", t, x0)",
+     "replace": "",
+     "tests": ["tests/test_ddpm.py::test_elbo_loss_is_unbiased_estimate_of_bound"]},
+    {"name": "ddpm-elbo-old-scale", "file": "ddpm.py",
+     "find": "return per_elem.flatten(1).mean(1).mean() / math.log(2)",
      "replace": "return self.T * per_elem.flatten(1).mean(1).mean()",
-     "tests": [T_ + "test_elbo_loss_is_unbiased_estimate_of_bound"]},
+     "tests": ["tests/test_ddpm.py::test_elbo_loss_is_unbiased_estimate_of_bound"]},
     {"name": "ddpm-clip-x_t-not-x0_hat", "file": "ddpm.py",
      "find": "x0_hat = self.predict_x0(x_t, t, eps).clamp(-1, 1)",
-     "replace": "x0_hat = self.predict_x0(x_t.clamp(-1, 1), t, eps)", "tests": [T_ + "test_clip_denoised_posterior_form"]},
+     "replace": "x0_hat = self.predict_x0(x_t.clamp(-1, 1), t, eps)",
+     "tests": ["tests/test_ddpm.py::test_clip_denoised_posterior_form"]},
     {"name": "ddpm-low-discrepancy-is-iid", "file": "ddpm.py",
-     "find": "return (u * self.T).long().clamp(max=self.T - 1)", "replace": "return torch.randint(self.T, (B,), device=device)",
-     "tests": [T_ + "test_low_discrepancy_t_one_per_stratum"]},
-    {"name": "ddpm-vdm-half-dropped", "file": "ddpm.py", "find": "diffusion = 0.5 * dg_dt *", "replace": "diffusion = dg_dt *",
-     "tests": [T_ + "test_continuous_loss_matches_closed_form_and_is_schedule_invariant"]},
+     "find": "return (u * self.T).long().clamp(max=self.T - 1)",
+     "replace": "return torch.randint(self.T, (B,), device=device)",
+     "tests": ["tests/test_ddpm.py::test_low_discrepancy_t_one_per_stratum"]},
+    {"name": "ddpm-vdm-half-dropped", "file": "ddpm.py",
+     "find": "diffusion = 0.5 * dg_dt *",
+     "replace": "diffusion = dg_dt *",
+     "tests": ["tests/test_ddpm.py::test_continuous_loss_matches_closed_form_and_is_schedule_invariant"]},
     {"name": "ddpm-vdm-sampler-z0-as-data", "file": "ddpm.py",
      "find": "ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])          # t = 0",
      "replace": "ab_prev = torch.cat([torch.sigmoid(-gamma(t_grid[:1] * 0)).cpu().double(), ab[:-1]])  # t = 0",
-     "tests": [T_ + "test_vdm_sampler_ends_on_the_data"]},
+     "tests": ["tests/test_ddpm.py::test_vdm_sampler_ends_on_the_data"]},
 ]
 
 
@@ -402,7 +422,8 @@ def test_decoder_matches_numerical_integration(device):
     half = 1 / 16
     assert ((x0 - mean - half) / std > 0).sum() >= 16  # the flip branch is exercised
     got = ddpm.discretized_gaussian_log_likelihood(x0.to(device), mean.to(device), (std ** 2).to(device), LEVELS).cpu()
-    want = torch.tensor([log_mass(a - half, a + half, m, s) for a, m, s in zip(x0.tolist(), mean.tolist(), std.tolist())], dtype=F64)
+    cases = zip(x0.tolist(), mean.tolist(), std.tolist())
+    want = torch.tensor([log_mass(a - half, a + half, m, s) for a, m, s in cases], dtype=F64)
     assert (got - want).abs().max() < 1e-7, (got - want).abs().max()
     assert want.min() < -100  # far tails really tested
 
@@ -462,7 +483,8 @@ def test_tables_cached_per_device(device):
     copy = d.copies[("sqrt_alpha_bar", x.device, torch.float32)]
     d.q_sample(x, t, torch.randn_like(x))
     assert d.copies[("sqrt_alpha_bar", x.device, torch.float32)] is copy and copy.device.type == device.type
-    assert all(getattr(d, n).device.type == "cpu" and getattr(d, n).dtype == F64 for n in ("beta", "alpha_bar", "sigma2"))
+    masters = [getattr(d, n) for n in ("beta", "alpha_bar", "sigma2")]
+    assert all(m.device.type == "cpu" and m.dtype == F64 for m in masters)
     want = (d.alpha_bar[7].sqrt() * x.cpu().double()).float()
     assert torch.allclose(d.q_sample(x, t, torch.zeros_like(x)).cpu(), want, rtol=1e-6)
 
@@ -561,8 +583,8 @@ def test_cli_train_sample_resume_eval(tmp_path, capsys, device):
     assert set(ckpt["rng"]) >= {"torch"} and ("cuda" in ckpt["rng"]) == (device.type == "cuda")
     ddpm.main(["--train", "--resume", "--steps", "5", "--sample-every", "100", "--out", out, *TINY, *dev])
     assert "resumed from" in capsys.readouterr().out and state(out)["step"] == 5
-    ddpm.main(["--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-samples", "5", "--batch-size", "3", "--out", out,
-               *dev])
+    ddpm.main(["--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-samples", "5", "--batch-size", "3",
+               "--out", out, *dev])
     assert np.load(os.path.join(out, "samples.npz"))["arr_0"].shape == (5, 8, 8, 1)
     assert os.path.getsize(os.path.join(out, "samples.png")) > 0
     capsys.readouterr()
@@ -622,7 +644,8 @@ def test_cli_vdm_objective_round_trip(tmp_path, capsys, device):
     torch.save(old, os.path.join(out, "old.pt"))
     assert ddpm.make_model(old["config"]).cond == "t"
     dev = ["--device", device.type]
-    ddpm.main(["--sample", "--ckpt", os.path.join(out, "old.pt"), "--n-samples", "5", "--out", str(tmp_path / "o"), *dev])
+    ddpm.main(["--sample", "--ckpt", os.path.join(out, "old.pt"), "--n-samples", "5", "--out", str(tmp_path / "o"),
+               *dev])
     ddpm.main(["--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-samples", "50", "--out", out, *dev])
     assert np.load(os.path.join(out, "samples.npz"))["arr_0"].shape == (50, 2)
     capsys.readouterr()
@@ -966,9 +989,9 @@ class ContinuousDiscreteOracle(torch.nn.Module):
 def test_vdm_sampler_ends_on_the_data(device, f64):
     """vdm_sampler with the exact predictor of 17-level data under VDM's linear log-SNR schedule (T = 100): the samples
     land on the levels (within 1e-6) with the data's frequencies (within 5 standard errors). The chain's t = 0 is the
-    clean data (alpha_bar before the first step is 1) and the last step returns x_hat. Catches the chain normalised by
-    alpha_0^2 (z_0 treated as the data: at t = 1/T it removes sigma_{t|0}, ~7x less than the sigma_t in z_t, and
-    leaves noise of sd ~1e-3 in the samples). Also runs the learned gamma on the device (its time grid there)."""
+    clean data (alpha_bar before the first step is 1) and the last step returns x_hat. Catches the chain normalised
+    by alpha_0^2 (z_0 treated as the data: at t = 1/T it removes sigma_{t|0}, ~2.4x less than the sigma_t in z_t at
+    T = 100, and leaves noise of sd ~1e-3 in the samples). Also runs a learned gamma on the device (its grid there)."""
     diffusion, model = ddpm.vdm_sampler(ContinuousDiscreteOracle(ddpm.gamma_linear_snr, device), 100)
     x = diffusion.sample(model, (500, 16), generator=ddpm.make_generator(15, device), dtype=f64, device=device)
     x = x.cpu().double()
@@ -1079,7 +1102,8 @@ def test_fourier_features_and_cli(tmp_path, capsys, device):
         ddpm.main(["--train", "--resume", "--steps", "3", "--fourier", "off", *flags])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "fourier" in err, err
-    ddpm.main(["--eval-nll", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-eval", "8", "--out", out, "--device", device.type])
+    ddpm.main(["--eval-nll", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-eval", "8", "--out", out,
+               "--device", device.type])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("bits/dim") and math.isfinite(float(last.split()[1]))
 
