@@ -13,6 +13,7 @@ Commands
     python ddpm.py --train --dataset moons --steps 3000     # a 2-D toy (MLP instead of the U-Net)
     python ddpm.py --train --preset cifar10                 # the paper's CIFAR-10 run (35.7 M U-Net, 800k steps; a GPU)
     python ddpm.py --train --loss-type vlb --schedule learned   # VDM: continuous bound, learned log-SNR, Fourier features
+    python ddpm.py --train --preset cifar10 --device cuda --precision bf16 --compile   # bf16 autocast, compiled U-Net
 
 Map from the paper to this file
     Eq. 2  forward step q(x_t | x_{t-1})           -> make_schedule (beta), DDPM.__init__ (alpha)
@@ -52,6 +53,9 @@ Conventions (the same in all four scripts of this project)
     Discrete time: tensor index i = 0..T-1 is the paper's t = i + 1; alpha_bar "before the first step"
     (index -1, t = 0) is 1. The network is called as model(x_t, i) with i a LongTensor of shape (B,).
     The last sampling step (t = 1, i = 0) adds no noise (Algorithm 2 returns the mean).
+    Devices (the rule of the "Running it" block): schedules are float64 masters on the CPU; DDPM.at() keeps one
+    copy per (device, dtype) in the dtype of the data it meets (float32 for the network's inputs, float64 for the
+    bound on CPU/CUDA, never float64 on MPS); the bound and the decoder compute in float64 where the device has it.
 
 Notation clashes
     DDIM's alpha_t is this paper's alpha_bar_t. VDM's alpha_t^2 is alpha_bar_t and its sigma_t^2 is
@@ -89,8 +93,10 @@ class Config:
     #                               with --loss-type vlb: "linear_snr" (VDM's fixed gamma) or "learned" (VDM App. H)
     beta_1: float = 1e-4          # Sec. 4: beta_1 = 1e-4 (linear schedule only)
     beta_T: float = 0.02          # Sec. 4: beta_T = 0.02 (linear schedule only)
-    variance: str = "beta"        # Sec. 3.2: sigma_t^2 = beta_t (paper's CIFAR-10 choice) or "beta_tilde"
-    loss_type: str = "simple"     # Sec. 3.4: "simple" = L_simple (Eq. 14, the paper's); "elbo" = true bound (Eq. 12 + L_0);
+    variance: str = "beta"        # Sec. 3.2: sigma_t^2 = beta_t or "beta_tilde" ("similar results", the paper says);
+    #                               beta_t is the official code's CIFAR-10 setting (run_cifar.py: "fixedlarge")
+    loss_type: str = "simple"     # Sec. 3.4: "simple" = L_simple (Eq. 14, the paper's); "elbo" = the bound
+    #                               (Eq. 12 + L_0) as the official "kl" loss: one t per example, that term in bits/dim;
     #                               "vlb" = VDM's continuous-time bound (Kingma et al. 2021, Eqs. 11, 17), net: see --cond
     clip_denoised: str = "auto"   # official code clips x0_hat to [-1, 1] when sampling: auto = on for images, off for toys
     t_sampling: str = "iid"       # timesteps per minibatch: "iid" uniform (Alg. 1) or "low_discrepancy" (VDM App. I.1)
@@ -105,8 +111,9 @@ class Config:
     steps: int = 1500             # total optimisation steps of the run; paper: 800k (CIFAR-10)
     batch_size: int = 128         # App. B: 128
     lr: float = 1e-3              # App. B: Adam 2e-4 (raised for the short CPU run)
-    warmup: int = 100             # App. B: 5000 steps of linear warm-up (shortened for the CPU run)
-    grad_clip: float = 1.0        # official code: global gradient norm clipped at 1.0
+    warmup: int = 100             # official code (run_cifar.py, not the paper): 5000 steps of linear warm-up
+    #                               (shortened for the CPU run)
+    grad_clip: float = 1.0        # official code (run_cifar.py, not the paper): global gradient norm clipped at 1.0
     ema_decay: float = 0.995      # App. B: 0.9999 (shortened: 1500 steps are too few to average over 10k)
     ckpt_every: int = 500         # steps between checkpoints (and one at the end, and on Ctrl-C)
     sample_every: int = 500       # steps between sample grids from fixed noise
@@ -114,9 +121,13 @@ class Config:
     out: str = "runs/ddpm"        # output folder: ckpt.pt, grid_<step>.png, samples.png, samples.npz
     seed: int = 0                 # seeds the one global torch RNG (data order, t, noise, dropout)
     device: str = "auto"          # auto = cuda -> mps -> cpu
+    precision: str = "auto"       # fp32 | tf32 | bf16 (autocast for the network only); auto = tf32 on CUDA, else fp32
+    compile: bool = False         # torch.compile the network (a runtime setting, like device and precision)
+    deterministic: bool = False   # deterministic kernels: a CUDA run (and its resume) repeats bitwise
 
 
-# `--preset cifar10`: the paper's CIFAR-10 run (Sec. 4, App. B). Explicit flags override a preset.
+# `--preset cifar10`: the paper's CIFAR-10 run (Sec. 4, App. B; the 5000-step warm-up and the clip at 1.0 are the
+# official run_cifar.py's, the paper does not give them). Explicit flags override a preset.
 PRESET_CONFIGS = {
     "digits": {},  # the CPU defaults above
     "cifar10": dict(dataset="cifar10", model="cifar10", steps=800_000, batch_size=128, lr=2e-4, warmup=5000,
@@ -148,9 +159,14 @@ def make_schedule(schedule, T, beta_1=1e-4, beta_T=0.02):
     raise ValueError(f"unknown schedule {schedule!r}; choose linear or cosine")
 
 
+def wide(device):
+    """The widest float a device has: float64, except on MPS (no float64 there) float32."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def extract(a, i, x):
-    """a[i] for a batch of indices i (B,), cast to x's dtype and shaped (B, 1, ..., 1) to broadcast over x."""
-    return a[i.cpu()].to(x.dtype).to(x.device).reshape(-1, *([1] * (x.dim() - 1)))
+    """a[i] for a batch of indices i (B,), shaped (B, 1, ..., 1) to broadcast over x; a already on i's device."""
+    return a[i].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def normal_kl(mean1, var1, mean2, var2):
@@ -165,17 +181,22 @@ def discretized_gaussian_log_likelihood(x0, mean, var, levels):
     half-width). The bin of x0 is [x0 - 1/(K-1), x0 + 1/(K-1)], widened to -inf at x0 = -1 and to +inf at
     x0 = +1. levels=None means continuous data: the Gaussian log density instead. Per element, in nats.
     """
-    x0, mean, var = x0.double(), mean.double(), var.double()
+    dt = wide(x0.device)  # float64 where the device has it
+    x0, mean, var = x0.to(dt), mean.to(dt), var.to(dt)
     if levels is None:
         return -0.5 * (math.log(2 * math.pi) + torch.log(var) + (x0 - mean) ** 2 / var)
     half, std = 1.0 / (levels - 1), var.sqrt()
     z_plus, z_minus = (x0 - mean + half) / std, (x0 - mean - half) / std
     log_cdf_plus = torch.special.log_ndtr(z_plus)          # log P(X <= upper edge), used at x0 = -1
     log_sf_minus = torch.special.log_ndtr(-z_minus)        # log P(X >= lower edge), used at x0 = +1
-    # Middle bins: P(lower < X < upper), computed on the side of the mean where it does not cancel.
+    # Middle bins: P(lower < X < upper), computed on the side of the mean where it does not cancel (flipped so
+    # that b <= 0 when the bin lies above the mean), with Phi(z) = erfc(-z / sqrt 2) / 2: exact in the lower tail,
+    # where torch.special.ndtr (1 + erf) / 2 loses its digits below z = -5 and is 0 below z = -8.3.
     flip = z_minus > 0
     a, b = torch.where(flip, -z_plus, z_minus), torch.where(flip, -z_minus, z_plus)
-    log_mid = torch.log((torch.special.ndtr(b) - torch.special.ndtr(a)).clamp(min=1e-300))
+    Phi = lambda z: 0.5 * torch.special.erfc(-z / math.sqrt(2))  # noqa: E731
+    tiny = 1e-300 if dt == torch.float64 else 1e-38
+    log_mid = torch.log((Phi(b) - Phi(a)).clamp(min=tiny))
     return torch.where(x0 < -1 + 1e-6, log_cdf_plus, torch.where(x0 > 1 - 1e-6, log_sf_minus, log_mid))
 
 
@@ -203,6 +224,9 @@ class DDPM:
         self.alpha = 1 - self.beta                                              # Eq. 4's alpha_t
         self.alpha_bar = torch.cumprod(self.alpha, 0)                           # Eq. 4's alpha_bar_t
         self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])  # t = 0: 1
+        self.sqrt_alpha, self.sqrt_alpha_bar = self.alpha.sqrt(), self.alpha_bar.sqrt()
+        self.sqrt_one_minus_alpha_bar = (1 - self.alpha_bar).sqrt()
+        self.eps_coef = self.beta / self.sqrt_one_minus_alpha_bar           # Eq. 11: beta_t / sqrt(1 - alpha_bar_t)
         # Eq. 7: posterior variance beta~_t; beta~_1 = 0 because x_0 is known exactly given x_1 and x_0.
         self.beta_tilde = (1 - self.alpha_bar_prev) / (1 - self.alpha_bar) * self.beta
         # Reverse variance sigma_t^2 (Sec. 3.2). At t = 1 it only enters the decoder L_0 (no noise is added
@@ -213,10 +237,26 @@ class DDPM:
         # Eq. 7: posterior mean mu~_t = coef_x0 * x_0 + coef_xt * x_t.
         self.coef_x0 = self.alpha_bar_prev.sqrt() * self.beta / (1 - self.alpha_bar)
         self.coef_xt = self.alpha.sqrt() * (1 - self.alpha_bar_prev) / (1 - self.alpha_bar)
+        # Eq. 12's weights lambda_t and Eq. 8's constant C_t per dimension (zero for sigma^2 = beta~), for loss "elbo".
+        self.lam = self.beta ** 2 / (2 * self.sigma2 * self.alpha * (1 - self.alpha_bar))
+        self.C = 0.5 * (torch.log(self.sigma2 / self.beta_tilde) + self.beta_tilde / self.sigma2 - 1)
+        self.C[0] = 0                                                          # (t = 1 takes the decoder term instead)
+        self.copies = {}  # (table name, device, dtype) -> the float64 CPU master cast and moved there, made once
+
+    def at(self, name, i, x):
+        """The table self.<name> at indices i (B,), as x's dtype on x's device, shaped to broadcast over x.
+
+        The masters are float64 on the CPU; each (device, dtype) gets its own copy once (cast on the CPU, then
+        moved: MPS has no float64), so a sampling step makes no host-device copy and no sync.
+        """
+        key = (name, x.device, x.dtype)
+        if key not in self.copies:
+            self.copies[key] = getattr(self, name).to(x.dtype).to(x.device)
+        return extract(self.copies[key], i, x)
 
     def q_sample(self, x0, t, noise):
         """Eq. 4 of Ho et al. (2020): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t an index (B,)."""
-        return extract(self.alpha_bar.sqrt(), t, x0) * x0 + extract((1 - self.alpha_bar).sqrt(), t, x0) * noise
+        return self.at("sqrt_alpha_bar", t, x0) * x0 + self.at("sqrt_one_minus_alpha_bar", t, x0) * noise
 
     def q_posterior(self, x0, x_t, t):
         """Eqs. 6-7 of Ho et al. (2020): mean and variance of q(x_{t-1} | x_t, x_0).
@@ -224,12 +264,12 @@ class DDPM:
         mu~_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0 + sqrt(alpha_t)(1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
         beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
         """
-        mean = extract(self.coef_x0, t, x_t) * x0 + extract(self.coef_xt, t, x_t) * x_t
-        return mean, extract(self.beta_tilde, t, x_t)
+        mean = self.at("coef_x0", t, x_t) * x0 + self.at("coef_xt", t, x_t) * x_t
+        return mean, self.at("beta_tilde", t, x_t)
 
     def predict_x0(self, x_t, t, eps):
         """Invert Eq. 4 for x_0: x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
-        return (x_t - extract((1 - self.alpha_bar).sqrt(), t, x_t) * eps) / extract(self.alpha_bar.sqrt(), t, x_t)
+        return (x_t - self.at("sqrt_one_minus_alpha_bar", t, x_t) * eps) / self.at("sqrt_alpha_bar", t, x_t)
 
     def sample_t(self, B, device):
         """Training timesteps (B,): i.i.d. uniform on {0..T-1} (Algorithm 1, line 3) or low-discrepancy.
@@ -240,8 +280,8 @@ class DDPM:
         """
         if self.t_sampling == "iid":
             return torch.randint(self.T, (B,), device=device)
-        u = low_discrepancy_uniform(B)  # (B,) in [0, 1), one per interval [k/B, (k+1)/B)
-        return (u * self.T).long().clamp(max=self.T - 1).to(device)
+        u = low_discrepancy_uniform(B, device)  # (B,) in [0, 1), one per interval [k/B, (k+1)/B)
+        return (u * self.T).long().clamp(max=self.T - 1)
 
     def loss(self, model, x0, t=None, noise=None):
         """Algorithm 1 of Ho et al. (2020): one minibatch estimate of the training objective.
@@ -253,7 +293,8 @@ class DDPM:
                   (Eq. 12), and C_t = (log(sigma_t^2 / beta~_t) + beta~_t / sigma_t^2 - 1) / 2 per dimension, the
                   constant of Eq. 8 (zero for sigma^2 = beta~), so the sum is exactly the KL term of Eq. 5;
           t = 1:  L_0 = -log p_theta(x_0 | x_1) (Eq. 13).
-          Times T (t is uniform over T values), per dimension: an unbiased estimate of (L - L_T)/D in nats.
+          Per dimension in bits, as the official code's "kl" loss (each example's term, mean over dimensions,
+          / ln 2): T times its expectation (t is uniform over T values) is (L - L_T)/D in bits.
         """
         B = x0.shape[0]
         t = self.sample_t(B, x0.device) if t is None else t
@@ -262,23 +303,19 @@ class DDPM:
         eps = model(x_t, t)                                  # eps_theta(x_t, t)
         if self.loss_type == "simple":
             return (noise - eps).pow(2).mean()               # Eq. 14
-        lam = self.beta ** 2 / (2 * self.sigma2 * self.alpha * (1 - self.alpha_bar))  # Eq. 12 weights
-        C = 0.5 * (torch.log(self.sigma2 / self.beta_tilde) + self.beta_tilde / self.sigma2 - 1)  # Eq. 8's C
-        C[0] = 0                                             # (t = 1 takes the decoder term instead)
-        kl = extract(lam, t, x0) * (noise - eps).pow(2) + extract(C, t, x0)  # L_{t-1}, t >= 2, per element (nats)
+        kl = self.at("lam", t, x0) * (noise - eps).pow(2) + self.at("C", t, x0)  # L_{t-1}, t >= 2 (Eq. 12 + C_t), nats
         mean = self.mean_from_eps(x_t, t, eps)               # Eq. 11: decoder mean at t = 1
-        nll0 = -discretized_gaussian_log_likelihood(x0, mean, extract(self.sigma2, t, x0), self.levels)
+        nll0 = -discretized_gaussian_log_likelihood(x0, mean, self.at("sigma2", t, x0), self.levels)
         first = (t == 0).reshape(-1, *([1] * (x0.dim() - 1)))  # t = 1 takes the decoder term
         per_elem = torch.where(first, nll0.to(x0.dtype), kl)
-        return self.T * per_elem.flatten(1).mean(1).mean()
+        return per_elem.flatten(1).mean(1).mean() / math.log(2)  # bits/dim of the sampled term
 
     # ------------------------------------------------------------------------------------------------
     # Sampler
 
     def mean_from_eps(self, x_t, t, eps):
         """Eq. 11 of Ho et al. (2020): mu_theta = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_t)."""
-        coef = extract(self.beta / (1 - self.alpha_bar).sqrt(), t, x_t)
-        return (x_t - coef * eps) / extract(self.alpha.sqrt(), t, x_t)
+        return (x_t - self.at("eps_coef", t, x_t) * eps) / self.at("sqrt_alpha", t, x_t)
 
     def p_mean_variance(self, model, x_t, t, clip_denoised=None):
         """Mean and variance of p_theta(x_{t-1} | x_t) (Eq. 1 with Eq. 11's mean and sigma_t^2 of Sec. 3.2).
@@ -294,7 +331,7 @@ class DDPM:
             mean, _ = self.q_posterior(x0_hat, x_t, t)
         else:
             mean = self.mean_from_eps(x_t, t, eps)
-        return mean, extract(self.sigma2, t, x_t)
+        return mean, self.at("sigma2", t, x_t)
 
     @torch.no_grad()
     def p_sample(self, model, x_t, t, generator=None, clip_denoised=None):
@@ -329,37 +366,37 @@ class DDPM:
     # Evaluation
 
     @torch.no_grad()
-    def nll_bpd(self, model, x0, clip_denoised=None, return_terms=False):
+    def nll_bpd(self, model, x0, clip_denoised=None, return_terms=False, generator=None):
         """Eq. 5 of Ho et al. (2020): the variational bound L = L_T + sum_{t>1} L_{t-1} + L_0, in bits/dim.
 
         L_T = KL(q(x_T | x_0) || N(0, I)); L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) with
         one x_t ~ q(x_t | x_0) per t (every t is evaluated, T network calls); L_0 = -log p_theta(x_0 | x_1)
-        with the discretized decoder of Eq. 13 (bin width from self.levels). Returns (B,) bits per dimension
-        (and the three parts if return_terms). Noise comes from the global torch RNG.
+        with the discretized decoder of Eq. 13 (bin width from self.levels). Returns (B,) bits per dimension on
+        x0's device (and the three parts if return_terms). The KLs are taken and summed in float64 on the device
+        (float32 on MPS). Noise comes from generator (default: the global torch RNG of x0's device).
         """
-        B, D = x0.shape[0], x0[0].numel()
-        ab_T = self.alpha_bar[-1].item()
-        prior = normal_kl(math.sqrt(ab_T) * x0.double().cpu(), torch.tensor(1 - ab_T, dtype=torch.float64),
-                          torch.zeros(()), torch.ones((), dtype=torch.float64))          # L_T
+        B, D, dev, dt = x0.shape[0], x0[0].numel(), x0.device, wide(x0.device)
+        ab_T = self.alpha_bar[-1].item()                                      # a CPU master: no device sync
+        prior = normal_kl(math.sqrt(ab_T) * x0.to(dt), torch.tensor(1 - ab_T, dtype=dt, device=dev),
+                          torch.zeros((), device=dev), torch.ones((), dtype=dt, device=dev))  # L_T
         prior = prior.flatten(1).sum(1)
-        diffusion, decoder = torch.zeros(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
+        diffusion, decoder = torch.zeros(B, dtype=dt, device=dev), torch.zeros(B, dtype=dt, device=dev)
         for i in range(self.T):
-            t = torch.full((B,), i, dtype=torch.long, device=x0.device)
-            x_t = self.q_sample(x0, t, torch.randn_like(x0))                    # Eq. 4
+            t = torch.full((B,), i, dtype=torch.long, device=dev)
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=dev)
+            x_t = self.q_sample(x0, t, noise)                                   # Eq. 4
             mean, var = self.p_mean_variance(model, x_t, t, clip_denoised)     # p_theta(x_{t-1} | x_t)
             if i == 0:   # L_0, Eq. 13
-                ll = discretized_gaussian_log_likelihood(x0.cpu(), mean.cpu(), var.cpu(), self.levels)
-                decoder = -ll.flatten(1).sum(1).cpu()
+                decoder = -discretized_gaussian_log_likelihood(x0, mean, var, self.levels).flatten(1).sum(1)
             else:        # L_{t-1}, Eqs. 5-7
                 q_mean, q_var = self.q_posterior(x0, x_t, t)
-                kl = normal_kl(*(v.cpu().double() for v in (q_mean, q_var, mean, var)))
-                diffusion += kl.flatten(1).sum(1).cpu()
+                kl = normal_kl(*(v.to(dt) for v in (q_mean, q_var, mean, var)))
+                diffusion += kl.flatten(1).sum(1)
         to_bpd = 1.0 / (D * math.log(2))
-        total = (prior.cpu() + diffusion + decoder) * to_bpd
+        total = (prior + diffusion + decoder) * to_bpd
         if return_terms:
-            return total, {"prior": prior.cpu() * to_bpd, "diffusion": diffusion * to_bpd, "decoder": decoder * to_bpd}
+            return total, {"prior": prior * to_bpd, "diffusion": diffusion * to_bpd, "decoder": decoder * to_bpd}
         return total
-
 
 
 # -----------------------------------------------------------------------------
@@ -379,8 +416,9 @@ def vdm_discrete_term(diffusion, x0, x0_hat, t):
     """VDM Eq. 13 (one term of the discrete-time loss) = Eq. 5's L_{t-1} of Ho et al. when sigma_t^2 = beta~_t:
     KL(q(x_{t-1} | x_t, x0) || q(x_{t-1} | x_t, x0_hat)) = (SNR_{t-1} - SNR_t) / 2 * || x0 - x0_hat ||^2, per example.
     (SNR before the first step is infinite; t = 1 is the decoder's term, so t >= 2 here.)"""
-    snr = diffusion.alpha_bar / (1 - diffusion.alpha_bar)
-    d_snr = (snr[(t - 1).clamp(min=0)] - snr[t]).to(x0.dtype).to(x0.device)
+    snr = diffusion.alpha_bar / (1 - diffusion.alpha_bar)                    # float64, on the CPU
+    d_snr_table = snr[(torch.arange(diffusion.T) - 1).clamp(min=0)] - snr     # SNR_{t-1} - SNR_t, every t
+    d_snr = extract(d_snr_table.to(x0.dtype).to(x0.device), t, x0).flatten()
     return 0.5 * d_snr * (x0 - x0_hat).flatten(1).pow(2).sum(1)
 
 
@@ -410,7 +448,8 @@ class MonotoneGamma(torch.nn.Module):
     gamma~(t) = l1(t) + l3(sigmoid(l2(l1(t)))) with positive-weight linear layers (1 -> 1, 1 -> n, n -> 1; the
     weights pass through softplus), then rescaled to the endpoints (App. I.2):
     gamma(t) = gamma_0 + (gamma_1 - gamma_0) (gamma~(t) - gamma~(0)) / (gamma~(1) - gamma~(0)).
-    The endpoints (VDM defaults -13.3, 5.0) are fixed, or learned with learn_endpoints=True. float64 throughout.
+    The endpoints (VDM defaults -13.3, 5.0) are fixed, or learned with learn_endpoints=True. float64 throughout
+    (float32 on MPS, where place() casts the module).
     """
 
     def __init__(self, gamma_min=-13.3, gamma_max=5.0, n=1024, learn_endpoints=False):
@@ -425,23 +464,27 @@ class MonotoneGamma(torch.nn.Module):
     def shape(self, t):
         """The unnormalised monotone network gamma~(t), t of shape (B,)."""
         pos = torch.nn.functional.softplus
-        h1 = t.double()[:, None] @ pos(self.w1).T + self.b1                     # (B, 1)
+        h1 = t.to(self.w1.dtype)[:, None] @ pos(self.w1).T + self.b1            # (B, 1)
         h2 = torch.sigmoid(h1 @ pos(self.w2).T + self.b2)                       # (B, n)
         return (h1 + h2 @ pos(self.w3).T)[:, 0]                                 # (B,)
 
     def forward(self, t):
-        ends = self.shape(torch.tensor([0.0, 1.0], dtype=torch.float64, device=t.device))
+        ends = self.shape(torch.tensor([0.0, 1.0], dtype=self.w1.dtype, device=t.device))
         g0, g1 = self.ends[0], self.ends[1]                                     # gamma(0), gamma(1)
         g = g0 + (g1 - g0) * (self.shape(t.reshape(-1)) - ends[0]) / (ends[1] - ends[0])
         return g.reshape(t.shape)
 
 
-def low_discrepancy_uniform(B, device="cpu"):
-    """VDM App. I.1: t_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1): one t per interval [i/B, (i+1)/B)."""
-    return ((torch.rand((), dtype=torch.float64) + torch.arange(B, dtype=torch.float64) / B) % 1).to(device)
+def low_discrepancy_uniform(B, device="cpu", generator=None):
+    """VDM App. I.1: t_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1): one t per interval [i/B, (i+1)/B).
+    Drawn on device, in its widest float."""
+    dt = wide(device)
+    u0 = torch.rand((), generator=generator, dtype=dt, device=device)
+    return (u0 + torch.arange(B, dtype=dt, device=device) / B) % 1
 
 
-def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t=None, t_sampling="iid", T=None):
+def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t=None, t_sampling="iid", T=None, net_dtype=None,
+                   generator=None):
     """VDM Eq. 11 with Eq. 17: the continuous-time (T -> infinity) bound, eps-parameterised, in bits/dim per example.
 
     -log p(x) <= L_prior + L_recon + L_inf (Eq. 11) with
@@ -455,35 +498,40 @@ def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t=None, t_sam
     T (optional): VDM's discrete-time loss (Eq. 13) on the same schedule instead of L_inf,
       L_T = T/2 E_{i ~ U{1..T}, eps} [ (SNR(s) - SNR(t)) || x - x_hat(z_t; t) ||^2 ],  t = i/T, s = (i-1)/T,
     which lies above L_inf and decreases towards it as T grows (VDM Sec. 4.1: doubling T never hurts).
+    Arithmetic in float64 on x0's device (float32 on MPS). The network gets net_dtype inputs (default: float32
+    for a torch.nn.Module, else the wide float: exact oracles); noise and t come from generator (default: global).
     """
-    B, D = x0.shape[0], x0[0].numel()
-    x0 = x0.double()
+    B, D, dev, dt = x0.shape[0], x0[0].numel(), x0.device, wide(x0.device)
+    x0 = x0.to(dt)
     if t is None:
         ld = t_sampling == "low_discrepancy"
-        t = low_discrepancy_uniform(B, x0.device) if ld else torch.rand(B, dtype=torch.float64, device=x0.device)
+        t = (low_discrepancy_uniform(B, dev, generator) if ld
+             else torch.rand(B, generator=generator, dtype=dt, device=dev))
     if T is not None:
-        t = torch.ceil(t.double() * T).clamp(min=1) / T                       # t = i/T, i in 1..T
-    t = t.double().detach().requires_grad_(True)
+        t = torch.ceil(t.to(dt) * T).clamp(min=1) / T                         # t = i/T, i in 1..T
+    t = t.to(dt).detach().requires_grad_(True)
     with torch.enable_grad():
         g_t = gamma(t)                                                        # (B,)
         dg_dt = torch.autograd.grad(g_t.sum(), t, create_graph=True)[0]     # gamma'(t) > 0
     shape = (-1, *([1] * (x0.dim() - 1)))
     alpha, sigma = torch.sigmoid(-g_t).sqrt().reshape(shape), torch.sigmoid(g_t).sqrt().reshape(shape)
-    eps = torch.randn_like(x0)
+    eps = torch.randn(x0.shape, generator=generator, dtype=dt, device=dev)
     z_t = alpha * x0 + sigma * eps
-    net_dtype = torch.float32 if isinstance(model, torch.nn.Module) else torch.float64  # oracles take float64
+    if net_dtype is None:
+        net_dtype = torch.float32 if isinstance(model, torch.nn.Module) else dt  # oracles take the wide float
     eps_hat = model(z_t.to(net_dtype), (999 * t.detach()).to(net_dtype))      # eps_hat(z_t; t), t passed as 999 t
     if T is None:   # L_inf (Eq. 17): 1/2 gamma'(t) ||eps - eps_hat||^2
-        diffusion = 0.5 * dg_dt * (eps - eps_hat.double()).flatten(1).pow(2).sum(1)
+        diffusion = 0.5 * dg_dt * (eps - eps_hat.to(dt)).flatten(1).pow(2).sum(1)
     else:           # L_T (Eq. 13): T/2 (SNR(s) - SNR(t)) ||x - x_hat||^2, x_hat = (z_t - sigma_t eps_hat) / alpha_t (Eq. 10)
-        x_hat = (z_t - sigma * eps_hat.double()) / alpha
+        x_hat = (z_t - sigma * eps_hat.to(dt)) / alpha
         d_snr = torch.exp(-gamma(t.detach() - 1.0 / T)) - torch.exp(-g_t)
         diffusion = 0.5 * T * d_snr * (x0 - x_hat).flatten(1).pow(2).sum(1)
-    g_01 = gamma(torch.tensor([0.0, 1.0], dtype=torch.float64, device=x0.device))
+    g_01 = gamma(torch.tensor([0.0, 1.0], dtype=dt, device=dev))
     var_1 = torch.sigmoid(g_01[1])                                            # sigma_1^2
     prior = 0.5 * ((1 - var_1) * x0 ** 2 + var_1 - torch.log(var_1) - 1).flatten(1).sum(1)
     alpha_0, var_ratio = torch.sigmoid(-g_01[0]).sqrt(), torch.exp(g_01[0])  # sigma_0^2 / alpha_0^2 = exp(gamma_0)
-    z_0 = alpha_0 * x0 + torch.sigmoid(g_01[0]).sqrt() * torch.randn_like(x0)
+    noise_0 = torch.randn(x0.shape, generator=generator, dtype=dt, device=dev)
+    z_0 = alpha_0 * x0 + torch.sigmoid(g_01[0]).sqrt() * noise_0
     recon = -discretized_gaussian_log_likelihood(x0, z_0 / alpha_0, var_ratio.expand_as(x0), levels).flatten(1).sum(1)
     to_bpd = 1.0 / (D * math.log(2))
     terms = {"prior": prior * to_bpd, "diffusion": diffusion * to_bpd, "recon": recon * to_bpd}
@@ -517,6 +565,10 @@ class VDMNet(torch.nn.Module):
     (gamma is affine in t with those endpoints). The gradient through gamma(t) reaches gamma_phi, as in the
     official code. cond="t": the network sees 999 t (checkpoints written before the option existed).
     fourier_levels = K > 0: the network also sees fourier_features(z, K) (its input has 5 C channels).
+
+    The network is DDPM's U-Net (common.UNet), not VDM's: the official VDM ScoreUNet keeps the full resolution
+    throughout (no down- or upsampling blocks) and adds its input to its output (eps_hat += z, a base measure
+    for the noise prediction); neither is done here.
     """
 
     def __init__(self, net, learned, learn_endpoints=False, cond="t", fourier_levels=0):
@@ -526,7 +578,8 @@ class VDMNet(torch.nn.Module):
 
     def forward(self, z, t999):
         if self.cond == "gamma":  # t = t999 / 999 (float32 rounding of t: ~1e-7, harmless for gamma)
-            g = self.gamma_fn()(t999.double() / 999)
+            with torch.autocast(z.device.type, enabled=False):  # gamma stays in its own precision under bf16
+                g = self.gamma_fn()(t999.to(wide(t999.device)) / 999)
             t999 = 999 * (g - GAMMA_REF[0]) / (GAMMA_REF[1] - GAMMA_REF[0])
         if self.fourier_levels:
             z = torch.cat([z, fourier_features(z, self.fourier_levels)], dim=1)
@@ -554,16 +607,25 @@ def vdm_backward(model, bpd, terms, schedule_grad):
 
 
 @torch.no_grad()
-def vdm_sampler(vdm_net, T, variance="beta_tilde", clip=False, levels=None):
+def vdm_sampler(vdm_net, T, variance="beta_tilde", clip=False, levels=None, net=None):
     """Ancestral sampling for a continuous-time model: the DDPM chain on the grid t_i = (i+1)/T with
-    alpha_bar_i = sigmoid(-gamma(t_i)) / sigmoid(-gamma(0)) (z_0 at gamma(0) = -13.3 is treated as the clean data: its
-    noise sd is 1e-3); returns (DDPM, model) with model(x, i) = net(x, 999 t_i). With sigma^2 = beta~ each step is
-    VDM's ancestral step p(z_s | z_t) = q(z_s | z_t, x = x_hat) (Eq. 9)."""
+    alpha_bar_i = alpha_{t_i}^2 = sigmoid(-gamma(t_i)) and alpha_bar "before the first step" 1 (t = 0 is the clean
+    data x); returns (DDPM, model) with model(x, i) = net(x, 999 t_i) (net: default vdm_net; the training loop
+    passes the network() wrapper). With sigma^2 = beta~ every step down to t = 1/T is VDM's ancestral step
+    p(z_s | z_t) = q(z_s | z_t, x = x_hat) (Eq. 9); the last one returns the mean, x_hat itself, as DDPM does,
+    where VDM samples z_0 and decodes it with p(x | z_0). (Until issue 13 the chain was normalised by alpha_0^2,
+    which treats z_0 as the clean data: at t = 1/T it saw sigma_{t|0}, 7.4x smaller than sigma_t for T = 1000 and
+    gamma(0) = -13.3, and left z_0's noise, sd 1.3e-3, in the samples.) gamma is evaluated on the network's
+    device; the schedule's float64 master is built from those values on the CPU.
+    """
     gamma = vdm_net.gamma_fn()
-    ab = torch.sigmoid(-gamma(torch.arange(1, T + 1, dtype=torch.float64) / T))
-    ab_prev = torch.cat([torch.sigmoid(-gamma(torch.zeros(1, dtype=torch.float64))), ab[:-1]])
+    dev = next(vdm_net.parameters(), torch.zeros(())).device if isinstance(vdm_net, torch.nn.Module) else "cpu"
+    t_grid = torch.arange(1, T + 1, dtype=wide(dev), device=dev) / T
+    ab = torch.sigmoid(-gamma(t_grid).detach().cpu().double())                  # alpha_{t_i}^2, float64 on the CPU
+    ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])          # t = 0: the data, alpha_0 = 1
     diffusion = DDPM(T, 1 - ab / ab_prev, variance=variance, clip_denoised=clip, levels=levels)
-    return diffusion, lambda x, i: vdm_net(x, (999 * (i + 1) / T).to(x.dtype))
+    call = vdm_net if net is None else net
+    return diffusion, lambda x, i: call(x, (999 * (i + 1) / T).to(x.dtype))
 
 
 # -----------------------------------------------------------------------------
@@ -801,6 +863,9 @@ class StopFlag:
 
 
 # Fields a resumed run (or a sampler) must share with the checkpoint: they fix the network and the diffusion.
+# Fields that --sample / --eval-nll take from the command line over the checkpoint's (how and where to run, not what);
+# a --resume simply runs with the values given (none of them is in MUST_MATCH).
+RUNTIME = ("out", "device", "seed", "clip_denoised", "batch_size", "precision", "compile", "deterministic")
 MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T", "variance", "loss_type")
 # Fields added later (issue 8): a checkpoint without them was written with these values. Checked for --loss-type vlb.
 LEGACY = {"learn_endpoints": False, "cond": "t", "fourier": "off"}
@@ -826,12 +891,22 @@ def make_model(config):
     return net
 
 
-def make_diffusion(cfg, levels, is_toy, model=None):
+def place(net, device):
+    """net on device; on MPS (no float64) a learned schedule's float64 parameters become float32."""
+    return net.to(device, torch.float32) if device.type == "mps" else net.to(device)
+
+
+def resolve_precision(cfg, device):
+    """--precision auto: tf32 on CUDA, else fp32."""
+    return ("tf32" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
+
+
+def make_diffusion(cfg, levels, is_toy, model=None, net=None):
     """The DDPM object for a Config; clip_denoised "auto" clips x0_hat for images only.
-    For --loss-type vlb: (DDPM discretising the model's gamma, model(x, i)) from vdm_sampler."""
+    For --loss-type vlb: (DDPM discretising the model's gamma, model(x, i)) from vdm_sampler, calling net."""
     clip = {"on": True, "off": False, "auto": not is_toy}[cfg.clip_denoised]
     if cfg.loss_type == "vlb":
-        return vdm_sampler(model, cfg.T, clip=clip, levels=levels)
+        return vdm_sampler(model, cfg.T, clip=clip, levels=levels, net=net)
     return DDPM(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T, cfg.variance, cfg.loss_type, clip, levels,
                 cfg.t_sampling)
 
@@ -866,13 +941,14 @@ def write_samples(x, path_png, data=None):
 def train(cfg):
     """Algorithm 1 of Ho et al. (2020) with the official recipe: Adam, warm-up, gradient clipping, EMA."""
     device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)  # one global RNG drives data order, t, noise and dropout
+    autocast = setup_precision(device, resolve_precision(cfg, device), cfg.deterministic)
+    torch.manual_seed(cfg.seed)  # one global RNG per device drives data order, t, noise and dropout
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
     is_toy = cfg.dataset in TOYS
     if cfg.fourier == "auto":  # resolved before it is stored or compared with a checkpoint's
         cfg.fourier = "on" if cfg.loss_type == "vlb" and not is_toy else "off"
     config = {**dataclasses.asdict(cfg), "data_shape": list(data.x.shape[1:])}
-    model = make_model(config).to(device)
+    model = place(make_model(config), device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # EMA of parameters only (the nets have no buffers)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     os.makedirs(cfg.out, exist_ok=True)
@@ -883,33 +959,46 @@ def train(cfg):
             raise DataError(f"{path}: data shape {ckpt['config']['data_shape']}, this run has {config['data_shape']}")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        set_rng_state(ckpt["rng"])
         print(f"resumed from {path} at step {step}", flush=True)
     vlb = cfg.loss_type == "vlb"
     if not vlb:
         diffusion = make_diffusion(cfg, data.levels, is_toy)
+    net = network(model, autocast, cfg.compile)  # what the loss calls: model(x, t) in autocast, float32 out
     x_data = data.x.to(device)
     n_grid = 2000 if is_toy else 64
     grid_shape = (n_grid, *data.x.shape[1:])
 
-    saved = [step]  # the step of the checkpoint on disk
+    saved, checked = [step], [step]  # the step of the checkpoint on disk; the last step whose loss was checked
+    loss_sum = torch.zeros((), device=device)   # since the last check (NaN and inf stay in a sum)
+    log_sum, n_log = torch.zeros((), device=device), 0   # since the last progress line
+
+    def check_finite():
+        """The one host sync of the loss: at log and checkpoint steps, for every step since the last check."""
+        nonlocal loss_sum
+        if not torch.isfinite(loss_sum):
+            raise DataError(f"non-finite loss between steps {checked[0] + 1} and {step}; "
+                            f"last good checkpoint kept in {path}")
+        loss_sum, checked[0] = torch.zeros((), device=device), step
 
     def checkpoint():
+        check_finite()
         if has_nonfinite(model, ema):  # never save NaN weights; the previous checkpoint stays
             raise DataError(f"non-finite weights at step {step}; last good checkpoint kept in {path}")
         save_checkpoint(path, {"script": SCRIPT, "config": config, "step": step,
                                "model": model.state_dict(), "ema": ema.state_dict(),
-                               "optimizer": opt.state_dict(), "rng": {"torch": torch.get_rng_state()}})
+                               "optimizer": opt.state_dict(), "rng": rng_state()})
         saved[0] = step
 
     def sample_grid():
         # Fixed noise (its own generator, so the training RNG is untouched): the grids differ only by the weights.
-        g = torch.Generator().manual_seed(cfg.seed + 1)
-        d, net = make_diffusion(cfg, data.levels, is_toy, ema) if vlb else (diffusion, ema)
-        x = d.sample(net, grid_shape, generator=g, device=device)
-        write_samples(x, os.path.join(cfg.out, f"grid_{step:07d}.png"), data if is_toy else None)
+        g = make_generator(cfg.seed + 1, device)
+        ema_net = network(ema, autocast)
+        d, fn = make_diffusion(cfg, data.levels, is_toy, ema, ema_net) if vlb else (diffusion, ema_net)
+        x = d.sample(fn, grid_shape, generator=g, device=device)
+        write_samples(x.cpu(), os.path.join(cfg.out, f"grid_{step:07d}.png"), data if is_toy else None)
 
-    stop, t0, step0, losses = StopFlag(), time.time(), step, []
+    stop, t0, step0 = StopFlag(), time.time(), step
     model.train()
     while step < cfg.steps and not stop.set:
         x0 = x_data[torch.randint(len(x_data), (cfg.batch_size,), device=device)]  # i.i.d. minibatch: exact resume
@@ -917,12 +1006,11 @@ def train(cfg):
             flip = (torch.rand(len(x0), device=device) < 0.5).reshape(-1, 1, 1, 1)
             x0 = torch.where(flip, x0.flip(-1), x0)
         if vlb:  # VDM Eqs. 11, 17: the bound itself, bits/dim (a learned gamma trains jointly on it)
-            bpd, terms = vlb_continuous(model, x0, model.gamma_fn(), data.levels, t_sampling=cfg.t_sampling)
+            bpd, terms = vlb_continuous(net, x0, model.gamma_fn(), data.levels, t_sampling=cfg.t_sampling,
+                                        net_dtype=torch.float32)
             loss = bpd.mean()
         else:
-            loss = diffusion.loss(model, x0)                    # Algorithm 1, lines 2-5
-        if not torch.isfinite(loss):
-            raise DataError(f"non-finite loss at step {step + 1}; last good checkpoint kept in {path}")
+            loss = diffusion.loss(net, x0)                      # Algorithm 1, lines 2-5
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))  # linear warm-up
         opt.zero_grad(set_to_none=True)
@@ -930,21 +1018,18 @@ def train(cfg):
             vdm_backward(model, bpd, terms, cfg.schedule_grad)
         else:
             loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise DataError(f"non-finite gradient at step {step + 1}; last good checkpoint kept in {path}")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # a NaN here shows in the weights' check
         opt.step()
-        with torch.no_grad():  # EMA of the parameters (App. B)
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - cfg.ema_decay)
+        ema_update(ema, model, cfg.ema_decay)  # EMA of the parameters (App. B)
         step += 1
-        losses.append(loss.item())
+        loss_sum, log_sum, n_log = loss_sum + loss.detach(), log_sum + loss.detach(), n_log + 1  # on the device
         if step % cfg.log_every == 0 or step == cfg.steps:  # progress line: step, loss, it/s, ETA
+            check_finite()
             rate = (step - step0) / (time.time() - t0)
             eta = (cfg.steps - step) / rate
-            print(f"step {step}/{cfg.steps}  loss {sum(losses) / len(losses):.4f}  {rate:.2f} it/s  "
+            print(f"step {step}/{cfg.steps}  loss {log_sum.item() / n_log:.4f}  {rate:.2f} it/s  "
                   f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-            losses = []
+            log_sum, n_log = torch.zeros((), device=device), 0
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stop.set:
             checkpoint()
         if step % cfg.sample_every == 0 or step == cfg.steps:
@@ -961,12 +1046,16 @@ def train(cfg):
 # Sampling and evaluation from a checkpoint
 
 def load_for_inference(args, cfg_overrides):
-    """Rebuild (cfg, diffusion, EMA network, device) from a checkpoint, without loading the data."""
+    """Rebuild (cfg, ckpt, diffusion, model(x, i), device) from a checkpoint's EMA weights, without the data.
+
+    model is the EMA network wrapped by network() (precision, compile); for --loss-type vlb diffusion.vdm_net is
+    the bare VDMNet (its gamma) and diffusion.net_fn the wrapped one (for the bound)."""
     ckpt = read_ckpt(args.ckpt)
     fields = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{**LEGACY, **{k: v for k, v in ckpt["config"].items() if k in fields}})
-    cfg = dataclasses.replace(cfg, **cfg_overrides)  # --out, --device, --seed, --clip-denoised, --batch-size
+    cfg = dataclasses.replace(cfg, **cfg_overrides)  # RUNTIME fields given on the command line
     device = pick_device(cfg.device)
+    autocast = setup_precision(device, resolve_precision(cfg, device), cfg.deterministic)
     levels = data_levels(cfg.dataset)
     net = make_model(ckpt["config"])
     try:
@@ -975,19 +1064,20 @@ def load_for_inference(args, cfg_overrides):
         raise DataError(f"{args.ckpt}: EMA weights do not fit the network of its config ({str(e).splitlines()[0]})")
     if has_nonfinite(net):
         raise DataError(f"{args.ckpt}: the EMA weights contain NaN or inf")
-    net = net.to(device).eval()
+    net = place(net, device).eval()
+    net_fn = network(net, autocast, cfg.compile)
     if cfg.loss_type == "vlb":
-        diffusion, model = make_diffusion(cfg, levels, cfg.dataset in TOYS, net)
-        diffusion.vdm_net = net  # --eval-nll uses the continuous bound for these
+        diffusion, model = make_diffusion(cfg, levels, cfg.dataset in TOYS, net, net_fn)
+        diffusion.vdm_net, diffusion.net_fn = net, net_fn  # --eval-nll uses the continuous bound for these
         return cfg, ckpt, diffusion, model, device
-    return cfg, ckpt, make_diffusion(cfg, levels, cfg.dataset in TOYS), net, device
+    return cfg, ckpt, make_diffusion(cfg, levels, cfg.dataset in TOYS), net_fn, device
 
 
 def run_sample(args, cfg_overrides):
     """--sample: n images (or 2-D points) from the EMA network -> samples.png and samples.npz."""
     cfg, ckpt, diffusion, net, device = load_for_inference(args, cfg_overrides)
     os.makedirs(cfg.out, exist_ok=True)
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = make_generator(cfg.seed, device)
     shape, chunks = tuple(ckpt["config"]["data_shape"]), []
     for start in range(0, args.n_samples, cfg.batch_size):
         n = min(cfg.batch_size, args.n_samples - start)
@@ -1008,22 +1098,22 @@ def run_eval_nll(args, cfg_overrides):
     cfg, ckpt, diffusion, net, device = load_for_inference(args, cfg_overrides)
     data = load_data(cfg.dataset, train=False, image_size=cfg.image_size or None)
     diffusion.levels = data.levels
-    torch.manual_seed(cfg.seed)
-    x = data.x[:args.n_eval]
+    g = make_generator(cfg.seed, device)  # every x_t, t and noise of the bound
+    x = data.x[:args.n_eval].to(device)
     totals, parts = [], {"prior": [], "diffusion": [], "decoder": []}
     for start in range(0, len(x), cfg.batch_size):
-        xb = x[start:start + cfg.batch_size].to(device)
+        xb = x[start:start + cfg.batch_size]
         if cfg.loss_type == "vlb":  # VDM Eq. 11 bound (Eq. 17 diffusion term), averaged over 16 low-discrepancy draws of t
             vdm_net = diffusion.vdm_net
             with torch.no_grad():
-                runs = [vlb_continuous(vdm_net, xb, vdm_net.gamma_fn(), data.levels, t_sampling="low_discrepancy")
+                runs = [vlb_continuous(diffusion.net_fn, xb, vdm_net.gamma_fn(), data.levels,
+                                       t_sampling="low_discrepancy", net_dtype=torch.float32, generator=g)
                         for _ in range(16)]
-            bpd = torch.stack([r[0] for r in runs]).mean(0).cpu()
-            terms = {"prior": runs[0][1]["prior"].cpu(), "recon": torch.stack([r[1]["recon"] for r in runs]).mean(0),
+            bpd = torch.stack([r[0] for r in runs]).mean(0)
+            terms = {"prior": runs[0][1]["prior"], "decoder": torch.stack([r[1]["recon"] for r in runs]).mean(0),
                      "diffusion": torch.stack([r[1]["diffusion"] for r in runs]).mean(0)}
-            terms["decoder"] = terms.pop("recon").cpu()
         else:
-            bpd, terms = diffusion.nll_bpd(net, xb, return_terms=True)
+            bpd, terms = diffusion.nll_bpd(net, xb, return_terms=True, generator=g)
         totals.append(bpd)
         for k in parts:
             parts[k].append(terms[k])
@@ -1047,7 +1137,7 @@ class OneLineParser(argparse.ArgumentParser):
 CHOICES = {"model": sorted(PRESETS), "schedule": ["linear", "cosine", "linear_snr", "learned"],
            "variance": ["beta", "beta_tilde"], "loss_type": ["simple", "elbo", "vlb"], "clip_denoised": ["auto", "on", "off"],
            "t_sampling": ["iid", "low_discrepancy"], "schedule_grad": ["bound", "variance"], "cond": ["gamma", "t"],
-           "fourier": ["auto", "on", "off"]}
+           "fourier": ["auto", "on", "off"], "precision": ["auto", "fp32", "tf32", "bf16"]}
 
 
 def field_help():
@@ -1095,7 +1185,8 @@ def validate(cfg):
             dev = torch.device(cfg.device)
         except RuntimeError:
             raise ValueError(f"--device {cfg.device!r} is not a torch device") from None
-        if (dev.type == "cuda" and not torch.cuda.is_available()) or (
+        missing_gpu = not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
+        if (dev.type == "cuda" and missing_gpu) or (
                 dev.type == "mps" and not torch.backends.mps.is_available()) or dev.type not in ("cpu", "cuda", "mps"):
             raise ValueError(f"--device {cfg.device!r} is not available on this machine")
 
@@ -1147,7 +1238,7 @@ def main(argv=None):
             cfg.resume = args.resume  # not a Config field: it is an action, not a setting stored in ckpt.pt
             train(cfg)
         else:
-            runtime = {k: v for k, v in given.items() if k in ("out", "device", "seed", "clip_denoised", "batch_size")}
+            runtime = {k: v for k, v in given.items() if k in RUNTIME}
             (run_sample if args.sample else run_eval_nll)(args, runtime)
     except (DataError, ValueError) as e:
         print(f"{SCRIPT}.py: error: {e}", file=sys.stderr)  # one line, exit code 2 (argparse's convention)

@@ -2,7 +2,9 @@
 
 The exact oracles: for data from a Gaussian mixture (or a discrete distribution), E[eps | x_t] has a closed
 form at every t, so the samplers and the bound are checked with no network in the way.
-Run: python3 -m pytest -q tests/test_ddpm.py --durations=10
+Run: python3 -m pytest -q tests/test_ddpm.py --durations=10        (add --device cuda|mps|auto for a GPU)
+The oracle sampler / likelihood tests and the CLI smoke tests run on --device; the closed-form tests of the
+schedule build CPU tables whatever the device. MUTATIONS (below) is read by tests/mutations.py.
 """
 import math
 import os
@@ -25,6 +27,77 @@ from ddpm import DDPM, Config, make_schedule  # noqa: E402
 SCRIPT = os.path.join(ROOT, "ddpm.py")
 F64 = torch.float64
 
+MUTATIONS = [  # deliberate breaks of ddpm.py, each caught by the tests named (python tests/mutations.py ddpm)
+    {"name": "ddpm-decoder-edges-not-widened", "file": "ddpm.py",
+     "find": "return torch.where(x0 < -1 + 1e-6, log_cdf_plus, torch.where(x0 > 1 - 1e-6, log_sf_minus, log_mid))",
+     "replace": "return log_mid",
+     "tests": ["tests/test_ddpm.py::test_decoder_edge_bins_reach_infinity"]},
+    {"name": "ddpm-decoder-flip-branch-wrong", "file": "ddpm.py",
+     "find": "a, b = torch.where(flip, -z_plus, z_minus), torch.where(flip, -z_minus, z_plus)",
+     "replace": "a, b = torch.where(flip, -z_minus, z_minus), torch.where(flip, -z_plus, z_plus)",
+     "tests": ["tests/test_ddpm.py::test_decoder_matches_numerical_integration"]},
+    {"name": "ddpm-decoder-no-flip", "file": "ddpm.py",
+     "find": "flip = z_minus > 0",
+     "replace": "flip = z_minus > 1e9",
+     "tests": ["tests/test_ddpm.py::test_decoder_matches_numerical_integration"]},
+    {"name": "ddpm-prior-mean-sqrt-dropped", "file": "ddpm.py",
+     "find": "normal_kl(math.sqrt(ab_T) * x0.to(dt)",
+     "replace": "normal_kl(ab_T * x0.to(dt)",
+     "tests": ["tests/test_ddpm.py::test_prior_term_at_small_T"]},
+    {"name": "ddpm-prior-left-out-of-total", "file": "ddpm.py",
+     "find": "total = (prior + diffusion + decoder) * to_bpd",
+     "replace": "total = (diffusion + decoder) * to_bpd",
+     "tests": ["tests/test_ddpm.py::test_prior_term_at_small_T"]},
+    {"name": "ddpm-noise-at-last-step", "file": "ddpm.py",
+     "find": "if t == 0:\n            return mean",
+     "replace": "if t == -1:\n            return mean",
+     "tests": ["tests/test_ddpm.py::test_exact_oracle_sampling_matches_mixture"]},
+    {"name": "ddpm-variance-swapped", "file": "ddpm.py",
+     "find": "sigma2 = self.beta if variance == \"beta\" else self.beta_tilde",
+     "replace": "sigma2 = self.beta_tilde if variance == \"beta\" else self.beta",
+     "tests": ["tests/test_ddpm.py::test_exact_oracle_sampling_matches_mixture"]},
+    {"name": "ddpm-sigma-for-variance", "file": "ddpm.py",
+     "find": "return mean + var.sqrt() * z",
+     "replace": "return mean + var * z",
+     "tests": ["tests/test_ddpm.py::test_exact_oracle_sampling_matches_mixture"]},
+    {"name": "ddpm-eq11-sqrt-dropped", "file": "ddpm.py",
+     "find": "self.eps_coef = self.beta / self.sqrt_one_minus_alpha_bar",
+     "replace": "self.eps_coef = self.beta / (1 - self.alpha_bar)",
+     "tests": ["tests/test_ddpm.py::test_posterior_is_product_of_gaussians"]},
+    {"name": "ddpm-kl-arguments-swapped", "file": "ddpm.py",
+     "find": "for v in (q_mean, q_var, mean, var)",
+     "replace": "for v in (mean, var, q_mean, q_var)",
+     "tests": ["tests/test_ddpm.py::test_nll_bpd_gaussian_matches_closed_form[beta]"]},
+    {"name": "ddpm-decoder-variance-beta1", "file": "ddpm.py",
+     "find": "self.sigma2 = torch.cat([self.beta_tilde[1:2], sigma2[1:]])",
+     "replace": "self.sigma2 = torch.cat([self.beta[0:1], sigma2[1:]])",
+     "tests": ["tests/test_ddpm.py::test_nll_bpd_gaussian_matches_closed_form[beta]"]},
+    {"name": "ddpm-elbo-constant-dropped", "file": "ddpm.py",
+     "find": " + self.at(\"C\", t, x0)",
+     "replace": "",
+     "tests": ["tests/test_ddpm.py::test_elbo_loss_is_unbiased_estimate_of_bound"]},
+    {"name": "ddpm-elbo-old-scale", "file": "ddpm.py",
+     "find": "return per_elem.flatten(1).mean(1).mean() / math.log(2)",
+     "replace": "return self.T * per_elem.flatten(1).mean(1).mean()",
+     "tests": ["tests/test_ddpm.py::test_elbo_loss_is_unbiased_estimate_of_bound"]},
+    {"name": "ddpm-clip-x_t-not-x0_hat", "file": "ddpm.py",
+     "find": "x0_hat = self.predict_x0(x_t, t, eps).clamp(-1, 1)",
+     "replace": "x0_hat = self.predict_x0(x_t.clamp(-1, 1), t, eps)",
+     "tests": ["tests/test_ddpm.py::test_clip_denoised_posterior_form"]},
+    {"name": "ddpm-low-discrepancy-is-iid", "file": "ddpm.py",
+     "find": "return (u * self.T).long().clamp(max=self.T - 1)",
+     "replace": "return torch.randint(self.T, (B,), device=device)",
+     "tests": ["tests/test_ddpm.py::test_low_discrepancy_t_one_per_stratum"]},
+    {"name": "ddpm-vdm-half-dropped", "file": "ddpm.py",
+     "find": "diffusion = 0.5 * dg_dt *",
+     "replace": "diffusion = dg_dt *",
+     "tests": ["tests/test_ddpm.py::test_continuous_loss_matches_closed_form_and_is_schedule_invariant"]},
+    {"name": "ddpm-vdm-sampler-z0-as-data", "file": "ddpm.py",
+     "find": "ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])          # t = 0",
+     "replace": "ab_prev = torch.cat([torch.sigmoid(-gamma(t_grid[:1] * 0)).cpu().double(), ab[:-1]])  # t = 0",
+     "tests": ["tests/test_ddpm.py::test_vdm_sampler_ends_on_the_data"]},
+]
+
 
 # -----------------------------------------------------------------------------
 # Exact noise predictors
@@ -36,14 +109,20 @@ MU = torch.tensor([[-1.5, 0.0], [1.5, 0.5], [0.0, -1.5]], dtype=F64)
 SD = torch.tensor([[0.03, 0.03], [0.3, 0.45], [0.2, 0.15]], dtype=F64)
 
 
+def on(a, x):
+    """A CPU float64 constant as x's dtype on x's device (cast first: MPS has no float64)."""
+    return a.to(x.dtype).to(x.device)
+
+
 def gmm_eps(alpha_bar):
     """E[eps | x_t] for the mixture above: x_t | k ~ N(sqrt(ab) mu_k, ab sd_k^2 + 1 - ab), eps = -sqrt(1-ab) score."""
     def model(x, t):
-        ab = alpha_bar[t].to(x.dtype)[:, None]                      # (N, 1)
+        ab = on(alpha_bar, x)[t][:, None]                           # (N, 1)
+        sd, mu = on(SD, x), on(MU, x)
         logw, parts = [], []
         for k in range(3):
-            var = ab * SD[k] ** 2 + (1 - ab)                        # (N, 2)
-            diff = x - ab.sqrt() * MU[k]                            # (N, 2)
+            var = ab * sd[k] ** 2 + (1 - ab)                        # (N, 2)
+            diff = x - ab.sqrt() * mu[k]                            # (N, 2)
             logw.append(math.log(PI[k]) - 0.5 * (diff[:, 0] ** 2 / var[:, 0] + diff[:, 1] ** 2 / var[:, 1]
                                                  + var[:, 0].log() + var[:, 1].log()))
             parts.append(diff / var)
@@ -55,6 +134,7 @@ def gmm_eps(alpha_bar):
 
 def component_stats(x):
     """Assign samples to the most likely component; return (weight, mean, per-axis variance / sd^2) each."""
+    x = x.cpu().double()
     logp = PI.log() - 0.5 * (((x[:, None] - MU[None]) / SD[None]) ** 2).sum(-1) - SD.log().sum(-1)
     k = logp.argmax(1)
     return [((k == j).double().mean().item(), x[k == j].mean(0), x[k == j].var(0) / SD[j] ** 2) for j in range(3)]
@@ -63,9 +143,9 @@ def component_stats(x):
 def discrete_eps(alpha_bar, c, p):
     """E[eps | x_t] for i.i.d. coordinates taking value c_j with probability p_j (a mixture of point masses)."""
     def model(x, t):
-        ab = alpha_bar[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))[..., None]
-        logw = p.log() - (x[..., None] - ab.sqrt() * c) ** 2 / (2 * (1 - ab))   # (..., K)
-        x0_mean = (torch.softmax(logw, -1) * c).sum(-1)                           # E[x0 | x_t]
+        ab = on(alpha_bar, x)[t].reshape(-1, *([1] * (x.dim() - 1)))[..., None]
+        logw = on(p, x).log() - (x[..., None] - ab.sqrt() * on(c, x)) ** 2 / (2 * (1 - ab))   # (..., K)
+        x0_mean = (torch.softmax(logw, -1) * on(c, x)).sum(-1)                                  # E[x0 | x_t]
         return (x - ab[..., 0].sqrt() * x0_mean) / (1 - ab[..., 0]).sqrt()
     return model
 
@@ -163,9 +243,10 @@ def test_posterior_is_product_of_gaussians():
 # 3. Exact-oracle sampling
 
 @pytest.fixture(scope="module")
-def oracle_samples():
+def oracle_samples(device, f64):
     d = DDPM(T=1000, variance="beta")
-    x = d.sample(gmm_eps(d.alpha_bar), (20_000, 2), generator=torch.Generator().manual_seed(0), dtype=F64)
+    x = d.sample(gmm_eps(d.alpha_bar), (20_000, 2), generator=ddpm.make_generator(0, device), dtype=f64, device=device)
+    assert x.device.type == device.type
     return component_stats(x)
 
 
@@ -190,13 +271,13 @@ def test_exact_oracle_sampling_matches_mixture(oracle_samples):
         assert ((ratio - 1).abs() < tol).all(), (j, ratio)
 
 
-def test_beta_tilde_is_the_lower_variance_choice(oracle_samples):
+def test_beta_tilde_is_the_lower_variance_choice(oracle_samples, device, f64):
     """Sec. 3.2: sigma^2 = beta~ is optimal for a point mass, beta for N(0, I): on the tight component (sd 0.03)
     beta~ gives a markedly smaller variance than beta (both with the exact predictor). An exact variance
     recursion for one Gaussian of sd 0.03 predicts ratios 0.768 (beta~) and 0.995 (beta).
     Catches the 'variance' option being ignored or the two choices swapped."""
     d = DDPM(T=1000, variance="beta_tilde")
-    x = d.sample(gmm_eps(d.alpha_bar), (6_000, 2), generator=torch.Generator().manual_seed(1), dtype=F64)
+    x = d.sample(gmm_eps(d.alpha_bar), (6_000, 2), generator=ddpm.make_generator(1, device), dtype=f64, device=device)
     ratio = component_stats(x)[0][2].mean().item()
     assert abs(ratio - 0.768) < 0.05, ratio
     assert abs(oracle_samples[0][2].mean().item() - 0.995) < 0.03
@@ -232,7 +313,7 @@ S_DATA = 0.5  # sd of the continuous Gaussian data
 def gauss_eps(alpha_bar):
     """E[eps | x_t] for x0 ~ N(0, s^2) per coordinate: eps_hat = sqrt(1 - ab) x_t / (ab s^2 + 1 - ab)."""
     def model(x, t):
-        ab = alpha_bar[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        ab = on(alpha_bar, x)[t].reshape(-1, *([1] * (x.dim() - 1)))
         return (1 - ab).sqrt() * x / (ab * S_DATA ** 2 + 1 - ab)
     return model
 
@@ -252,7 +333,7 @@ def gaussian_bound_bits(d):
 
 
 @pytest.mark.parametrize("variance", ["beta", "beta_tilde"])
-def test_nll_bpd_gaussian_matches_closed_form(variance):
+def test_nll_bpd_gaussian_matches_closed_form(variance, device, f64):
     """Eq. 5 by nll_bpd (Monte Carlo, one x_t per t, 256 x 256 coordinates) with the exact predictor of N(0, 0.5^2)
     data equals the bound computed in closed form within 0.04 bit/dim (~4 standard errors), and that bound lies above
     the true NLL (the differential entropy, 1.047 bits): by 0.165 bits for sigma^2 = beta, 0.82 for beta~.
@@ -261,14 +342,14 @@ def test_nll_bpd_gaussian_matches_closed_form(variance):
     d = DDPM(T=1000, variance=variance)  # levels=None: continuous data, Gaussian density decoder
     torch.manual_seed(3)
     x0 = S_DATA * torch.randn(256, 256, dtype=F64)
-    bpd = d.nll_bpd(gauss_eps(d.alpha_bar), x0, clip_denoised=False).mean().item()
+    bpd = d.nll_bpd(gauss_eps(d.alpha_bar), x0.to(f64).to(device), clip_denoised=False).mean().item()
     want = gaussian_bound_bits(d)
     truth = 0.5 * math.log2(2 * math.pi * math.e * S_DATA ** 2)
     assert abs(bpd - want) < 0.04, (bpd, want)
     assert want > truth and want - truth < (0.2 if variance == "beta" else 0.9), (want, truth)
 
 
-def test_nll_bpd_discrete_decoder_bin_width():
+def test_nll_bpd_discrete_decoder_bin_width(device, f64):
     """Eq. 13 with the data's own quantisation: for a Gaussian quantised to the 17 digit levels the bound with the
     exact predictor (sigma^2 = beta~) is above the entropy and within 0.3 bit of it (the Gaussian reverse steps'
     own gap at T = 1000: 0.25 bit, 0.16 at T = 4000); L_0 ~ 0 since bins are 2/16 wide. Read with an 8-bit bin
@@ -278,7 +359,9 @@ def test_nll_bpd_discrete_decoder_bin_width():
     for levels, lo, hi in ((LEVELS, 0, 0.01), (256, 1.0, 3.0)):
         d = DDPM(T=1000, variance="beta_tilde", levels=levels)
         torch.manual_seed(3)
-        bpd, terms = d.nll_bpd(discrete_eps(d.alpha_bar, C, P), x0, clip_denoised=False, return_terms=True)
+        bpd, terms = d.nll_bpd(discrete_eps(d.alpha_bar, C, P), x0.to(f64).to(device), clip_denoised=False,
+                               return_terms=True)
+        bpd, terms = bpd.cpu().double(), {k: v.cpu().double() for k, v in terms.items()}
         assert lo <= (P * terms["decoder"]).sum() < hi, (levels, terms["decoder"])
         if levels == LEVELS:
             bound = (P * bpd).sum().item()
@@ -286,19 +369,124 @@ def test_nll_bpd_discrete_decoder_bin_width():
             assert (P * terms["prior"]).sum() < 1e-4
 
 
-def test_elbo_loss_is_unbiased_estimate_of_bound():
-    """loss_type="elbo" (Eq. 12 weights plus Eq. 8's constant for t >= 2, the Eq. 13 decoder at t = 1, times T),
-    averaged over every t and fresh noise, equals (bound - L_T) in nats/dim from nll_bpd's own terms, within 3 %.
-    Confirmed to fail: the factor T dropped, Eq. 8's constant C_t dropped (sigma^2 = beta makes it ~0.4 nat)."""
+def test_elbo_loss_is_unbiased_estimate_of_bound(device, f64):
+    """loss_type="elbo" (Eq. 12 weights plus Eq. 8's constant for t >= 2, the Eq. 13 decoder at t = 1) is the
+    sampled term in bits/dim, as the official "kl" loss: averaged over every t and fresh noise and times T it equals
+    (bound - L_T) in bits/dim from nll_bpd's own terms, within 3 %; each t = 1 example's loss is exactly its
+    decoder term L_0 (same noise). Catches: the old T x nats/dim scale (or any other factor), Eq. 8's constant C_t
+    dropped (sigma^2 = beta makes it ~0.4 nat)."""
     d = DDPM(T=200, variance="beta", loss_type="elbo", levels=LEVELS)
     model = discrete_eps(d.alpha_bar, C, P)
     torch.manual_seed(4)
-    x0 = C[torch.multinomial(P, 16 * 64, replacement=True)].reshape(16, 64)
+    x0 = C[torch.multinomial(P, 16 * 64, replacement=True)].reshape(16, 64).to(f64).to(device)
     _, terms = d.nll_bpd(model, x0, return_terms=True)
-    want = ((terms["diffusion"] + terms["decoder"]).mean() * math.log(2)).item()
-    t = torch.arange(200).repeat_interleave(16)           # every t, each with all 16 rows
+    want = (terms["diffusion"] + terms["decoder"]).mean().item()
+    t = torch.arange(200, device=device).repeat_interleave(16)  # every t, each with all 16 rows
     got = d.loss(model, x0.repeat(200, 1), t=t).item()
-    assert abs(got - want) < 0.03 * want + 1e-3, (got, want)
+    assert abs(200 * got - want) < 0.03 * want + 1e-3, (200 * got, want)
+    noise = torch.randn(x0.shape, dtype=f64, device=device)
+    first = d.loss(model, x0, t=torch.zeros(16, dtype=torch.long, device=device), noise=noise).item()
+    x1 = d.q_sample(x0, torch.zeros(16, dtype=torch.long, device=device), noise)
+    mean, var = d.p_mean_variance(model, x1, torch.zeros(16, dtype=torch.long, device=device), clip_denoised=False)
+    ll = ddpm.discretized_gaussian_log_likelihood(x0, mean, var, LEVELS)
+    assert abs(first - (-ll.mean().item() / math.log(2))) < (1e-9 if f64 == F64 else 1e-4), first
+
+
+def log_mass(lo, hi, mean, std, n=20_001):
+    """log of the N(mean, std^2) mass on [lo, hi], by Simpson's rule on the density in float64 on the CPU
+    (log-sum-exp of log density + log weight: no CDF and no cancellation), independent of ddpm.py's ndtr route."""
+    x = torch.linspace(lo, hi, n, dtype=F64)
+    w = torch.ones(n, dtype=F64)
+    w[1:-1:2], w[2:-1:2] = 4, 2
+    log_pdf = -0.5 * ((x - mean) / std) ** 2 - math.log(std * math.sqrt(2 * math.pi))
+    return torch.logsumexp(log_pdf + w.log(), 0).item() + math.log((hi - lo) / (n - 1) / 3)
+
+
+def decoder_cases(x0_values, offsets, stds):
+    """(x0, mean, std) triples as float64 CPU tensors: the decoder mean at x0 + offset."""
+    rows = [(x0, x0 + o, s) for x0 in x0_values for o in offsets for s in stds]
+    return (torch.tensor(col, dtype=F64) for col in zip(*rows))
+
+
+def test_decoder_matches_numerical_integration(device):
+    """Eq. 13, interior bins: log p(x0 | x1) = log of the Gaussian mass on [x0 - 1/16, x0 + 1/16] (17 levels) equals
+    Simpson integration of the density within 1e-7 in log, for decoder means on both sides of x0, near and far
+    (up to 20 sd: the mass is ~1e-64 there). Means more than half a bin below x0 take the `flip` branch, which
+    no other test reaches. Catches: a wrong formula in the flip branch (e.g. Phi(-z_minus) - Phi(-z_plus) with
+    the signs swapped: a negative mass, clamped), and the flip dropped (Phi(z_plus) - Phi(z_minus) = 1 - 1 in the
+    far tail: log 0)."""
+    if device.type == "mps":
+        pytest.skip("MPS has no float64, and masses of 1e-64 need it")
+    offsets = [-0.4, -0.2, -0.1, -0.07, -0.03, 0.0, 0.03, 0.07, 0.1, 0.2, 0.4]
+    x0, mean, std = decoder_cases([-0.75, 0.0, 0.25, 0.875], offsets, [0.02, 0.05])
+    half = 1 / 16
+    assert ((x0 - mean - half) / std > 0).sum() >= 16  # the flip branch is exercised
+    got = ddpm.discretized_gaussian_log_likelihood(x0.to(device), mean.to(device), (std ** 2).to(device), LEVELS).cpu()
+    cases = zip(x0.tolist(), mean.tolist(), std.tolist())
+    want = torch.tensor([log_mass(a - half, a + half, m, s) for a, m, s in cases], dtype=F64)
+    assert (got - want).abs().max() < 1e-7, (got - want).abs().max()
+    assert want.min() < -100  # far tails really tested
+
+
+def test_decoder_edge_bins_reach_infinity(device, f64):
+    """Eq. 13 at the two edge levels: x0 = -1 takes all the mass below -1 + 1/16 and x0 = +1 all the mass above
+    1 - 1/16 (the bins widen to -inf and +inf), checked against Simpson integration over the open side (down to 40 sd
+    beyond); at mean = x0 with sd 0.05 that is log Phi(1.25) = -0.112, where the unwidened bin would give
+    log 0.789 = -0.237. Catches the first and last bins not widened to +-inf."""
+    half = 1 / 16
+    offsets = [-0.3, -0.1, -0.05, 0.0, 0.05, 0.1, 0.3]
+    for edge in (-1.0, 1.0):
+        x0, mean, std = decoder_cases([edge], offsets, [0.02, 0.05])
+        got = ddpm.discretized_gaussian_log_likelihood(x0.to(f64).to(device), mean.to(f64).to(device),
+                                                       (std ** 2).to(f64).to(device), LEVELS).cpu().double()
+        want = []
+        for m, s in zip(mean.tolist(), std.tolist()):
+            if edge < 0:  # (-inf, -1 + half]
+                hi = -1 + half
+                want.append(log_mass(min(m, hi) - 40 * s, hi, m, s))
+            else:         # [1 - half, +inf)
+                lo = 1 - half
+                want.append(log_mass(lo, max(m, lo) + 40 * s, m, s))
+        tol = 1e-7 if f64 == F64 else 1e-4
+        assert (got - torch.tensor(want, dtype=F64)).abs().max() < tol, (edge, got, want)
+
+
+@pytest.mark.parametrize("T", [10, 20])
+def test_prior_term_at_small_T(T, device, f64):
+    """L_T = KL(N(sqrt(ab_T) x0, 1 - ab_T) || N(0, 1)) where it is far from 0: T = 10 and 20 with the linear
+    schedule (ab_T = 0.90 and 0.81), against the closed form 1/2 (ab_T x0^2 + (1 - ab_T) - log(1 - ab_T) - 1) per
+    dimension, ab_T = prod(1 - beta_t) computed here with numpy; and nll_bpd's total is the sum of its three parts.
+    Catches a wrong mean (ab_T x0 for sqrt(ab_T) x0) or variance in L_T, and L_T left out of the total (at T = 1000
+    both pass unnoticed: L_T ~ 1e-5 bit there)."""
+    d = DDPM(T=T)
+    ab_T = float(np.prod(1 - np.linspace(1e-4, 0.02, T)))
+    torch.manual_seed(14)
+    x0 = torch.rand(6, 1, 4, 4, dtype=F64) * 2 - 1
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731  (any predictor: L_T does not depend on it)
+    total, terms = d.nll_bpd(zero, x0.to(f64).to(device), return_terms=True)
+    want = (0.5 * (ab_T * x0 ** 2 + (1 - ab_T) - math.log(1 - ab_T) - 1)).flatten(1).sum(1) / (16 * math.log(2))
+    tol = 1e-10 if f64 == F64 else 1e-5
+    assert torch.allclose(terms["prior"].cpu().double(), want, rtol=tol, atol=0), (terms["prior"], want)
+    assert want.min() > 0.5  # bits/dim: far from 0
+    parts = (terms["prior"] + terms["diffusion"] + terms["decoder"]).cpu().double()
+    assert torch.allclose(total.cpu().double(), parts, rtol=tol, atol=0)
+
+
+def test_tables_cached_per_device(device):
+    """The float64 schedule masters stay on the CPU; extract-style lookups get one cached copy per (device, dtype),
+    made on first use (no host-to-device copy per sampling step), and results land on x's device and dtype."""
+    d = DDPM(T=50)
+    x = torch.randn(3, 2, device=device)
+    t = torch.full((3,), 7, device=device)
+    y = d.q_sample(x, t, torch.randn_like(x))
+    assert y.device.type == device.type and y.dtype == torch.float32
+    copy = d.copies[("sqrt_alpha_bar", x.device, torch.float32)]
+    d.q_sample(x, t, torch.randn_like(x))
+    assert d.copies[("sqrt_alpha_bar", x.device, torch.float32)] is copy and copy.device.type == device.type
+    masters = [getattr(d, n) for n in ("beta", "alpha_bar", "sigma2")]
+    assert all(m.device.type == "cpu" and m.dtype == F64 for m in masters)
+    want = (d.alpha_bar[7].sqrt() * x.cpu().double()).float()
+    assert torch.allclose(d.q_sample(x, t, torch.zeros_like(x)).cpu(), want, rtol=1e-6)
 
 
 # -----------------------------------------------------------------------------
@@ -378,12 +566,13 @@ def run(*args, cwd=None, timeout=300):
 TINY = ["--batch-size", "8", "--T", "20", "--warmup", "2", "--log-every", "1"]
 
 
-def test_cli_train_sample_resume_eval(tmp_path, capsys):
+def test_cli_train_sample_resume_eval(tmp_path, capsys, device):
     """--train (a real subprocess) writes ckpt.pt (weights_only-loadable, with the agreed layout) and a grid;
     then, in-process through ddpm.main: --resume continues the step count; --sample writes samples.png and
-    samples.npz; --eval-nll prints bits/dim."""
+    samples.npz; --eval-nll prints bits/dim. All on --device."""
     out = str(tmp_path / "run")
-    r = run("--train", "--steps", "3", "--sample-every", "3", "--out", out, *TINY)
+    dev = ["--device", device.type]
+    r = run("--train", "--steps", "3", "--sample-every", "3", "--out", out, *TINY, *dev)
     assert r.returncode == 0, r.stderr
     assert "step 3/3" in r.stdout and "it/s" in r.stdout and "ETA" in r.stdout  # the progress line
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
@@ -391,24 +580,55 @@ def test_cli_train_sample_resume_eval(tmp_path, capsys):
     assert set(ckpt) == {"script", "config", "step", "model", "ema", "optimizer", "rng"}
     assert {"T", "schedule", "beta_1", "beta_T", "dataset", "image_size", "model"} <= set(ckpt["config"])
     assert os.path.exists(os.path.join(out, "grid_0000003.png"))
-    ddpm.main(["--train", "--resume", "--steps", "5", "--sample-every", "100", "--out", out, *TINY])
+    assert set(ckpt["rng"]) >= {"torch"} and ("cuda" in ckpt["rng"]) == (device.type == "cuda")
+    ddpm.main(["--train", "--resume", "--steps", "5", "--sample-every", "100", "--out", out, *TINY, *dev])
     assert "resumed from" in capsys.readouterr().out and state(out)["step"] == 5
-    ddpm.main(["--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-samples", "5", "--batch-size", "3", "--out", out])
+    ddpm.main(["--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-samples", "5", "--batch-size", "3",
+               "--out", out, *dev])
     assert np.load(os.path.join(out, "samples.npz"))["arr_0"].shape == (5, 8, 8, 1)
     assert os.path.getsize(os.path.join(out, "samples.png")) > 0
     capsys.readouterr()
-    ddpm.main(["--eval-nll", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-eval", "4", "--out", out])
+    ddpm.main(["--eval-nll", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-eval", "4", "--out", out, *dev])
     bpd = float(capsys.readouterr().out.strip().splitlines()[-1].split()[1])
     assert 0 < bpd < 50
 
 
-def test_cli_vdm_objective_round_trip(tmp_path, capsys):
+@pytest.mark.parametrize("objective", ["elbo", "vlb-learned", "bf16"])
+def test_cli_every_mode_on_device(tmp_path, capsys, device, objective):
+    """Every objective through every mode on --device (in-process): --train a few steps with a sample grid, --resume,
+    --sample, --eval-nll. "elbo": the true bound (Eq. 12 + L_0); "vlb-learned": VDM's continuous bound with a
+    learned gamma and Fourier features on the digits (the grid and --sample run vdm_sampler on the device, which
+    crashed on CUDA before issue 14); "bf16": --precision bf16 (autocast for the network, on the CPU too) trains and
+    samples, resumes without it and samples with --precision fp32 (runtime settings, like --device)."""
+    out, dev = str(tmp_path / objective), ["--device", device.type]
+    flags = {"elbo": ["--loss-type", "elbo"], "vlb-learned": ["--loss-type", "vlb", "--schedule", "learned"],
+             "bf16": ["--precision", "bf16"]}[objective]
+    ddpm.main(["--train", "--steps", "2", "--sample-every", "2", "--out", out, *TINY, *flags, *dev])
+    ck = state(out)
+    assert ck["step"] == 2 and os.path.exists(os.path.join(out, "grid_0000002.png"))
+    assert all(torch.isfinite(v).all() for v in ck["ema"].values())
+    again = [] if objective == "bf16" else flags
+    ddpm.main(["--train", "--resume", "--steps", "3", "--sample-every", "100", "--out", out, *TINY, *again, *dev])
+    assert state(out)["step"] == 3
+    other = ["--precision", "fp32"] if objective == "bf16" else []
+    for extra in ([], other) if other else ([],):
+        ddpm.main(["--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-samples", "4", "--out", out, *dev, *extra])
+        x = np.load(os.path.join(out, "samples.npz"))["arr_0"]
+        assert x.shape == (4, 8, 8, 1)
+    capsys.readouterr()
+    ddpm.main(["--eval-nll", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-eval", "4", "--out", out, *dev])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("bits/dim") and 0 < float(last.split()[1]) < 50, last
+
+
+def test_cli_vdm_objective_round_trip(tmp_path, capsys, device):
     """Issue 8 from the CLI (in-process): --loss-type vlb --schedule learned --learn-endpoints --cond t trains jointly
     (the checkpoint holds gamma_phi's weights, the two flags are in its config), --resume refuses another --cond or
     a missing --learn-endpoints, --sample runs the discretised ancestral sampler, --eval-nll prints the continuous
     bound, and a checkpoint written before the two options existed still loads (as cond t, fixed endpoints)."""
     out = str(tmp_path / "vlb")
-    common = ["--dataset", "moons", "--loss-type", "vlb", "--schedule", "learned", "--T", "20", "--out", out]
+    common = ["--dataset", "moons", "--loss-type", "vlb", "--schedule", "learned", "--T", "20", "--out", out,
+              "--device", device.type]
     ddpm.main(["--train", "--steps", "4", "--batch-size", "32", "--log-every", "2", "--sample-every", "4", *common,
                "--learn-endpoints", "--cond", "t"])
     ck = state(out)
@@ -423,18 +643,20 @@ def test_cli_vdm_objective_round_trip(tmp_path, capsys):
     old = {**ck, "config": {k: v for k, v in ck["config"].items() if k not in ("cond", "learn_endpoints")}}
     torch.save(old, os.path.join(out, "old.pt"))
     assert ddpm.make_model(old["config"]).cond == "t"
-    ddpm.main(["--sample", "--ckpt", os.path.join(out, "old.pt"), "--n-samples", "5", "--out", str(tmp_path / "o")])
-    ddpm.main(["--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-samples", "50", "--out", out])
+    dev = ["--device", device.type]
+    ddpm.main(["--sample", "--ckpt", os.path.join(out, "old.pt"), "--n-samples", "5", "--out", str(tmp_path / "o"),
+               *dev])
+    ddpm.main(["--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-samples", "50", "--out", out, *dev])
     assert np.load(os.path.join(out, "samples.npz"))["arr_0"].shape == (50, 2)
     capsys.readouterr()
-    ddpm.main(["--eval-nll", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-eval", "64", "--out", out])
+    ddpm.main(["--eval-nll", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-eval", "64", "--out", out, *dev])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("bits/dim") and math.isfinite(float(last.split()[1]))
 
 
-def cfg_for(tmp_path, name, **kw):
+def cfg_for(tmp_path, name, device="cpu", **kw):
     base = dict(dataset="moons", T=20, batch_size=16, warmup=3, ckpt_every=1000, sample_every=1000, log_every=1000,
-                out=str(tmp_path / name))
+                out=str(tmp_path / name), device=str(device))
     c = Config(**{**base, **kw})
     c.resume = False
     return c
@@ -444,44 +666,67 @@ def state(out):
     return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
 
 
-def assert_same_state(a, b):
+def assert_same_state(a, b, exact=True):
+    """Model, EMA, Adam state and every RNG stream equal: bitwise, or (exact=False) weights to float tolerance."""
+    same = torch.equal if exact else (lambda u, v: torch.allclose(u.double(), v.double(), rtol=1e-4, atol=1e-6))
     for key in ("model", "ema"):
         for k in a[key]:
-            assert torch.equal(a[key][k], b[key][k]), (key, k)
+            assert same(a[key][k], b[key][k]), (key, k)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         for k in sa:
-            assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), k
-    assert a["step"] == b["step"] and torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+            assert same(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), k
+    assert a["step"] == b["step"] and set(a["rng"]) == set(b["rng"])
+    for k in a["rng"]:  # "torch" (CPU), "cuda" (a list, one per GPU), "mps"
+        for u, v in zip(*(x if isinstance(x, list) else [x] for x in (a["rng"][k], b["rng"][k]))):
+            assert torch.equal(u, v), k
+
+
+def exactness(device):
+    """(Config overrides, bitwise?) for resume tests: CUDA repeats bitwise with --deterministic; MPS to tolerance."""
+    if device.type == "cuda":
+        return {"deterministic": True}, True
+    return {}, device.type == "cpu"
+
+
+@pytest.fixture
+def restore_determinism():
+    yield
+    torch.use_deterministic_algorithms(False)  # --deterministic sets a process-wide flag
 
 
 @pytest.mark.parametrize("dataset", ["moons", "digits", "moons-vlb-learned", "moons-vlb-learned-ends"])
-def test_resume_is_bitwise_exact(tmp_path, dataset):
+def test_resume_is_bitwise_exact(tmp_path, dataset, device, restore_determinism):
     """2N steps straight == N steps, stop, resume to 2N: model, EMA, Adam state and RNG bitwise equal
-    (the digits U-Net has dropout, so the RNG state must be restored too). Catches a resume that re-seeds,
-    restarts warm-up, skips the optimizer state or the EMA. The learned schedule's endpoints stay at
+    (the digits U-Net has dropout, so the RNG state must be restored too; on CUDA with --deterministic, and the
+    checkpoint's "rng" holds the CUDA streams too; on MPS the weights to float tolerance). Catches a resume that
+    re-seeds, restarts warm-up, skips the optimizer state or the EMA. The learned schedule's endpoints stay at
     (-13.3, 5.0) by default and move with learn_endpoints=True (catches the flag not reaching MonotoneGamma)."""
+    extra, exact = exactness(device)
     kw = {"digits": dict(dataset="digits", batch_size=4), "moons": {},
           "moons-vlb-learned": dict(loss_type="vlb", schedule="learned", cond="t"),
           "moons-vlb-learned-ends": dict(loss_type="vlb", schedule="learned", learn_endpoints=True)}[dataset]
+    kw = {**kw, **extra, "device": device.type}
     ddpm.train(cfg_for(tmp_path, "straight", steps=6, **kw))
     ddpm.train(cfg_for(tmp_path, "split", steps=3, **kw))
     c = cfg_for(tmp_path, "split", steps=6, **kw)
     c.resume = True
     ddpm.train(c)
     straight = state(str(tmp_path / "straight"))
-    assert_same_state(straight, state(str(tmp_path / "split")))
+    assert_same_state(straight, state(str(tmp_path / "split")), exact)
     if "learned" in dataset:
         ends = straight["model"]["gamma.ends"]
         moved = (ends - torch.tensor([-13.3, 5.0], dtype=F64)).abs()
         assert (moved > 1e-4).all() if "ends" in dataset else (moved == 0).all(), ends
 
 
-def test_sigkill_then_resume(tmp_path):
+def test_sigkill_then_resume(tmp_path, device, restore_determinism):
     """SIGKILL a training process mid-run; the last checkpoint on disk is intact (atomic write), and resuming
-    from it to step k + 10 gives bitwise the same weights as a straight run of k + 10 steps."""
+    from it to step k + 10 gives bitwise the same weights as a straight run of k + 10 steps (see exactness())."""
     out = str(tmp_path / "killed")
+    extra, exact = exactness(device)
     args = ["--dataset", "moons", "--T", "20", "--batch-size", "16", "--warmup", "3", "--ckpt-every", "10",
-            "--sample-every", "100000", "--log-every", "100000", "--out", out]
+            "--sample-every", "100000", "--log-every", "100000", "--out", out, "--device", device.type,
+            *(["--deterministic"] if extra else [])]
     p = subprocess.Popen([sys.executable, SCRIPT, "--train", "--steps", "100000", *args],
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -496,15 +741,16 @@ def test_sigkill_then_resume(tmp_path):
     assert k >= 10 and k % 10 == 0
     r = run("--train", "--resume", "--steps", str(k + 10), *args)
     assert r.returncode == 0, r.stderr
-    ddpm.train(cfg_for(tmp_path, "straight", steps=k + 10))
-    assert_same_state(state(str(tmp_path / "straight")), state(out))
+    ddpm.train(cfg_for(tmp_path, "straight", device, steps=k + 10, **extra))
+    assert_same_state(state(str(tmp_path / "straight")), state(out), exact)
 
 
-def test_sigterm_saves_and_exits(tmp_path):
+def test_sigterm_saves_and_exits(tmp_path, device):
     """SIGTERM (like Ctrl-C) stops between steps, saves a checkpoint at the current step and exits 130."""
     out = str(tmp_path / "term")
     p = subprocess.Popen([sys.executable, SCRIPT, "--train", "--steps", "100000", "--dataset", "moons", "--T", "20",
-                          "--ckpt-every", "50", "--sample-every", "100000", "--log-every", "100000", "--out", out],
+                          "--ckpt-every", "50", "--sample-every", "100000", "--log-every", "100000", "--out", out,
+                          "--device", device.type],
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          text=True)
     deadline = time.time() + 120
@@ -517,15 +763,22 @@ def test_sigterm_saves_and_exits(tmp_path):
     assert state(out)["step"] >= 50
 
 
-def test_nonfinite_loss_stops_without_saving_nan(tmp_path):
-    """A learning rate of 1e30 drives the weights to inf within a few steps: one line naming the step,
-    exit 2, and every checkpoint left on disk is finite."""
+@pytest.mark.parametrize("ckpt_every", [1, 7])
+def test_nonfinite_loss_stops_without_saving_nan(tmp_path, device, ckpt_every):
+    """A learning rate of 1e30 drives the weights to inf within a few steps: one line naming the step (or, as the
+    loss is read only at log and checkpoint steps, the window of steps), exit 2, and every checkpoint left on disk
+    is finite. With checkpoints every 7 steps and progress lines every 5 the window is between two such steps."""
     out = str(tmp_path / "nan")
     r = run("--train", "--steps", "50", "--lr", "1e30", "--warmup", "0", "--dataset", "moons", "--T", "20",
-            "--ckpt-every", "1", "--sample-every", "1000", "--out", out)
+            "--ckpt-every", str(ckpt_every), "--log-every", "5", "--sample-every", "1000", "--out", out,
+            "--device", device.type)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     line = r.stderr.strip()
     assert len(line.splitlines()) == 1 and "non-finite" in line and "step" in line, line
+    assert "last good checkpoint kept in" in line, line
+    if "loss between steps" in line:
+        a, b = (int(w) for w in line.split("between steps ")[1].split(";")[0].split(" and "))
+        assert 1 <= a <= b <= 50 and (b % 5 == 0 or b % ckpt_every == 0), line
     if os.path.exists(os.path.join(out, "ckpt.pt")):
         ck = state(out)
         assert all(torch.isfinite(v).all() for v in ck["model"].values())
@@ -714,6 +967,43 @@ def test_discrete_vdm_bound_decreases_to_continuous():
         assert abs(bpd.mean().item() - want) < 4 * bpd.std().item() / math.sqrt(4096) + 1e-4, (T, bpd.mean(), want)
 
 
+class ContinuousDiscreteOracle(torch.nn.Module):
+    """E[eps | z_t] for i.i.d. coordinates at the 17 levels C with probabilities P, under a log-SNR schedule gamma;
+    called like VDMNet, model(z, 999 t). A module (with one unused parameter) so vdm_sampler finds its device."""
+
+    def __init__(self, gamma, device):
+        super().__init__()
+        self.gamma, self.anchor = gamma, torch.nn.Parameter(torch.zeros((), device=device))
+
+    def gamma_fn(self):
+        return self.gamma
+
+    def forward(self, z, t999):
+        g = self.gamma(t999 / 999).reshape(-1, *([1] * (z.dim() - 1)))[..., None]
+        a, s = torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()
+        logw = on(P, z).log() - (z[..., None] - a * on(C, z)) ** 2 / (2 * s ** 2)    # (..., K)
+        x_mean = (torch.softmax(logw, -1) * on(C, z)).sum(-1)                         # E[x | z_t]
+        return (z - a[..., 0] * x_mean) / s[..., 0]
+
+
+def test_vdm_sampler_ends_on_the_data(device, f64):
+    """vdm_sampler with the exact predictor of 17-level data under VDM's linear log-SNR schedule (T = 100): the samples
+    land on the levels (within 1e-6) with the data's frequencies (within 5 standard errors). The chain's t = 0 is the
+    clean data (alpha_bar before the first step is 1) and the last step returns x_hat. Catches the chain normalised
+    by alpha_0^2 (z_0 treated as the data: at t = 1/T it removes sigma_{t|0}, ~2.4x less than the sigma_t in z_t at
+    T = 100, and leaves noise of sd ~1e-3 in the samples). Also runs a learned gamma on the device (its grid there)."""
+    diffusion, model = ddpm.vdm_sampler(ContinuousDiscreteOracle(ddpm.gamma_linear_snr, device), 100)
+    x = diffusion.sample(model, (500, 16), generator=ddpm.make_generator(15, device), dtype=f64, device=device)
+    x = x.cpu().double()
+    dist, level = (x[..., None] - C).abs().min(-1)
+    assert dist.max() < (1e-6 if f64 == F64 else 1e-3), dist.max()
+    freq = torch.bincount(level.flatten(), minlength=LEVELS).double() / level.numel()
+    assert ((freq - P).abs() < 5 * (P * (1 - P) / level.numel()).sqrt() + 1e-3).all(), (freq, P)
+    learned = ddpm.place(ddpm.VDMNet(torch.nn.Identity(), learned=True), device)
+    d, _ = ddpm.vdm_sampler(learned, 10)
+    assert d.alpha_bar.device.type == "cpu" and (d.alpha_bar.diff() < 0).all()
+
+
 def test_learned_gamma_monotone_with_endpoints_and_trainable():
     """VDM App. H's monotone network: gamma_phi is increasing on [0, 1] (so SNR decreases), hits its endpoints
     -13.3 and 5.0 exactly, and the continuous loss sends gradients into phi (through gamma'(t) and gamma(t)).
@@ -771,7 +1061,7 @@ def test_vdm_net_conditioning_on_gamma():
     assert torch.equal(seen[-1], t999)
 
 
-def test_fourier_features_and_cli(tmp_path, capsys):
+def test_fourier_features_and_cli(tmp_path, capsys, device):
     """VDM Sec. 3.4 / App. C: --fourier hands the U-Net z plus sin, cos of z at periods of two and one quantisation
     steps of the data (17-level digits: step 1/8, frequencies 8 pi and 16 pi), so its input has 5 channels and its
     output 1. The features repeat when z moves by two steps, the finest pair by one step, and its sine flips sign
@@ -800,7 +1090,8 @@ def test_fourier_features_and_cli(tmp_path, capsys):
     assert torch.allclose(seen[-1][:, 1:], ddpm.fourier_features(zf, 17))
 
     out = str(tmp_path / "ff")
-    flags = ["--loss-type", "vlb", "--schedule", "linear_snr", "--batch-size", "8", "--out", out]
+    flags = ["--loss-type", "vlb", "--schedule", "linear_snr", "--batch-size", "8", "--T", "20", "--out", out,
+             "--device", device.type]
     ddpm.main(["--train", "--steps", "2", "--sample-every", "1000", "--log-every", "1", *flags])
     ck = state(out)
     assert ck["config"]["fourier"] == "on" and ck["model"]["net.conv_in.weight"].shape[1] == 5
@@ -811,7 +1102,8 @@ def test_fourier_features_and_cli(tmp_path, capsys):
         ddpm.main(["--train", "--resume", "--steps", "3", "--fourier", "off", *flags])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "fourier" in err, err
-    ddpm.main(["--eval-nll", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-eval", "8", "--out", out])
+    ddpm.main(["--eval-nll", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-eval", "8", "--out", out,
+               "--device", device.type])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("bits/dim") and math.isfinite(float(last.split()[1]))
 
