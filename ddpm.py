@@ -75,7 +75,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import MLP, PRESETS, TOYS, DataError, UNet, load_data, save_grid, save_npz, save_scatter
+from common import (MLP, PRESETS, TOYS, DataError, UNet, load_data, load_pretrained, save_grid, save_npz,
+                    save_scatter)
 
 SCRIPT = "ddpm"  # the name written into every checkpoint
 
@@ -1045,23 +1046,39 @@ def train(cfg):
 # -----------------------------------------------------------------------------
 # Sampling and evaluation from a checkpoint
 
+def is_pretrained(path):
+    """A released model in diffusers' format (a folder, or a .safetensors / .bin weight file), not our checkpoint."""
+    return os.path.isdir(path) or path.endswith((".safetensors", ".bin"))
+
+
 def load_for_inference(args, cfg_overrides):
-    """Rebuild (cfg, ckpt, diffusion, model(x, i), device) from a checkpoint's EMA weights, without the data.
+    """Rebuild (cfg, ckpt, diffusion, model(x, i), device) from a checkpoint's EMA weights, without the data, or
+    from a released DDPM model in diffusers' format (common.load_pretrained; T, betas, variance and clipping from
+    its scheduler_config.json, else the paper's).
 
     model is the EMA network wrapped by network() (precision, compile); for --loss-type vlb diffusion.vdm_net is
     the bare VDMNet (its gamma) and diffusion.net_fn the wrapped one (for the bound)."""
-    ckpt = read_ckpt(args.ckpt)
-    fields = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{**LEGACY, **{k: v for k, v in ckpt["config"].items() if k in fields}})
+    if is_pretrained(args.ckpt):  # a released DDPM model (diffusers files): its schedule, variance and clipping
+        net, info = load_pretrained(args.ckpt)
+        s, shape = info["schedule"], info["data_shape"]
+        cfg = Config(dataset="cifar10" if shape == [3, 32, 32] else "pretrained", T=s["T"], schedule=s["schedule"],
+                     beta_1=s["beta_1"], beta_T=s["beta_T"], variance=info["variance"],
+                     clip_denoised="on" if info["clip_denoised"] else "off")  # the official sampler clips x0_hat
+        ckpt = {"config": {**dataclasses.asdict(cfg), "data_shape": shape}}
+    else:
+        ckpt = read_ckpt(args.ckpt)
+        fields = {f.name for f in dataclasses.fields(Config)}
+        cfg = Config(**{**LEGACY, **{k: v for k, v in ckpt["config"].items() if k in fields}})
+        net = make_model(ckpt["config"])
+        try:
+            net.load_state_dict(ckpt["ema"])
+        except (RuntimeError, KeyError, TypeError) as e:
+            raise DataError(f"{args.ckpt}: EMA weights do not fit the network of its config "
+                            f"({str(e).splitlines()[0]})") from None
     cfg = dataclasses.replace(cfg, **cfg_overrides)  # RUNTIME fields given on the command line
     device = pick_device(cfg.device)
     autocast = setup_precision(device, resolve_precision(cfg, device), cfg.deterministic)
     levels = data_levels(cfg.dataset)
-    net = make_model(ckpt["config"])
-    try:
-        net.load_state_dict(ckpt["ema"])
-    except (RuntimeError, KeyError, TypeError) as e:
-        raise DataError(f"{args.ckpt}: EMA weights do not fit the network of its config ({str(e).splitlines()[0]})")
     if has_nonfinite(net):
         raise DataError(f"{args.ckpt}: the EMA weights contain NaN or inf")
     net = place(net, device).eval()

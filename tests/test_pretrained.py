@@ -9,12 +9,15 @@ bad files) run everywhere. Nothing is downloaded: the networks here have random 
 import json
 import os
 import struct
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import ddim  # noqa: E402
 from common import PRESETS, DataError, load_pretrained  # noqa: E402
@@ -432,3 +435,36 @@ def test_ddim_matches_diffusers_ddim_scheduler(ddim_nets, device, f64, eta, clip
     tol = 1e-9 if f64 == torch.float64 else 1e-4
     assert rel_err(got, x) <= tol, rel_err(got, x)
     assert not torch.allclose(got, x_T)
+
+
+# ----------------------------------------------------------------------------- the scripts on a released-model folder
+
+def run_cli(script, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory):
+    """A small random diffusers model folder with a 50-step scheduler config (so the scripts must read it)."""
+    config = {**CIFAR10_CONFIG, "block_out_channels": [32, 64], "sample_size": 8, "layers_per_block": 1,
+              "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}
+    folder = save(diffusers_unet(config, seed=5), tmp_path_factory.mktemp("released"), "safetensors")
+    with open(os.path.join(folder, "scheduler_config.json"), "w") as f:
+        json.dump({**SCHEDULER_CIFAR10, "num_train_timesteps": 50}, f)
+    return str(folder)
+
+
+@pytest.mark.parametrize("script, extra", [("ddim.py", ["--steps", "5"]), ("ddpm.py", [])])
+def test_cli_samples_a_released_model_folder(small_folder, tmp_path, device, script, extra):
+    """`--sample --ckpt <folder>` loads a diffusers folder through common.load_pretrained and writes N samples of
+    its shape; the schedule is the folder's (T = 50: DDIM refuses 60 steps, naming T = 50)."""
+    out = str(tmp_path / "out")
+    r = run_cli(script, "--sample", "--ckpt", small_folder, "--n-samples", "3", "--out", out,
+                "--device", device.type, *extra)
+    assert r.returncode == 0, r.stderr
+    with np.load(os.path.join(out, "samples.npz")) as f:
+        assert f["arr_0"].shape == (3, 8, 8, 3) and f["arr_0"].dtype == np.uint8
+    if script == "ddim.py":
+        r = run_cli(script, "--sample", "--ckpt", small_folder, "--steps", "60", "--out", out, "--device", device.type)
+        assert r.returncode == 2 and "T=50" in r.stderr and "Traceback" not in r.stderr, r.stderr
