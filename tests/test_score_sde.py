@@ -94,6 +94,100 @@ MUTATIONS = [
      "find": "        if denoise:\n",
      "replace": "        if False:\n",
      "tests": ["tests/test_score_sde.py::test_point_mass_spread_after_pc_and_ode[ve]"]},
+    # torchrun / DDP (issue 16)
+    {"name": "sde-ddp-no-average-gradients", "file": "score_sde.py",
+     "find": "            average_gradients(model, world)  # the gradient",
+     "replace": "            pass  # the gradient",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
+    {"name": "sde-ddp-data-generator-seeded-by-rank", "file": "score_sde.py",
+     "find": "    data_gen = make_generator(cfg.seed, device)\n    data = load_data(",
+     "replace": "    data_gen = make_generator(cfg.seed + rank, device)\n    data = load_data(",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
+    {"name": "sde-ddp-initial-weights-seeded-by-rank", "file": "score_sde.py",
+     "find": "    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank\n    # The data generator",
+     "replace": "    torch.manual_seed(cfg.seed + rank)  # the initial weights\n    # The data generator",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
+    {"name": "sde-ddp-every-rank-same-slice", "file": "score_sde.py",
+     "find": "    B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)"
+             "  # the global batch and this rank's slice\n"
+             "    log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints\n"
+             "    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)\n"
+             "    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank\n"
+             "    # The",
+     "replace": "    B, part = cfg.batch_size, rank_slice(cfg.batch_size, 0, world)\n"
+                "    log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints\n"
+                "    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)\n"
+                "    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank\n"
+                "    # The",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
+    {"name": "sde-ddp-t-not-sliced", "file": "score_sde.py",
+     "find": "x0, cfg.likelihood_weighting, cfg.train_eps, t=t[part], z=z[part])",
+     "replace": "x0, cfg.likelihood_weighting, cfg.train_eps, t=t[:len(x0)], z=z[part])",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
+    {"name": "sde-ddp-noise-not-sliced", "file": "score_sde.py",
+     "find": "x0, cfg.likelihood_weighting, cfg.train_eps, t=t[part], z=z[part])",
+     "replace": "x0, cfg.likelihood_weighting, cfg.train_eps, t=t[part], z=z[:len(x0)])",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
+    {"name": "sde-ddp-low-discrepancy-per-slice", "file": "score_sde.py",
+     "find": "            t = sample_t(B, cfg.train_eps, cfg.t_sampling, device, data_gen)  # (B,)",
+     "replace": "            t = sample_t(B, cfg.train_eps, cfg.t_sampling, device, data_gen)  # (B,)\n"
+                "            t = t.clone(); t[part] = sample_t(len(t[part]), cfg.train_eps, cfg.t_sampling, "
+                "device, data_gen)",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[ve-lowdisc]"]},
+    {"name": "sde-ddp-printed-loss-not-averaged", "file": "score_sde.py",
+     "find": "                loss_sum = mean_over_ranks(loss_sum, world)  # the global batch's loss",
+     "replace": "                loss_sum = loss_sum  # the global batch's loss",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
+    {"name": "sde-ddp-every-rank-prints", "file": "score_sde.py",
+     "find": "    log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints\n"
+             "    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)\n"
+             "    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank\n"
+             "    # The",
+     "replace": "    log = print\n"
+                "    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)\n"
+                "    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank\n"
+                "    # The",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
+    {"name": "sde-ddp-resume-data-generator-not-restored", "file": "score_sde.py",
+     "find": "        restore_rng(ckpt[\"rng\"], data_gen, rank)",
+     "replace": "        set_rng_state(ckpt[\"rng\"][\"ranks\"][rank])",
+     "tests": ["tests/test_score_sde.py::test_ddp_sigterm_then_resume_equals_straight_run"]},
+    {"name": "sde-ddp-old-checkpoint-rng-not-refused", "file": "score_sde.py",
+     "find": "if not isinstance(ckpt.get(\"rng\"), dict) or \"data\" not in ckpt[\"rng\"]:",
+     "replace": "if False:",
+     "tests": ["tests/test_score_sde.py::test_old_checkpoint_is_refused_for_resume_but_samples"]},
+    {"name": "sde-ddp-classifier-no-average-gradients", "file": "score_sde.py",
+     "find": "        average_gradients(net, world)",
+     "replace": "        pass",
+     "tests": ["tests/test_score_sde.py::test_ddp_classifier_equals_one_process"]},
+    {"name": "sde-ddp-classifier-t-not-sliced", "file": "score_sde.py",
+     "find": "cfg.train_eps, t=t[part], z=z[part])\n        opt.zero_grad",
+     "replace": "cfg.train_eps, t=t[:B // world], z=z[part])\n        opt.zero_grad",
+     "tests": ["tests/test_score_sde.py::test_ddp_classifier_equals_one_process"]},
+    {"name": "sde-ddp-sample-chunk-offset-by-rank", "file": "score_sde.py",
+     "find": "(n, *data_shape), chunk_generator(cfg.seed, start, device), device)",
+     "replace": "(n, *data_shape), chunk_generator(cfg.seed, start + rank, device), device)",
+     "tests": ["tests/test_score_sde.py::test_ddp_sample_and_class_equal_one_process"]},
+    {"name": "sde-ddp-sample-chunk-ignores-start", "file": "score_sde.py",
+     "find": "(n, *data_shape), chunk_generator(cfg.seed, start, device), device)",
+     "replace": "(n, *data_shape), chunk_generator(cfg.seed, 0, device), device)",
+     "tests": ["tests/test_score_sde.py::test_ddp_sample_and_class_equal_one_process"]},
+    {"name": "sde-ddp-class-chunk-offset-by-rank", "file": "score_sde.py",
+     "find": "generator=chunk_generator(cfg.seed, start, device), n_steps=cfg.n_steps,",
+     "replace": "generator=chunk_generator(cfg.seed, start + rank, device), n_steps=cfg.n_steps,",
+     "tests": ["tests/test_score_sde.py::test_ddp_sample_and_class_equal_one_process"]},
+    {"name": "sde-ddp-nll-chunk-offset-by-rank", "file": "score_sde.py",
+     "find": "generator=chunk_generator(cfg.seed, start, device))",
+     "replace": "generator=chunk_generator(cfg.seed, start + rank, device))",
+     "tests": ["tests/test_score_sde.py::test_ddp_eval_nll_equals_one_process"]},
+    {"name": "sde-ddp-nll-rank0-chunks-only", "file": "score_sde.py",
+     "find": "    bpd = gather_chunks(chunks, world)  # (n_eval,)",
+     "replace": "    bpd = gather_chunks(chunks, 1)  # (n_eval,)",
+     "tests": ["tests/test_score_sde.py::test_ddp_eval_nll_equals_one_process"]},
+    {"name": "sde-ddp-rank0-mode-on-every-rank", "file": "score_sde.py",
+     "find": "    _, x = held_out(saved, cfg, \"--colorize\" if colour else \"--inpaint\", device)\n    if rank > 0:",
+     "replace": "    _, x = held_out(saved, cfg, \"--colorize\" if colour else \"--inpaint\", device)\n    if False:",
+     "tests": ["tests/test_score_sde.py::test_ddp_rank0_modes_equal_one_process"]},
 ]
 
 # The mixture: two well-separated, correlated components with unequal weights (data scale ~[-2, 2]).
