@@ -1320,10 +1320,11 @@ def run_sample(cfg):
           + f") -> {png}, {os.path.join(cfg.out, 'samples.npz')}")
 
 
-def train_classifier(cfg):
+def train_classifier(cfg, resume=False):
     """--train-classifier: fit TimeClassifier on noisy labelled training data (App. I.1) for the SDE of the
     score checkpoint (--ckpt, so the two share the schedule), or of --sde when there is none; writes
-    <out>/classifier.pt (EMA weights used for guidance). Under torchrun: the global batch is split as in train."""
+    <out>/classifier.pt (EMA weights used for guidance) every --ckpt-every steps, at the end, and on Ctrl-C /
+    SIGTERM; --resume continues it. Under torchrun the global batch is split as in train."""
     rank, world, device = setup_distributed(pick_device(cfg.device))
     B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
@@ -1346,28 +1347,64 @@ def train_classifier(cfg):
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr * 5)   # a classifier tolerates a larger step than the score net
     torch.manual_seed(cfg.seed + rank)  # from here the global RNGs are per rank (the classifier has no dropout)
     net_fn, ema_fn = network(net, autocast, cfg.compile), network(ema, autocast, cfg.compile)
-    path = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt")
+    path, step = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt"), 0
+    config = {**dataclasses.asdict(cfg), "data_shape": list(data.x.shape[1:]), "n_classes": K}
+    if resume:  # every rank reads the same checkpoint
+        ckpt = load_checkpoint(path)
+        if ckpt.get("kind") != "classifier" or not isinstance(ckpt.get("rng"), dict) or "data" not in ckpt["rng"]:
+            raise DataError(f"{path}: not a classifier checkpoint written with its data generator: cannot resume")
+        for k in MUST_MATCH + ("data_shape", "n_classes"):
+            if ckpt["config"].get(k) != config[k]:
+                raise DataError(f"{path}: classifier has {k}={ckpt['config'].get(k)!r}, this run {config[k]!r}")
+        net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        restore_rng(ckpt["rng"], data_gen, rank)
+        log(f"resumed from {path} at step {step}")
     x_data, y_data = data.x.to(device), data.y.to(device)
-    t0, loss_sum, n_sum, checked = time.time(), torch.zeros((), device=device), 0, 0
-    for step in range(1, cfg.classifier_steps + 1):
-        # The global batch's indices, t and noise from data_gen on every rank; this rank keeps its slice.
-        idx = torch.randint(len(x_data), (B,), device=device, generator=data_gen)
-        t = sample_t(B, cfg.train_eps, "iid", device, data_gen)
-        z = torch.randn((B, *x_data.shape[1:]), device=device, generator=data_gen)
-        L = classifier_loss(net_fn, sde, x_data[idx[part]], y_data[idx[part]], cfg.train_eps, t=t[part], z=z[part])
-        opt.zero_grad(set_to_none=True)
-        L.backward()
-        average_gradients(net, world)  # the gradient of the global batch's mean cross-entropy, on every rank
-        opt.step()
-        ema_update(ema, net, cfg.ema_decay)
-        loss_sum, n_sum = loss_sum + L.detach(), n_sum + 1            # read at log steps only (no per-step sync)
-        if step % cfg.log_every == 0 or step == cfg.classifier_steps:
-            loss_sum = mean_over_ranks(loss_sum, world)  # alike on every rank: the same decision everywhere
-            finite_or_die("classifier ", loss_sum, net, checked + 1, step, path)
-            checked = step
-            log(f"classifier step {step}/{cfg.classifier_steps}  cross-entropy {float(loss_sum) / n_sum:.4f}  "
-                f"{step / (time.time() - t0):.2f} it/s", flush=True)
-            loss_sum, n_sum = torch.zeros((), device=device), 0
+
+    def checkpoint():
+        rng = rng_checkpoint(data_gen, world)  # a collective: every rank takes part, rank 0 writes
+        if rank == 0:
+            save_checkpoint(path, {"script": SCRIPT, "kind": "classifier", "config": config, "step": step,
+                                   "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                                   "rng": rng})
+
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stop, stopping, step0 = StopFlag(), False, step
+    t0, loss_sum, n_sum, checked = time.time(), torch.zeros((), device=device), 0, step
+    try:
+        while step < cfg.classifier_steps and not stopping:
+            # The global batch's indices, t and noise from data_gen on every rank; this rank keeps its slice.
+            idx = torch.randint(len(x_data), (B,), device=device, generator=data_gen)
+            t = sample_t(B, cfg.train_eps, "iid", device, data_gen)
+            z = torch.randn((B, *x_data.shape[1:]), device=device, generator=data_gen)
+            L = classifier_loss(net_fn, sde, x_data[idx[part]], y_data[idx[part]], cfg.train_eps, t=t[part],
+                                z=z[part])
+            opt.zero_grad(set_to_none=True)
+            L.backward()
+            average_gradients(net, world)  # the gradient of the global batch's mean cross-entropy, on every rank
+            opt.step()
+            ema_update(ema, net, cfg.ema_decay)
+            loss_sum, n_sum, step = loss_sum + L.detach(), n_sum + 1, step + 1  # read at log steps only
+            stopping = any_rank(stop.set, world, device)  # Ctrl-C / SIGTERM on any rank stops all at this step
+            is_log = step % cfg.log_every == 0 or step == cfg.classifier_steps
+            save = step % cfg.ckpt_every == 0 or step == cfg.classifier_steps or stopping
+            if is_log or save:
+                loss_sum = mean_over_ranks(loss_sum, world)  # alike on every rank: the same decision everywhere
+                finite_or_die("classifier ", loss_sum, net, checked + 1, step, path)
+                checked = step
+            if is_log:
+                log(f"classifier step {step}/{cfg.classifier_steps}  cross-entropy {float(loss_sum) / n_sum:.4f}  "
+                    f"{(step - step0) / (time.time() - t0):.2f} it/s", flush=True)
+                loss_sum, n_sum = torch.zeros((), device=device), 0
+            if save:
+                checkpoint()
+        if stopping:
+            if rank == 0:  # one write: the lines of several processes never interleave
+                sys.stderr.write(f"stopped at step {step}; classifier saved to {path}; continue with --resume\n")
+            sys.exit(130)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
     if rank > 0:
         return
     # Held-out accuracy at three noise levels, so a person can see what the guidance has to work with.
@@ -1380,11 +1417,6 @@ def train_classifier(cfg):
             xt = (mean + bc(std, tx) * torch.randn_like(tx)).float()
             acc = float((ema_fn(xt, net_time(sde, tt).float()).argmax(1) == ty).float().mean())
             print(f"held-out accuracy at t = {t}: {acc:.3f}")
-    save_checkpoint(path, {"script": SCRIPT, "kind": "classifier",
-                           "config": {**dataclasses.asdict(cfg), "data_shape": list(data.x.shape[1:]), "n_classes": K},
-                           "step": cfg.classifier_steps, "model": net.state_dict(), "ema": ema.state_dict(),
-                           "optimizer": opt.state_dict(),
-                           "rng": {"data": data_gen.get_state(), "ranks": [rng_state()]}})  # rank 0's streams only
     print(f"classifier -> {path}")
 
 
@@ -1640,7 +1672,8 @@ def main(argv=None):
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", action="store_true", help="train a score model")
     p.add_argument("--sample", action="store_true", help="sample from --ckpt (default <out>/ckpt.pt)")
-    p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt to --steps")
+    p.add_argument("--resume", action="store_true",
+                   help="continue <out>/ckpt.pt to --steps (with --train-classifier: classifier.pt)")
     p.add_argument("--train-classifier", action="store_true",
                    help="train a time-dependent classifier p_t(y | x) on noisy data -> <out>/classifier.pt (App. I.1)")
     p.add_argument("--eval-nll", action="store_true", help="bits/dim of held-out data under --ckpt (App. D.2)")
@@ -1662,7 +1695,7 @@ def main(argv=None):
         if args.train:
             train(cfg, resume=args.resume)
         elif args.train_classifier:
-            train_classifier(cfg)
+            train_classifier(cfg, resume=args.resume)
         elif args.eval_nll:
             run_eval_nll(cfg)
         elif args.encode or args.interpolate:

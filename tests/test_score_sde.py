@@ -149,8 +149,8 @@ MUTATIONS = [
                 "    # The",
      "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
     {"name": "sde-ddp-resume-data-generator-not-restored", "file": "score_sde.py",
-     "find": "        restore_rng(ckpt[\"rng\"], data_gen, rank)",
-     "replace": "        set_rng_state(ckpt[\"rng\"][\"ranks\"][rank])",
+     "find": "        restore_rng(ckpt[\"rng\"], data_gen, rank)  # the data generator",
+     "replace": "        set_rng_state(ckpt[\"rng\"][\"ranks\"][rank])  # the data generator",
      "tests": ["tests/test_score_sde.py::test_ddp_sigterm_then_resume_equals_straight_run"]},
     {"name": "sde-ddp-old-checkpoint-rng-not-refused", "file": "score_sde.py",
      "find": "if not isinstance(ckpt.get(\"rng\"), dict) or \"data\" not in ckpt[\"rng\"]:",
@@ -161,9 +161,17 @@ MUTATIONS = [
      "replace": "        pass",
      "tests": ["tests/test_score_sde.py::test_ddp_classifier_equals_one_process"]},
     {"name": "sde-ddp-classifier-t-not-sliced", "file": "score_sde.py",
-     "find": "cfg.train_eps, t=t[part], z=z[part])\n        opt.zero_grad",
-     "replace": "cfg.train_eps, t=t[:B // world], z=z[part])\n        opt.zero_grad",
+     "find": "y_data[idx[part]], cfg.train_eps, t=t[part],",
+     "replace": "y_data[idx[part]], cfg.train_eps, t=t[:B // world],",
      "tests": ["tests/test_score_sde.py::test_ddp_classifier_equals_one_process"]},
+    {"name": "sde-ddp-classifier-resume-data-generator-not-restored", "file": "score_sde.py",
+     "find": "        restore_rng(ckpt[\"rng\"], data_gen, rank)\n        log(",
+     "replace": "        set_rng_state(ckpt[\"rng\"][\"ranks\"][rank])\n        log(",
+     "tests": ["tests/test_score_sde.py::test_ddp_classifier_sigterm_then_resume_equals_straight_run"]},
+    {"name": "sde-ddp-classifier-stop-not-saved", "file": "score_sde.py",
+     "find": "            save = step % cfg.ckpt_every == 0 or step == cfg.classifier_steps or stopping",
+     "replace": "            save = step % cfg.ckpt_every == 0 or step == cfg.classifier_steps",
+     "tests": ["tests/test_score_sde.py::test_ddp_classifier_sigterm_then_resume_equals_straight_run"]},
     {"name": "sde-ddp-sample-chunk-offset-by-rank", "file": "score_sde.py",
      "find": "(n, *data_shape), chunk_generator(cfg.seed, start, device), device)",
      "replace": "(n, *data_shape), chunk_generator(cfg.seed, start + rank, device), device)",
@@ -1478,3 +1486,31 @@ def test_old_checkpoint_is_refused_for_resume_but_samples(tmp_path, capsys, devi
     assert e.value.code == 2 and err.count("\n") == 1 and "cannot resume" in err, err
     S.main(["--sample", "--n-samples", "3", "--n-steps", "25", "--device", device.type, "--out", str(tmp_path)])
     assert "3 samples" in capsys.readouterr().out
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+def test_ddp_classifier_sigterm_then_resume_equals_straight_run(ddp_digits, tmp_path):
+    """--train-classifier under 2 processes, stopped by SIGTERM to torchrun: every rank stops at the same step, rank 0
+    saves classifier.pt once and says so once; --resume with 2 processes to 30 steps is bitwise the straight
+    2-process run (weights, EMA, optimizer, data generator). Catches: the classifier's data generator not restored."""
+    common = ["--train-classifier", "--classifier-steps", "30", "--batch-size", "16", "--device", "cpu",
+              "--ckpt", str(ddp_digits / "ckpt.pt"), "--ckpt-every", "1000"]
+    straight = torchrun([*common, "--out", str(tmp_path / "straight")], tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    out = tmp_path / "run"
+    p = torchrun([*common, "--out", str(out), "--log-every", "1"], tmp_path, popen=True)
+    for line in p.stdout:  # wait until training is under way
+        if line.startswith("classifier step 3/"):
+            break
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and err.count("continue with --resume") == 1, err
+    stopped = state(out / "classifier.pt")["step"]
+    assert 3 <= stopped < 30 and f"stopped at step {stopped};" in err
+    r = torchrun([*common, "--out", str(out), "--resume"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(f"resumed from {out}/classifier.pt at step {stopped}") == 1
+    a, b = state(tmp_path / "straight" / "classifier.pt"), state(out / "classifier.pt")
+    assert a["step"] == b["step"] == 30
+    for key in ("model", "ema", "optimizer", "rng"):
+        assert same(a[key], b[key]), key
