@@ -23,6 +23,13 @@ Commands (outputs under runs/score_sde):
     python score_sde.py --sample --class 3               # class-conditional samples (--class all: a row per class)
     python score_sde.py --train --t-sampling low_discrepancy   # one training t per stratum of the batch
     python score_sde.py --train --device cuda --precision bf16 --compile   # GPU: bf16 autocast, torch.compile
+    torchrun --nproc_per_node=8 score_sde.py --train --device cuda       # 8 GPUs; --batch-size stays the global batch
+    torchrun --nproc_per_node=8 score_sde.py --sample --n-samples 50000  # samples split over 8 (also --eval-nll)
+Under torchrun (one process per GPU, NCCL; gloo on the CPU) a training run equals the 1-process run with the same
+global batch, up to float reduction order and per-rank dropout (the tiny U-Net's dropout 0.1; the MLP has none);
+--sample (also --class), --eval-nll give the same numbers for any number of processes (chunks of --batch-size,
+each with its own generator); --encode / --interpolate / --inpaint / --colorize run on rank 0 alone.
+Multi-node (torchrun's --nnodes and rendezvous flags) is untested.
 
 Map of the paper onto this file:
     Eq. 5   forward SDE  dx = f(x, t) dt + g(t) dw          -> VESDE / VPSDE / subVPSDE .sde()
@@ -131,7 +138,7 @@ class Config:
     train_eps: float = 1e-5       # App. C: t ~ U[1e-5, 1] while training
     t_sampling: str = "iid"       # iid (paper) | low_discrepancy (one t per stratum of the batch; VDM, issue 8)
     steps: int = 1600             # total optimisation steps of the run (paper: 1.3 M; CPU default shortened)
-    batch_size: int = 128         # paper: 128
+    batch_size: int = 128         # the global batch (torchrun: split over the ranks); paper: 128
     lr: float = 2e-4              # paper: Adam 2e-4
     warmup: int = 100             # paper: 5000 warm-up steps (CPU default shortened)
     grad_clip: float = 1.0        # paper: gradient clipping at norm 1
@@ -606,19 +613,20 @@ def make_score_fn(net, sde):
     return score_fn
 
 
-def sample_t(B, eps, t_sampling="iid", device="cpu"):
+def sample_t(B, eps, t_sampling="iid", device="cpu", generator=None):
     """Training times t in [eps, 1], (B,). iid: t ~ U[eps, 1]. low_discrepancy (Kingma, Salimans, Poole, Ho 2021,
     Variational Diffusion Models, arXiv 2107.00630; issue 8): one uniform u_0 per batch, t_i = eps + (1 - eps) mod(u_0 + i / B, 1), one t in each of B strata:
-    each t_i is still U[eps, 1], so the loss stays unbiased, with lower variance across the batch."""
+    each t_i is still U[eps, 1], so the loss stays unbiased, with lower variance across the batch.
+    generator: a torch.Generator feeding device (None: the global RNG)."""
     if t_sampling == "iid":
-        return torch.rand(B, device=device) * (1 - eps) + eps
+        return torch.rand(B, device=device, generator=generator) * (1 - eps) + eps
     if t_sampling == "low_discrepancy":
-        u0 = torch.rand(1, device=device)
+        u0 = torch.rand(1, device=device, generator=generator)
         return eps + (1 - eps) * torch.remainder(u0 + torch.arange(B, device=device) / B, 1.0)
     raise ValueError(f"unknown t sampling {t_sampling!r}; choose iid or low_discrepancy")
 
 
-def loss(score_model, sde, x, likelihood_weighting=False, eps=1e-5, t_sampling="iid"):
+def loss(score_model, sde, x, likelihood_weighting=False, eps=1e-5, t_sampling="iid", t=None, z=None):
     """Eq. 7 of Song et al. (2021): continuous-time denoising score matching.
 
     E_t E_x(0) E_x(t)|x(0) [ lambda(t) |s_theta(x(t), t) - grad log p_0t(x(t) | x(0))|^2 ],  t ~ U[eps, 1],
@@ -626,9 +634,11 @@ def loss(score_model, sde, x, likelihood_weighting=False, eps=1e-5, t_sampling="
     proportional to 1 / E|grad log p_0t|^2), giving |std_t s + z|^2; or the likelihood weighting lambda = g(t)^2
     of Song, Durkan, Murray, Ermon (2021, arXiv 2101.09258), the official code's `likelihood_weighting` flag.
     Averaged over dimensions (official reduce_mean=True; the other choice, a half-sum, only rescales it).
+    t (B,) and z (like x) may be given (the training loop draws them for the global batch); else they are drawn
+    from the global RNG.
     """
-    t = sample_t(len(x), eps, t_sampling, x.device)             # t ~ U[eps, 1] from the global RNG
-    z = torch.randn_like(x)
+    t = sample_t(len(x), eps, t_sampling, x.device) if t is None else t   # t ~ U[eps, 1]
+    z = torch.randn_like(x) if z is None else z
     mean, std = sde.marginal_prob(x, t)
     x_t = mean + bc(std, x) * z                                  # a sample of p_0t(x(t) | x(0)) (App. B)
     score = score_model(x_t, t)
@@ -1126,11 +1136,13 @@ def make_log_prob_fn(classifier, sde):
     return lambda x, t: torch.log_softmax(classifier(x.float(), net_time(sde, t).float()), 1).to(x.dtype)
 
 
-def classifier_loss(classifier, sde, x, y, eps=1e-5):
-    """App. I.1: cross-entropy of the classifier on x(t) ~ p_0t(x(t) | x(0)), t ~ U[eps, 1] (noisy training data)."""
-    t = sample_t(len(x), eps, "iid", x.device)
+def classifier_loss(classifier, sde, x, y, eps=1e-5, t=None, z=None):
+    """App. I.1: cross-entropy of the classifier on x(t) ~ p_0t(x(t) | x(0)), t ~ U[eps, 1] (noisy training data).
+    t and z (the noise) may be given, as in loss; else drawn from the global RNG."""
+    t = sample_t(len(x), eps, "iid", x.device) if t is None else t
+    z = torch.randn_like(x) if z is None else z
     mean, std = sde.marginal_prob(x, t)
-    x_t = (mean + bc(std, x) * torch.randn_like(x)).float()
+    x_t = (mean + bc(std, x) * z).float()
     return torch.nn.functional.cross_entropy(classifier(x_t, net_time(sde, t).float()), y)
 
 
@@ -1169,23 +1181,30 @@ def finite_or_die(what, loss_sum, net, first, last, path):
 
 
 def train(cfg, resume=False):
-    device = pick_device(cfg.device)
+    """Training by Eq. 7 (Adam, warm-up, clipping, EMA: App. H). Under torchrun each rank computes the loss on its
+    slice of the global batch (see setup_distributed); rank 0 alone prints and writes."""
+    rank, world, device = setup_distributed(pick_device(cfg.device))
+    B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
+    log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
     autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)
-    torch.manual_seed(cfg.seed)  # the global RNGs (CPU, and the device's) drive data order, t, noise and dropout
+    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank
+    # The data generator, alike on every rank, draws all of the global batch's randomness (indices, flips, t, noise).
+    data_gen = make_generator(cfg.seed, device)
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
     if cfg.sde == "ve" and cfg.sigma_max == 0:
         cfg = dataclasses.replace(cfg, sigma_max=sigma_max_technique1(data.x))  # NCSNv2 Technique 1
-        print(f"sigma_max = {cfg.sigma_max:.3f} (largest pairwise distance in the training data)")
+        log(f"sigma_max = {cfg.sigma_max:.3f} (largest pairwise distance in the training data)")
     data_shape = list(data.x.shape[1:])
     sde = make_sde(cfg.sde, cfg.beta_min, cfg.beta_max, cfg.sigma_min, cfg.sigma_max, cfg.n_steps)
     model = make_model(cfg, data_shape).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)  # EMA of parameters only (the nets have no buffers)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    torch.manual_seed(cfg.seed + rank)  # from here the global RNGs draw dropout only, one stream per rank
     score_fn = make_score_fn(network(model, autocast, cfg.compile), sde)
     ema_score_fn = make_score_fn(network(ema, autocast, cfg.compile), sde)   # for the sample grids
     os.makedirs(cfg.out, exist_ok=True)
     path, step = os.path.join(cfg.out, "ckpt.pt"), 0
-    if resume:
+    if resume:  # every rank reads the same checkpoint
         ckpt = load_checkpoint(path)
         old = ckpt["config"]
         if cfg.sde == "ve" and old.get("sde") == "ve":
@@ -1195,92 +1214,123 @@ def train(cfg, resume=False):
             if old.get(k) != mine:
                 raise DataError(f"{path}: checkpoint has {k}={old.get(k)!r}, this run has {mine!r}; "
                                 f"use another --out or the same settings")
+        if not isinstance(ckpt.get("rng"), dict) or "data" not in ckpt["rng"]:
+            raise DataError(f"{path}: written before the data generator (issue 16): it samples, but cannot resume")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
-        print(f"resumed from {path} at step {step}")
+        restore_rng(ckpt["rng"], data_gen, rank)  # the data generator, and this rank's CPU and CUDA/MPS streams
+        log(f"resumed from {path} at step {step}")
     fixed = make_generator(cfg.seed + 1, device)  # fixed noise for the progress grids
     grid_shape = (min(cfg.n_samples, 64) if cfg.dataset not in TOYS else 2000, *data_shape)
+    x_data = data.x.to(device)
 
     def checkpoint():
-        save_checkpoint(path, {"script": SCRIPT, "config": {**dataclasses.asdict(cfg), "data_shape": data_shape},
-                               "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                               "optimizer": opt.state_dict(), "rng": rng_state()})
+        rng = rng_checkpoint(data_gen, world)  # a collective: every rank takes part, rank 0 writes
+        if rank == 0:
+            save_checkpoint(path, {"script": SCRIPT, "config": {**dataclasses.asdict(cfg), "data_shape": data_shape},
+                                   "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+                                   "optimizer": opt.state_dict(), "rng": rng})
 
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    stop, t0, step0 = StopFlag(), time.time(), step
+    stop, t0, step0, stopping = StopFlag(), time.time(), step, False
     # No host sync per step: the loss is summed on the device and read, with the finiteness check, only at
-    # log / checkpoint / sample steps (finite_or_die names the window since the last check).
+    # log / checkpoint / sample steps (finite_or_die names the window since the last check). The check reads the
+    # mean over the ranks (and the weights, alike on every rank), so every rank takes the same decision.
     loss_sum, n_sum, checked = torch.zeros((), device=device), 0, step
     model.train()
     try:
-        while step < cfg.steps and not stop.set:
-            x0 = data.x[torch.randint(len(data.x), (cfg.batch_size,))].to(device)  # i.i.d. minibatch: exact resume
+        while step < cfg.steps and not stopping:
+            # The global batch's randomness from data_gen, in this order on every rank: i.i.d. example indices
+            # (exact resume), flips, t, noise; this rank keeps its slice of each.
+            idx = torch.randint(len(x_data), (B,), device=device, generator=data_gen)
             if data.flip:
-                x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(-1), x0)
-            L = loss(score_fn, sde, x0, cfg.likelihood_weighting, cfg.train_eps, cfg.t_sampling)
+                flip = torch.rand(B, 1, 1, 1, device=device, generator=data_gen) < 0.5
+            t = sample_t(B, cfg.train_eps, cfg.t_sampling, device, data_gen)  # (B,)
+            z = torch.randn((B, *data_shape), device=device, generator=data_gen)  # (B, ...)
+            x0 = x_data[idx[part]]
+            if data.flip:
+                x0 = torch.where(flip[part], x0.flip(-1), x0)
+            L = loss(score_fn, sde, x0, cfg.likelihood_weighting, cfg.train_eps, t=t[part], z=z[part])
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)  # linear warm-up (App. H)
             opt.zero_grad(set_to_none=True)
             L.backward()
+            average_gradients(model, world)  # the gradient of the global batch's mean loss, on every rank
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             ema_update(ema, model, cfg.ema_decay)
             loss_sum, n_sum, step = loss_sum + L.detach(), n_sum + 1, step + 1
-            log = step % cfg.log_every == 0 or step == cfg.steps
-            save = step % cfg.ckpt_every == 0 or step == cfg.steps or stop.set
+            stopping = any_rank(stop.set, world, device)  # Ctrl-C / SIGTERM on any rank stops all at this step
+            is_log = step % cfg.log_every == 0 or step == cfg.steps
+            save = step % cfg.ckpt_every == 0 or step == cfg.steps or stopping
             grid = step % cfg.sample_every == 0 or step == cfg.steps
-            if log or save or grid:
+            if is_log or save or grid:
+                loss_sum = mean_over_ranks(loss_sum, world)  # the global batch's loss, alike on every rank
                 finite_or_die("", loss_sum, model, checked + 1, step, path)
                 checked = step
-            if log:
+            if is_log:
                 rate = (step - step0) / (time.time() - t0)
-                print(f"step {step}/{cfg.steps}  loss {float(loss_sum) / n_sum:.4f}  {rate:.2f} it/s  "
-                      f"ETA {(cfg.steps - step) / rate / 60:.1f} min", flush=True)
+                log(f"step {step}/{cfg.steps}  loss {float(loss_sum) / n_sum:.4f}  {rate:.2f} it/s  "
+                    f"ETA {(cfg.steps - step) / rate / 60:.1f} min", flush=True)
                 loss_sum, n_sum = torch.zeros((), device=device), 0
             if save:
                 checkpoint()
-            if grid:
+            if grid and rank == 0:
                 ema.eval()
                 x, _ = sample(ema_score_fn, sde, cfg, grid_shape, fixed.manual_seed(cfg.seed + 1), device)
                 save_samples(x, os.path.join(cfg.out, f"train_{step:06d}.png"), cfg, data.x)
-        if stop.set:
-            finite_or_die("", loss_sum, model, checked + 1, step, path)
-            checkpoint()
-            print(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume", file=sys.stderr)
+        if stopping:
+            if rank == 0:  # one write: the lines of several processes never interleave
+                sys.stderr.write(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume\n")
             sys.exit(130)
-        print(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {path}")
+        log(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {path}")
     finally:
         signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
 
 
 def run_sample(cfg):
     """--sample: rebuild the network and SDE from the checkpoint's config (its --sde, --dataset, ... win over
-    the command line's), sample with the EMA weights using this command line's sampler flags."""
-    saved, data_shape, score_fn, sde, device = load_score_model(cfg)
-    gen = make_generator(cfg.seed, device)
-    t0 = time.time()
-    x, nfe = sample(score_fn, sde, cfg, (cfg.n_samples, *data_shape), gen, device)
-    if not torch.isfinite(x).all():
+    the command line's), sample with the EMA weights using this command line's sampler flags.
+
+    Chunks of --batch-size samples, chunk k on rank k % world (torchrun), each from its own generator derived from
+    --seed and its first sample's index: the samples depend on --seed and --batch-size only, not on the ranks
+    (the Langevin corrector's step and RK45's step sizes are shared by a chunk, so the chunk size matters)."""
+    saved, data_shape, score_fn, sde, device, rank, world = load_score_model(cfg)
+    t0, chunks, nfes = time.time(), [], []
+    for start, n in my_chunks(cfg.n_samples, cfg.batch_size, rank, world):
+        x, nfe = sample(score_fn, sde, cfg, (n, *data_shape), chunk_generator(cfg.seed, start, device), device)
+        chunks.append((start, x.cpu()))
+        nfes.append(nfe)
+    x = gather_chunks(chunks, world)  # (n_samples, ...) in sample order, on every rank
+    nfe = max(sum(gather_objects(nfes, world), []))
+    if not torch.isfinite(x).all():  # the same gathered x, so the same decision, on every rank
         raise DataError(f"sampling produced non-finite values (try smaller --snr or more --n-steps)")
+    if rank > 0:
+        return
     os.makedirs(cfg.out, exist_ok=True)
     png = os.path.join(cfg.out, "samples.png")
     save_samples(x, png, saved, load_data(saved.dataset, train=False).x if saved.dataset in TOYS else None)
     if saved.dataset in TOYS:  # 2-D points are not images: keep them as float32 (N, 2)
-        np.savez(os.path.join(cfg.out, "samples.npz"), arr_0=x.float().cpu().numpy())
+        np.savez(os.path.join(cfg.out, "samples.npz"), arr_0=x.float().numpy())
     else:
         save_npz(x, os.path.join(cfg.out, "samples.npz"))
-    print(f"{cfg.n_samples} samples ({saved.sde} SDE, {cfg.sampler} sampler, {nfe} score evaluations, "
-          f"{time.time() - t0:.1f} s) -> {png}, {os.path.join(cfg.out, 'samples.npz')}")
+    chunked = f" per chunk of {cfg.batch_size}" if cfg.n_samples > cfg.batch_size else ""
+    print(f"{cfg.n_samples} samples ({saved.sde} SDE, {cfg.sampler} sampler, {nfe} score evaluations{chunked}, "
+          f"{time.time() - t0:.1f} s" + (f", {world} processes" if world > 1 else "")
+          + f") -> {png}, {os.path.join(cfg.out, 'samples.npz')}")
 
 
-def train_classifier(cfg):
+def train_classifier(cfg, resume=False):
     """--train-classifier: fit TimeClassifier on noisy labelled training data (App. I.1) for the SDE of the
     score checkpoint (--ckpt, so the two share the schedule), or of --sde when there is none; writes
-    <out>/classifier.pt (EMA weights used for guidance)."""
-    device = pick_device(cfg.device)
+    <out>/classifier.pt (EMA weights used for guidance) every --ckpt-every steps, at the end, and on Ctrl-C /
+    SIGTERM; --resume continues it. Under torchrun the global batch is split as in train."""
+    rank, world, device = setup_distributed(pick_device(cfg.device))
+    B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
+    log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
     autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank
+    data_gen = make_generator(cfg.seed, device)  # alike on every rank: the global batch's indices, t, noise
     spath = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
     if os.path.isfile(spath):                       # the score model's SDE, sigma_max and dataset win
         old = load_checkpoint(spath)["config"]
@@ -1295,23 +1345,68 @@ def train_classifier(cfg):
     net = TimeClassifier(data.x.shape[1], K).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr * 5)   # a classifier tolerates a larger step than the score net
+    torch.manual_seed(cfg.seed + rank)  # from here the global RNGs are per rank (the classifier has no dropout)
     net_fn, ema_fn = network(net, autocast, cfg.compile), network(ema, autocast, cfg.compile)
-    path = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt")
-    t0, loss_sum, n_sum, checked = time.time(), torch.zeros((), device=device), 0, 0
-    for step in range(1, cfg.classifier_steps + 1):
-        idx = torch.randint(len(data.x), (cfg.batch_size,))
-        L = classifier_loss(net_fn, sde, data.x[idx].to(device), data.y[idx].to(device), cfg.train_eps)
-        opt.zero_grad(set_to_none=True)
-        L.backward()
-        opt.step()
-        ema_update(ema, net, cfg.ema_decay)
-        loss_sum, n_sum = loss_sum + L.detach(), n_sum + 1            # read at log steps only (no per-step sync)
-        if step % cfg.log_every == 0 or step == cfg.classifier_steps:
-            finite_or_die("classifier ", loss_sum, net, checked + 1, step, path)
-            checked = step
-            print(f"classifier step {step}/{cfg.classifier_steps}  cross-entropy {float(loss_sum) / n_sum:.4f}  "
-                  f"{step / (time.time() - t0):.2f} it/s", flush=True)
-            loss_sum, n_sum = torch.zeros((), device=device), 0
+    path, step = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt"), 0
+    config = {**dataclasses.asdict(cfg), "data_shape": list(data.x.shape[1:]), "n_classes": K}
+    if resume:  # every rank reads the same checkpoint
+        ckpt = load_checkpoint(path)
+        if ckpt.get("kind") != "classifier" or not isinstance(ckpt.get("rng"), dict) or "data" not in ckpt["rng"]:
+            raise DataError(f"{path}: not a classifier checkpoint written with its data generator: cannot resume")
+        for k in MUST_MATCH + ("data_shape", "n_classes"):
+            if ckpt["config"].get(k) != config[k]:
+                raise DataError(f"{path}: classifier has {k}={ckpt['config'].get(k)!r}, this run {config[k]!r}")
+        net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        restore_rng(ckpt["rng"], data_gen, rank)
+        log(f"resumed from {path} at step {step}")
+    x_data, y_data = data.x.to(device), data.y.to(device)
+
+    def checkpoint():
+        rng = rng_checkpoint(data_gen, world)  # a collective: every rank takes part, rank 0 writes
+        if rank == 0:
+            save_checkpoint(path, {"script": SCRIPT, "kind": "classifier", "config": config, "step": step,
+                                   "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                                   "rng": rng})
+
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stop, stopping, step0 = StopFlag(), False, step
+    t0, loss_sum, n_sum, checked = time.time(), torch.zeros((), device=device), 0, step
+    try:
+        while step < cfg.classifier_steps and not stopping:
+            # The global batch's indices, t and noise from data_gen on every rank; this rank keeps its slice.
+            idx = torch.randint(len(x_data), (B,), device=device, generator=data_gen)
+            t = sample_t(B, cfg.train_eps, "iid", device, data_gen)
+            z = torch.randn((B, *x_data.shape[1:]), device=device, generator=data_gen)
+            L = classifier_loss(net_fn, sde, x_data[idx[part]], y_data[idx[part]], cfg.train_eps, t=t[part],
+                                z=z[part])
+            opt.zero_grad(set_to_none=True)
+            L.backward()
+            average_gradients(net, world)  # the gradient of the global batch's mean cross-entropy, on every rank
+            opt.step()
+            ema_update(ema, net, cfg.ema_decay)
+            loss_sum, n_sum, step = loss_sum + L.detach(), n_sum + 1, step + 1  # read at log steps only
+            stopping = any_rank(stop.set, world, device)  # Ctrl-C / SIGTERM on any rank stops all at this step
+            is_log = step % cfg.log_every == 0 or step == cfg.classifier_steps
+            save = step % cfg.ckpt_every == 0 or step == cfg.classifier_steps or stopping
+            if is_log or save:
+                loss_sum = mean_over_ranks(loss_sum, world)  # alike on every rank: the same decision everywhere
+                finite_or_die("classifier ", loss_sum, net, checked + 1, step, path)
+                checked = step
+            if is_log:
+                log(f"classifier step {step}/{cfg.classifier_steps}  cross-entropy {float(loss_sum) / n_sum:.4f}  "
+                    f"{(step - step0) / (time.time() - t0):.2f} it/s", flush=True)
+                loss_sum, n_sum = torch.zeros((), device=device), 0
+            if save:
+                checkpoint()
+        if stopping:
+            if rank == 0:  # one write: the lines of several processes never interleave
+                sys.stderr.write(f"stopped at step {step}; classifier saved to {path}; continue with --resume\n")
+            sys.exit(130)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
+    if rank > 0:
+        return
     # Held-out accuracy at three noise levels, so a person can see what the guidance has to work with.
     test = load_data(cfg.dataset, train=False, image_size=cfg.image_size or None)
     tx, ty = test.x.to(device), test.y.to(device)
@@ -1322,10 +1417,6 @@ def train_classifier(cfg):
             xt = (mean + bc(std, tx) * torch.randn_like(tx)).float()
             acc = float((ema_fn(xt, net_time(sde, tt).float()).argmax(1) == ty).float().mean())
             print(f"held-out accuracy at t = {t}: {acc:.3f}")
-    save_checkpoint(path, {"script": SCRIPT, "kind": "classifier",
-                           "config": {**dataclasses.asdict(cfg), "data_shape": list(data.x.shape[1:]), "n_classes": K},
-                           "step": cfg.classifier_steps, "model": net.state_dict(), "ema": ema.state_dict(),
-                           "optimizer": opt.state_dict(), "rng": rng_state()})
     print(f"classifier -> {path}")
 
 
@@ -1336,8 +1427,9 @@ def precision_of(cfg, device):
 
 def load_score_model(cfg):
     """The EMA score network and SDE of --ckpt (default <out>/ckpt.pt), on --device with this command line's
-    --precision / --compile: (saved config, data_shape, score_fn, sde, device)."""
-    device = pick_device(cfg.device)
+    --precision / --compile: (saved config, data_shape, score_fn, sde, device, rank, world); under torchrun
+    every rank loads it (rank and world from setup_distributed)."""
+    rank, world, device = setup_distributed(pick_device(cfg.device))
     autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)
     path = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
     ckpt = load_checkpoint(path)
@@ -1352,7 +1444,7 @@ def load_score_model(cfg):
         raise DataError(f"{path}: checkpoint does not match this script's network ({type(e).__name__})") from None
     model.to(device).eval()
     sde = make_sde(saved.sde, saved.beta_min, saved.beta_max, saved.sigma_min, saved.sigma_max, cfg.n_steps)
-    return saved, data_shape, make_score_fn(network(model, autocast, cfg.compile), sde), sde, device
+    return saved, data_shape, make_score_fn(network(model, autocast, cfg.compile), sde), sde, device, rank, world
 
 
 def held_out(saved, cfg, what, device):
@@ -1365,21 +1457,34 @@ def held_out(saved, cfg, what, device):
 
 
 def run_eval_nll(cfg):
-    """--eval-nll: bits/dim (App. D.2) of --n-eval held-out points with --estimator, mean +- standard error."""
-    saved, _, score_fn, sde, device = load_score_model(cfg)
+    """--eval-nll: bits/dim (App. D.2) of --n-eval held-out points with --estimator, mean +- standard error.
+
+    Chunks of --batch-size points, chunk k on rank k % world (torchrun); each chunk's dequantisation noise and
+    Hutchinson probes come from chunk_generator(--seed, start), so the per-point values, gathered on rank 0, do
+    not depend on the number of processes."""
+    saved, _, score_fn, sde, device, rank, world = load_score_model(cfg)
     data, x = held_out(saved, cfg, "--eval-nll", device)
-    gen = make_generator(cfg.seed, device)
-    t0 = time.time()
-    bpd, nfe = likelihood(score_fn, sde, x, cfg.estimator, dequantize=data.levels is not None,
-                          levels=data.levels, rtol=cfg.rtol, atol=cfg.atol, generator=gen)
+    t0, chunks, nfes = time.time(), [], []
+    for start, n in my_chunks(len(x), cfg.batch_size, rank, world):
+        bpd, nfe = likelihood(score_fn, sde, x[start:start + n], cfg.estimator, dequantize=data.levels is not None,
+                              levels=data.levels, rtol=cfg.rtol, atol=cfg.atol,
+                              generator=chunk_generator(cfg.seed, start, device))
+        chunks.append((start, bpd.cpu()))
+        nfes.append(nfe)
+    bpd = gather_chunks(chunks, world)  # (n_eval,) in held-out order, on every rank
+    nfe = max(sum(gather_objects(nfes, world), []))
     se = float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
+    if rank > 0:
+        return float(bpd.mean()), se, nfe
     unit = "bits/dim (dequantised, %d levels)" % data.levels if data.levels else "bits/dim (continuous)"
+    chunked = f" per chunk of {cfg.batch_size}" if len(x) > cfg.batch_size else ""
     print(f"{float(bpd.mean()):.4f} +- {se:.4f} {unit} on {len(x)} held-out points ({saved.sde} SDE, "
-          f"{cfg.estimator} trace, NFE {nfe}, {time.time() - t0:.1f} s)")
+          f"{cfg.estimator} trace, NFE {nfe}{chunked}, {time.time() - t0:.1f} s"
+          + (f", {world} processes" if world > 1 else "") + ")")
     os.makedirs(cfg.out, exist_ok=True)
     if saved.dataset not in TOYS:  # held-out images from most to least likely under the model
         png = os.path.join(cfg.out, "nll_sorted.png")
-        save_grid(x[bpd.argsort()].float(), png)
+        save_grid(x[bpd.argsort().to(x.device)].float(), png)
         print(f"images sorted by bits/dim (lowest first) -> {png}")
     return float(bpd.mean()), se, nfe
 
@@ -1393,9 +1498,12 @@ def slerp(z0, z1, lam):
 
 def run_encode(cfg, interpolate=False):
     """--encode: rows of held-out images | their codes z = x(1) | decode(z) (Sec. 4.3).
-    --interpolate: 8 rows, each decoding slerp(z_a, z_b, lambda) for 9 lambdas between two encoded images."""
-    saved, _, score_fn, sde, device = load_score_model(cfg)
+    --interpolate: 8 rows, each decoding slerp(z_a, z_b, lambda) for 9 lambdas between two encoded images.
+    Under torchrun rank 0 does it all (at most 16 held-out images); the other ranks return."""
+    saved, _, score_fn, sde, device, rank, world = load_score_model(cfg)
     _, x = held_out(saved, cfg, "--interpolate" if interpolate else "--encode", device)
+    if rank > 0:  # after the checks above, so that every rank reports a bad input alike
+        return
     x = x[:16 if interpolate else 8]
     eps = cfg.sample_eps or 1e-5
     z = encode(score_fn, sde, x, eps, cfg.rtol, cfg.atol)
@@ -1416,12 +1524,15 @@ def run_encode(cfg, interpolate=False):
 
 def run_inpaint(cfg, colour=False):
     """--inpaint: rows originals | masked (bottom half removed) | completed (App. I.2).
-    --colorize: rows originals | grey | colourised (App. I.3); grey data -> a one-line explanation."""
-    saved, data_shape, score_fn, sde, device = load_score_model(cfg)
+    --colorize: rows originals | grey | colourised (App. I.3); grey data -> a one-line explanation.
+    Under torchrun rank 0 does it all (at most 16 held-out images); the other ranks return."""
+    saved, data_shape, score_fn, sde, device, rank, world = load_score_model(cfg)
     if colour and data_shape[0] != 3:
         raise ValueError(f"--colorize needs RGB data; {saved.dataset} has {data_shape[0]} channel(s), so there is "
                          f"no colour to restore (App. I.3 works on 3-channel images)")
     _, x = held_out(saved, cfg, "--colorize" if colour else "--inpaint", device)
+    if rank > 0:  # after the checks above, so that every rank reports a bad input alike
+        return
     x = x[:16]
     gen = make_generator(cfg.seed, device)
     kw = dict(predictor=cfg.predictor, corrector=cfg.corrector, snr=cfg.snr, n_corrector_steps=cfg.n_corrector_steps,
@@ -1442,8 +1553,9 @@ def run_inpaint(cfg, colour=False):
 
 def run_class(cfg, label):
     """--sample --class K: class-conditional PC samples (Sec. 5) with the time-dependent classifier of
-    --classifier-ckpt; --class all: one row per class."""
-    saved, data_shape, score_fn, sde, device = load_score_model(cfg)
+    --classifier-ckpt; --class all: one row per class. Split over the ranks like --sample: chunks of --batch-size
+    samples (labels in order), each from chunk_generator(--seed, start)."""
+    saved, data_shape, score_fn, sde, device, rank, world = load_score_model(cfg)
     path = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt")
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != "classifier":
@@ -1468,13 +1580,19 @@ def run_class(cfg, label):
     clf.load_state_dict(ckpt["ema"])
     clf.to(device).eval()
     clf = network(clf, setup_precision(device, precision_of(cfg, device), cfg.deterministic), cfg.compile)
-    gen = make_generator(cfg.seed, device)
     pred, corr = (cfg.predictor, cfg.corrector) if cfg.sampler == "pc" else SAMPLERS.get(cfg.sampler) or ("x", "x")
     if pred == "x":
         raise ValueError("--class needs an SDE sampler (pc, em, reverse, ancestral), not the ODE")
-    x = class_sample(score_fn, make_log_prob_fn(clf, sde), sde, (len(y), *data_shape), y, cfg.classifier_scale,
-                     predictor=pred, corrector=corr, snr=cfg.snr, n_corrector_steps=cfg.n_corrector_steps,
-                     eps=cfg.sample_eps or None, generator=gen, n_steps=cfg.n_steps, device=device)
+    chunks = []
+    for start, m in my_chunks(len(y), cfg.batch_size, rank, world):
+        chunks.append((start, class_sample(
+            score_fn, make_log_prob_fn(clf, sde), sde, (m, *data_shape), y[start:start + m], cfg.classifier_scale,
+            predictor=pred, corrector=corr, snr=cfg.snr, n_corrector_steps=cfg.n_corrector_steps,
+            eps=cfg.sample_eps or None, generator=chunk_generator(cfg.seed, start, device), n_steps=cfg.n_steps,
+            device=device).cpu()))
+    x = gather_chunks(chunks, world).to(device)  # (len(y), ...) in label order, on every rank
+    if rank > 0:
+        return
     os.makedirs(cfg.out, exist_ok=True)
     png = os.path.join(cfg.out, f"class_{label}.png")
     save_grid(x.float(), png, nrow=n if label == "all" else None)
@@ -1491,7 +1609,7 @@ def run_class(cfg, label):
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         """Bad flags: one line on stderr, exit code 2 (argparse's convention without the usage block)."""
-        print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
+        sys.stderr.write(f"{SCRIPT}.py: error: {message}\n")  # one write (torchrun: ranks never interleave)
         sys.exit(2)
 
 
@@ -1554,7 +1672,8 @@ def main(argv=None):
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", action="store_true", help="train a score model")
     p.add_argument("--sample", action="store_true", help="sample from --ckpt (default <out>/ckpt.pt)")
-    p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt to --steps")
+    p.add_argument("--resume", action="store_true",
+                   help="continue <out>/ckpt.pt to --steps (with --train-classifier: classifier.pt)")
     p.add_argument("--train-classifier", action="store_true",
                    help="train a time-dependent classifier p_t(y | x) on noisy data -> <out>/classifier.pt (App. I.1)")
     p.add_argument("--eval-nll", action="store_true", help="bits/dim of held-out data under --ckpt (App. D.2)")
@@ -1576,7 +1695,7 @@ def main(argv=None):
         if args.train:
             train(cfg, resume=args.resume)
         elif args.train_classifier:
-            train_classifier(cfg)
+            train_classifier(cfg, resume=args.resume)
         elif args.eval_nll:
             run_eval_nll(cfg)
         elif args.encode or args.interpolate:
@@ -1588,8 +1707,12 @@ def main(argv=None):
         else:
             run_sample(cfg)
     except (DataError, ValueError) as e:
-        print(f"{SCRIPT}.py: error: {e}", file=sys.stderr)  # one line, exit code 2 (argparse's convention)
+        # One line, exit code 2 (argparse's convention); one write, so that lines of several ranks never interleave.
+        sys.stderr.write(f"{SCRIPT}.py: error: {e}\n")
         sys.exit(2)
+    finally:  # under torchrun: leave the process group before exit (else a gloo rank may abort at exit)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ Run: python3 -m pytest -q tests/test_score_sde.py --durations=10
 """
 import math
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -92,6 +94,108 @@ MUTATIONS = [
      "find": "        if denoise:\n",
      "replace": "        if False:\n",
      "tests": ["tests/test_score_sde.py::test_point_mass_spread_after_pc_and_ode[ve]"]},
+    # torchrun / DDP (issue 16)
+    {"name": "sde-ddp-no-average-gradients", "file": "score_sde.py",
+     "find": "            average_gradients(model, world)  # the gradient",
+     "replace": "            pass  # the gradient",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
+    {"name": "sde-ddp-data-generator-seeded-by-rank", "file": "score_sde.py",
+     "find": "    data_gen = make_generator(cfg.seed, device)\n    data = load_data(",
+     "replace": "    data_gen = make_generator(cfg.seed + rank, device)\n    data = load_data(",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
+    {"name": "sde-ddp-initial-weights-seeded-by-rank", "file": "score_sde.py",
+     "find": "    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank\n    # The data generator",
+     "replace": "    torch.manual_seed(cfg.seed + rank)  # the initial weights\n    # The data generator",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
+    {"name": "sde-ddp-every-rank-same-slice", "file": "score_sde.py",
+     "find": "    B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)"
+             "  # the global batch and this rank's slice\n"
+             "    log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints\n"
+             "    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)\n"
+             "    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank\n"
+             "    # The",
+     "replace": "    B, part = cfg.batch_size, rank_slice(cfg.batch_size, 0, world)\n"
+                "    log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints\n"
+                "    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)\n"
+                "    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank\n"
+                "    # The",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
+    {"name": "sde-ddp-t-not-sliced", "file": "score_sde.py",
+     "find": "x0, cfg.likelihood_weighting, cfg.train_eps, t=t[part], z=z[part])",
+     "replace": "x0, cfg.likelihood_weighting, cfg.train_eps, t=t[:len(x0)], z=z[part])",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
+    {"name": "sde-ddp-noise-not-sliced", "file": "score_sde.py",
+     "find": "x0, cfg.likelihood_weighting, cfg.train_eps, t=t[part], z=z[part])",
+     "replace": "x0, cfg.likelihood_weighting, cfg.train_eps, t=t[part], z=z[:len(x0)])",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
+    {"name": "sde-ddp-low-discrepancy-per-slice", "file": "score_sde.py",
+     "find": "            t = sample_t(B, cfg.train_eps, cfg.t_sampling, device, data_gen)  # (B,)",
+     "replace": "            t = sample_t(B, cfg.train_eps, cfg.t_sampling, device, data_gen)  # (B,)\n"
+                "            t = t.clone(); t[part] = sample_t(len(t[part]), cfg.train_eps, cfg.t_sampling, "
+                "device, data_gen)",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[ve-lowdisc]"]},
+    {"name": "sde-ddp-printed-loss-not-averaged", "file": "score_sde.py",
+     "find": "                loss_sum = mean_over_ranks(loss_sum, world)  # the global batch's loss",
+     "replace": "                loss_sum = loss_sum  # the global batch's loss",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
+    {"name": "sde-ddp-every-rank-prints", "file": "score_sde.py",
+     "find": "    log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints\n"
+             "    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)\n"
+             "    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank\n"
+             "    # The",
+     "replace": "    log = print\n"
+                "    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)\n"
+                "    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank\n"
+                "    # The",
+     "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
+    {"name": "sde-ddp-resume-data-generator-not-restored", "file": "score_sde.py",
+     "find": "        restore_rng(ckpt[\"rng\"], data_gen, rank)  # the data generator",
+     "replace": "        set_rng_state(ckpt[\"rng\"][\"ranks\"][rank])  # the data generator",
+     "tests": ["tests/test_score_sde.py::test_ddp_sigterm_then_resume_equals_straight_run"]},
+    {"name": "sde-ddp-old-checkpoint-rng-not-refused", "file": "score_sde.py",
+     "find": "if not isinstance(ckpt.get(\"rng\"), dict) or \"data\" not in ckpt[\"rng\"]:",
+     "replace": "if False:",
+     "tests": ["tests/test_score_sde.py::test_old_checkpoint_is_refused_for_resume_but_samples"]},
+    {"name": "sde-ddp-classifier-no-average-gradients", "file": "score_sde.py",
+     "find": "        average_gradients(net, world)",
+     "replace": "        pass",
+     "tests": ["tests/test_score_sde.py::test_ddp_classifier_equals_one_process"]},
+    {"name": "sde-ddp-classifier-t-not-sliced", "file": "score_sde.py",
+     "find": "y_data[idx[part]], cfg.train_eps, t=t[part],",
+     "replace": "y_data[idx[part]], cfg.train_eps, t=t[:B // world],",
+     "tests": ["tests/test_score_sde.py::test_ddp_classifier_equals_one_process"]},
+    {"name": "sde-ddp-classifier-resume-data-generator-not-restored", "file": "score_sde.py",
+     "find": "        restore_rng(ckpt[\"rng\"], data_gen, rank)\n        log(",
+     "replace": "        set_rng_state(ckpt[\"rng\"][\"ranks\"][rank])\n        log(",
+     "tests": ["tests/test_score_sde.py::test_ddp_classifier_sigterm_then_resume_equals_straight_run"]},
+    {"name": "sde-ddp-classifier-stop-not-saved", "file": "score_sde.py",
+     "find": "            save = step % cfg.ckpt_every == 0 or step == cfg.classifier_steps or stopping",
+     "replace": "            save = step % cfg.ckpt_every == 0 or step == cfg.classifier_steps",
+     "tests": ["tests/test_score_sde.py::test_ddp_classifier_sigterm_then_resume_equals_straight_run"]},
+    {"name": "sde-ddp-sample-chunk-offset-by-rank", "file": "score_sde.py",
+     "find": "(n, *data_shape), chunk_generator(cfg.seed, start, device), device)",
+     "replace": "(n, *data_shape), chunk_generator(cfg.seed, start + rank, device), device)",
+     "tests": ["tests/test_score_sde.py::test_ddp_sample_and_class_equal_one_process"]},
+    {"name": "sde-ddp-sample-chunk-ignores-start", "file": "score_sde.py",
+     "find": "(n, *data_shape), chunk_generator(cfg.seed, start, device), device)",
+     "replace": "(n, *data_shape), chunk_generator(cfg.seed, 0, device), device)",
+     "tests": ["tests/test_score_sde.py::test_ddp_sample_and_class_equal_one_process"]},
+    {"name": "sde-ddp-class-chunk-offset-by-rank", "file": "score_sde.py",
+     "find": "generator=chunk_generator(cfg.seed, start, device), n_steps=cfg.n_steps,",
+     "replace": "generator=chunk_generator(cfg.seed, start + rank, device), n_steps=cfg.n_steps,",
+     "tests": ["tests/test_score_sde.py::test_ddp_sample_and_class_equal_one_process"]},
+    {"name": "sde-ddp-nll-chunk-offset-by-rank", "file": "score_sde.py",
+     "find": "generator=chunk_generator(cfg.seed, start, device))",
+     "replace": "generator=chunk_generator(cfg.seed, start + rank, device))",
+     "tests": ["tests/test_score_sde.py::test_ddp_eval_nll_equals_one_process"]},
+    {"name": "sde-ddp-nll-rank0-chunks-only", "file": "score_sde.py",
+     "find": "    bpd = gather_chunks(chunks, world)  # (n_eval,)",
+     "replace": "    bpd = gather_chunks(chunks, 1)  # (n_eval,)",
+     "tests": ["tests/test_score_sde.py::test_ddp_eval_nll_equals_one_process"]},
+    {"name": "sde-ddp-rank0-mode-on-every-rank", "file": "score_sde.py",
+     "find": "    _, x = held_out(saved, cfg, \"--colorize\" if colour else \"--inpaint\", device)\n    if rank > 0:",
+     "replace": "    _, x = held_out(saved, cfg, \"--colorize\" if colour else \"--inpaint\", device)\n    if False:",
+     "tests": ["tests/test_score_sde.py::test_ddp_rank0_modes_equal_one_process"]},
 ]
 
 # The mixture: two well-separated, correlated components with unequal weights (data scale ~[-2, 2]).
@@ -1009,9 +1113,11 @@ def test_resume_is_exact(tmp_path, capsys, device):
     for key in ("model", "ema"):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
-    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
-    for i, state in enumerate(a["rng"].get("cuda", [])):
-        assert torch.equal(state, b["rng"]["cuda"][i])
+    assert torch.equal(a["rng"]["data"], b["rng"]["data"])  # the data generator (issue 16)
+    ra, rb = a["rng"]["ranks"][0], b["rng"]["ranks"][0]      # the one rank's global streams
+    assert torch.equal(ra["torch"], rb["torch"])
+    for i, state in enumerate(ra.get("cuda", [])):
+        assert torch.equal(state, rb["cuda"][i])
 
 
 def test_sigkill_then_resume(tmp_path, device):
@@ -1164,3 +1270,247 @@ def test_bad_input_subprocess(tmp_path):
         out, err = p.communicate(timeout=120)
         assert p.returncode == 2, (args, err)
         assert err.count("\n") == 1 and err.startswith("score_sde.py: error: ") and words in err, (args, err)
+
+
+# -----------------------------------------------------------------------------
+# Several processes (issue 16): torchrun with gloo on the CPU
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, cwd, nproc=2, timeout=300, popen=False):
+    """python -m torch.distributed.run --nproc_per_node=nproc score_sde.py args (one thread per process)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+           str(free_port()), os.path.join(ROOT, "score_sde.py"), *args]
+    if popen:
+        return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def state(path):
+    return torch.load(path, weights_only=True)
+
+
+def assert_close_weights(a, b, rel):
+    """Model and EMA of two checkpoints equal up to rel times each tensor's largest entry (float reduction order)."""
+    for key in ("model", "ema"):
+        for k in a[key]:
+            u, v = a[key][k].double(), b[key][k].double()
+            assert (u - v).abs().max() <= rel * u.abs().max() + 1e-7, (key, k, float((u - v).abs().max()))
+
+
+def same(a, b):
+    """Bitwise equality of nested dicts / lists of tensors and numbers (a state dict, an optimizer's state)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def progress_losses(stdout):
+    return [float(m) for m in re.findall(r"^step \d+/\d+  loss (\S+)", stdout, re.M)]
+
+
+DDP_TOY = ["--dataset", "moons", "--batch-size", "16", "--steps", "10", "--log-every", "5", "--ckpt-every", "5",
+           "--sample-every", "1000", "--n-steps", "25", "--device", "cpu"]
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+@pytest.mark.parametrize("extra", [[], ["--sde", "ve", "--t-sampling", "low_discrepancy", "--likelihood-weighting"]],
+                         ids=["vp", "ve-lowdisc"])
+def test_ddp_train_equals_one_process(extra, tmp_path):
+    """2 processes, global batch 16 (8 per rank), 10 steps on the moons toy (the MLP has no dropout) = 1 process with
+    batch 16: model and EMA equal to 1e-4 of each tensor's largest entry (the ranks' gradients are averaged in
+    another order), same step and data generator state; rank 0 alone prints, and its progress lines show the
+    global batch's loss. ve-lowdisc: the low-discrepancy t's strata span the global batch, sliced.
+    Catches: no gradient averaging, the data generator or the initial weights seeded by rank, every rank on the same
+    slice, t or the noise not sliced, the printed loss of rank 0's slice, every rank printing."""
+    one = run("--train", *DDP_TOY, *extra, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = torchrun(["--train", *DDP_TOY, *extra, "--out", str(tmp_path / "two")], tmp_path)
+    assert two.returncode == 0, two.stderr
+    a, b = state(tmp_path / "one" / "ckpt.pt"), state(tmp_path / "two" / "ckpt.pt")
+    assert a["step"] == b["step"] == 10 and torch.equal(a["rng"]["data"], b["rng"]["data"])
+    assert_close_weights(a, b, 1e-4)
+    ranks = b["rng"]["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])  # dropout streams per rank
+    assert two.stdout.count("step 10/10") == 1 and two.stdout.count("done: 10 steps") == 1
+    la, lb = progress_losses(one.stdout), progress_losses(two.stdout)
+    assert len(la) == len(lb) == 2 and all(abs(p - q) <= 2e-4 for p, q in zip(la, lb)), (la, lb)
+
+
+@pytest.fixture(scope="module")
+def ddp_digits(tmp_path_factory):
+    """One uninterrupted 2-process run of 12 steps on the digits (tiny U-Net, dropout 0.1: per-rank streams; warm-up
+    1 so that the network is no longer ~0 and the likelihood depends on its probes), then a 2-process classifier."""
+    d = tmp_path_factory.mktemp("ddp_digits")
+    r = torchrun(["--train", *DDP_DIGITS, "--out", str(d / "run")], d)
+    assert r.returncode == 0, r.stderr
+    return d / "run"
+
+
+DDP_DIGITS = ["--steps", "12", "--warmup", "1", "--lr", "1e-3", "--batch-size", "16", "--ckpt-every", "2",
+              "--sample-every", "1000", "--n-steps", "25", "--device", "cpu"]
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+def test_ddp_sigterm_then_resume_equals_straight_run(ddp_digits, tmp_path):
+    """SIGTERM to torchrun mid-run (it forwards the signal to both ranks): every rank stops at the same step, rank
+    0 saves one checkpoint and says so once, no rank hangs; --resume with 2 processes to 12 steps is bitwise the
+    straight 2-process run (model, EMA, the data generator and both ranks' dropout streams).
+    Catches: the data generator not restored on resume."""
+    out = tmp_path / "run"
+    args = ["--train", *DDP_DIGITS, "--out", str(out)]
+    p = torchrun(args + ["--log-every", "1"], tmp_path, popen=True)
+    for line in p.stdout:  # wait until a checkpoint exists and training is under way
+        if line.startswith("step 3/"):
+            break
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and err.count("continue with --resume") == 1, err
+    stopped = state(out / "ckpt.pt")["step"]
+    assert 3 <= stopped < 12 and f"stopped at step {stopped};" in err and not (out / "ckpt.pt.tmp").exists()
+    r = torchrun(args + ["--resume"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(f"resumed from {out}/ckpt.pt at step {stopped}") == 1
+    a, b = state(ddp_digits / "ckpt.pt"), state(out / "ckpt.pt")
+    assert a["step"] == b["step"] == 12 and torch.equal(a["rng"]["data"], b["rng"]["data"])
+    for key in ("model", "ema", "optimizer"):
+        assert same(a[key], b[key]), key
+    for ra, rb in zip(a["rng"]["ranks"], b["rng"]["ranks"]):
+        assert torch.equal(ra["torch"], rb["torch"])
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+def test_ddp_classifier_equals_one_process(ddp_digits, tmp_path):
+    """--train-classifier, global batch 16 over 2 processes = 1 process (5 steps): weights equal to 2e-3 of each
+    tensor's largest entry (Adam magnifies the reduction-order noise of the biases before GroupNorm, whose gradient
+    nearly cancels); rank 0 alone prints and writes. Catches: no gradient averaging, t not sliced."""
+    common = ["--train-classifier", "--classifier-steps", "5", "--batch-size", "16", "--device", "cpu",
+              "--ckpt", str(ddp_digits / "ckpt.pt"), "--log-every", "5"]
+    one = run(*common, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = torchrun([*common, "--out", str(tmp_path / "two")], tmp_path)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("classifier step 5/5") == 1 and two.stdout.count("classifier ->") == 1
+    assert_close_weights(state(tmp_path / "one" / "classifier.pt"), state(tmp_path / "two" / "classifier.pt"), 2e-3)
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+def test_ddp_sample_and_class_equal_one_process(ddp_digits, tmp_path):
+    """--sample --n-samples 7 --batch-size 2 under 2 processes (chunks 0, 4 on rank 0; 2, 6 on rank 1) writes exactly
+    7 samples, equal to the 1-process samples, and the chunks differ; --sample --class all (a 1-step classifier),
+    split the same way, writes the same class_all.png as 1 process.
+    Catches: a chunk generator that depends on the rank, or one that ignores the chunk's start."""
+    import numpy as np
+    r = run("--train-classifier", "--classifier-steps", "1", "--batch-size", "16", "--out", str(tmp_path),
+            "--ckpt", str(ddp_digits / "ckpt.pt"), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    common = ["--ckpt", str(ddp_digits / "ckpt.pt"), "--classifier-ckpt", str(tmp_path / "classifier.pt"),
+              "--batch-size", "2", "--n-steps", "25", "--device", "cpu"]
+    for mode in (["--sample", "--n-samples", "7"], ["--sample", "--class", "all", "--n-samples", "10"]):
+        one = run(*mode, *common, "--out", str(tmp_path / "one"))
+        assert one.returncode == 0, one.stderr
+        two = torchrun([*mode, *common, "--out", str(tmp_path / "two")], tmp_path)
+        assert two.returncode == 0, two.stderr
+        assert two.stdout.count(" -> ") == 1, two.stdout
+    a, b = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("one", "two"))
+    assert a.shape == b.shape == (7, 8, 8, 1) and (a == b).all()
+    assert not (a[0:2] == a[2:4]).all() and not (a[2:4] == a[4:6]).all()
+    assert (tmp_path / "one" / "class_all.png").read_bytes() == (tmp_path / "two" / "class_all.png").read_bytes()
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+def test_ddp_eval_nll_equals_one_process(ddp_digits, tmp_path):
+    """--eval-nll of 5 held-out digits in chunks of 2 (chunks 0, 4 on rank 0, 2 on rank 1): 2 processes print the
+    same bits/dim (mean and standard error over all 5, and NFE) as 1 process, once; another --seed prints another
+    number (the dequantisation noise and the probes come from the chunk generators).
+    Catches: a chunk generator that depends on the rank."""
+    common = ["--eval-nll", "--ckpt", str(ddp_digits / "ckpt.pt"), "--n-eval", "5", "--batch-size", "2",
+              "--rtol", "1e-2", "--atol", "1e-2", "--device", "cpu"]
+    head = lambda out: re.findall(r"^(.* bits/dim .*NFE \d+)", out, re.M)  # noqa: E731  (no timing)
+    one = run(*common, "--out", str(tmp_path / "one"))
+    two = torchrun([*common, "--out", str(tmp_path / "two")], tmp_path)
+    other = run(*common, "--seed", "1", "--out", str(tmp_path / "other"))
+    assert one.returncode == two.returncode == other.returncode == 0, (one.stderr, two.stderr, other.stderr)
+    assert len(head(one.stdout)) == len(head(two.stdout)) == 1 and head(one.stdout) == head(two.stdout), two.stdout
+    assert "on 5 held-out points" in two.stdout and head(other.stdout) != head(one.stdout)
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+def test_ddp_rank0_modes_equal_one_process(ddp_digits, tmp_path):
+    """--inpaint and --interpolate under 2 processes: rank 0 alone works and writes, once, the same PNG as 1 process."""
+    common = ["--ckpt", str(ddp_digits / "ckpt.pt"), "--n-steps", "25", "--rtol", "1e-2", "--atol", "1e-2",
+              "--device", "cpu"]
+    for mode, png in (("--inpaint", "inpaint.png"), ("--interpolate", "interpolate.png")):
+        one = run(mode, *common, "--out", str(tmp_path / "one"))
+        two = torchrun([mode, *common, "--out", str(tmp_path / "two")], tmp_path)
+        assert one.returncode == two.returncode == 0, (one.stderr, two.stderr)
+        assert two.stdout.count(" -> ") == 1, two.stdout
+        assert (tmp_path / "one" / png).read_bytes() == (tmp_path / "two" / png).read_bytes(), mode
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+@pytest.mark.parametrize("mode", ["--train", "--train-classifier"])
+def test_ddp_batch_not_divisible_is_one_line(mode, tmp_path):
+    """--batch-size 9 with 2 processes: each rank exits 2 with the one line naming both numbers, and no traceback
+    of score_sde.py (what torchrun itself prints about a failed child is torchrun's)."""
+    r = torchrun([mode, "--dataset", "moons" if mode == "--train" else "digits", "--batch-size", "9", "--device", "cpu",
+                  "--out", str(tmp_path / "run")], tmp_path)
+    ours = {line for line in (r.stdout + r.stderr).splitlines() if line.startswith("score_sde.py")}
+    assert r.returncode != 0 and ours == {
+        "score_sde.py: error: --batch-size 9 must be a multiple of the number of processes (2)"}, r.stderr
+    assert "exitcode  : 2" in r.stderr and 'score_sde.py", line' not in r.stdout + r.stderr
+
+
+def test_old_checkpoint_is_refused_for_resume_but_samples(tmp_path, capsys, device):
+    """A checkpoint from before the data generator (rng = {"torch": ...}) cannot resume (one line, exit 2), but
+    --sample still reads it."""
+    S.main(["--train", "--dataset", "moons", "--steps", "2", "--batch-size", "8", "--sample-every", "1000",
+            "--n-steps", "25", "--device", device.type, "--out", str(tmp_path)])
+    ckpt = state(tmp_path / "ckpt.pt")
+    ckpt["rng"] = {"torch": torch.get_rng_state()}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        S.main(["--train", "--resume", "--dataset", "moons", "--steps", "4", "--batch-size", "8", "--n-steps", "25",
+                "--device", device.type, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "cannot resume" in err, err
+    S.main(["--sample", "--n-samples", "3", "--n-steps", "25", "--device", device.type, "--out", str(tmp_path)])
+    assert "3 samples" in capsys.readouterr().out
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+def test_ddp_classifier_sigterm_then_resume_equals_straight_run(ddp_digits, tmp_path):
+    """--train-classifier under 2 processes, stopped by SIGTERM to torchrun: every rank stops at the same step, rank 0
+    saves classifier.pt once and says so once; --resume with 2 processes to 30 steps is bitwise the straight
+    2-process run (weights, EMA, optimizer, data generator). Catches: the classifier's data generator not restored."""
+    common = ["--train-classifier", "--classifier-steps", "30", "--batch-size", "16", "--device", "cpu",
+              "--ckpt", str(ddp_digits / "ckpt.pt"), "--ckpt-every", "1000"]
+    straight = torchrun([*common, "--out", str(tmp_path / "straight")], tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    out = tmp_path / "run"
+    p = torchrun([*common, "--out", str(out), "--log-every", "1"], tmp_path, popen=True)
+    for line in p.stdout:  # wait until training is under way
+        if line.startswith("classifier step 3/"):
+            break
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and err.count("continue with --resume") == 1, err
+    stopped = state(out / "classifier.pt")["step"]
+    assert 3 <= stopped < 30 and f"stopped at step {stopped};" in err
+    r = torchrun([*common, "--out", str(out), "--resume"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(f"resumed from {out}/classifier.pt at step {stopped}") == 1
+    a, b = state(tmp_path / "straight" / "classifier.pt"), state(out / "classifier.pt")
+    assert a["step"] == b["step"] == 30
+    for key in ("model", "ema", "optimizer", "rng"):
+        assert same(a[key], b[key]), key
