@@ -1191,10 +1191,11 @@ def run_eval_nll(args, cfg_overrides):
             mine = torch.cat([c for _, c in chunks])[:, 0]
             share = f" (this process's {len(mine)})" if world > 1 else ""
             print(f"evaluated {start + n}/{len(x)}: running bits/dim {mine.mean():.4f}{share}", flush=True)
-    values = gather_chunks(chunks, world).mean(0).tolist()  # means over all examples: total, prior, diffusion, decoder
+    values = gather_chunks(chunks, world)  # (n_eval, 4) in example order, on the CPU
     if rank == 0:
-        print(f"bits/dim {values[0]:.4f} on {len(x)} held-out {cfg.dataset} examples "
-              f"(prior L_T {values[1]:.4f}, diffusion {values[2]:.4f}, decoder L_0 {values[3]:.4f})")
+        total, prior, diffusion_bpd, decoder = values.mean(0).tolist()  # means over all of the examples
+        print(f"bits/dim {total:.4f} on {len(values)} held-out {cfg.dataset} examples "
+              f"(prior L_T {prior:.4f}, diffusion {diffusion_bpd:.4f}, decoder L_0 {decoder:.4f})")
 
 
 # -----------------------------------------------------------------------------

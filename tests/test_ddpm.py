@@ -136,7 +136,7 @@ MUTATIONS = [  # deliberate breaks of ddpm.py, each caught by the tests named (p
     {"name": "ddpm-ddp-stop-on-one-rank-only", "file": "ddpm.py",
      "find": "stopping = any_rank(stop.set, world, device)",
      "replace": "stopping = stop.set",
-     "tests": ["tests/test_ddpm.py::test_torchrun_sigterm_then_resume_equals_straight_run"]},
+     "tests": ["tests/test_ddpm.py::test_torchrun_sigterm_to_one_rank_stops_every_rank"]},
     {"name": "ddpm-ddp-resume-restores-no-data-generator", "file": "ddpm.py",
      "find": "            restore_rng(ckpt[\"rng\"], data_gen, rank)  #",
      "replace": "            set_rng_state(ckpt[\"rng\"][\"ranks\"][rank])  #",
@@ -1226,12 +1226,14 @@ def free_port():
 
 
 def torchrun(*args, cwd, wait=True, timeout=240):
-    """`torchrun --nproc_per_node=2 ddpm.py args` (a finished CompletedProcess, or the running Popen)."""
+    """`torchrun --nproc_per_node=2 ddpm.py args` (a finished CompletedProcess, or the running Popen, in a session of
+    its own so that stop_hung can end its workers too)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
            SCRIPT, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -1285,6 +1287,32 @@ def test_torchrun_train_equals_one_process(objective, tmp_path, capsys):
     assert_same_weights(one, two, 1e-4)
 
 
+def communicate_or_fail(p, timeout=60):
+    """The stderr of a stopping torchrun Popen; if a rank is left waiting for the other, kill its session and fail."""
+    try:
+        return p.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # torchrun and both workers
+        p.communicate()
+        raise AssertionError("the 2-process run hung after SIGTERM") from None
+
+
+def worker_pid(p, rank, timeout=60):
+    """The pid of the torchrun worker of this rank: a child of p whose environment holds RANK=rank (Linux /proc)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if ppid == p.pid else []
+            except (OSError, IndexError, ValueError):  # gone meanwhile, or not ours
+                continue
+            if f"RANK={rank}".encode() in env:
+                return int(pid)
+        time.sleep(0.1)
+    raise AssertionError(f"no worker of rank {rank} under torchrun {p.pid}")
+
+
 def wait_for_checkpoint(path, p, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline and p.poll() is None and not os.path.exists(path):
@@ -1296,20 +1324,15 @@ def wait_for_checkpoint(path, p, timeout=120):
 def test_torchrun_sigterm_then_resume_equals_straight_run(tmp_path):
     """Issue 16: SIGTERM to torchrun (it forwards it to both ranks) mid-run -> every rank stops after the same step,
     rank 0 saves once and says so; --resume with 2 processes to step s + 6 == a straight 2-process run to
-    s + 6 (model and EMA to 1e-6 relative, the data generator's state equal). Caught: a stop decided per rank (the
-    ranks part and the run hangs or fails); a resume that does not restore the data generator."""
+    s + 6 (model and EMA to 1e-6 relative, the data generator's state equal). Caught: a resume that does not restore
+    the data generator."""
     args = [*DDP, "--ckpt-every", "5"]
     out = tmp_path / "stopped"
     p = torchrun(*args, "--steps", "100000", "--out", str(out), cwd=tmp_path, wait=False)
     wait_for_checkpoint(str(out / "ckpt.pt"), p)
     time.sleep(0.5)
     p.send_signal(signal.SIGTERM)
-    try:
-        _, err = p.communicate(timeout=60)
-    except subprocess.TimeoutExpired:  # a rank left waiting for the other: kill the group, fail
-        p.kill()
-        p.communicate()
-        raise AssertionError("the 2-process run hung after SIGTERM")
+    err = communicate_or_fail(p)
     assert p.returncode != 0 and err.count("continue with --resume") == 1, err
     step = state(str(out))["step"]
     assert step >= 5 and f"stopped at step {step}" in err
@@ -1388,3 +1411,19 @@ def test_old_checkpoint_samples_but_does_not_resume(tmp_path, capsys):
     code, _, err = in_process(capsys, "--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-samples", "3",
                               "--out", out, "--device", "cpu")
     assert code == 0 and np.load(os.path.join(out, "samples.npz"))["arr_0"].shape == (3, 2), err
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the worker processes in /proc (Linux)")
+def test_torchrun_sigterm_to_one_rank_stops_every_rank(tmp_path):
+    """Issue 16: a SIGTERM that reaches rank 1 alone (not the rank that writes) stops both ranks after the same step:
+    rank 0 saves once and says so, the workers exit 130, nothing hangs. Caught: a stop decided per rank (rank 1
+    leaves alone and rank 0 waits for it, or the two ranks' collectives no longer match)."""
+    out = tmp_path / "one-rank"
+    p = torchrun(*DDP, "--ckpt-every", "5", "--steps", "100000", "--out", str(out), cwd=tmp_path, wait=False)
+    wait_for_checkpoint(str(out / "ckpt.pt"), p)
+    os.kill(worker_pid(p, 1), signal.SIGTERM)
+    err = communicate_or_fail(p)
+    step = state(str(out))["step"]
+    assert err.count("continue with --resume") == 1 and f"stopped at step {step}" in err, err
+    assert "exitcode  : 130" in err, err  # torchrun's summary of its workers
