@@ -14,6 +14,13 @@ Commands
     python ddpm.py --train --preset cifar10                 # the paper's CIFAR-10 run (35.7 M U-Net, 800k steps; a GPU)
     python ddpm.py --train --loss-type vlb --schedule learned   # VDM: continuous bound, learned log-SNR, Fourier features
     python ddpm.py --train --preset cifar10 --device cuda --precision bf16 --compile   # bf16 autocast, compiled U-Net
+    torchrun --nproc_per_node=8 ddpm.py --train --preset cifar10 --device cuda   # 8 GPUs; --batch-size: global
+    torchrun --nproc_per_node=8 ddpm.py --sample --ckpt runs/ddpm/ckpt.pt --n-samples 50000   # samples split over 8
+    torchrun --nproc_per_node=8 ddpm.py --eval-nll --ckpt runs/ddpm/ckpt.pt --n-eval 10000   # examples split over 8
+Under torchrun (one process per GPU, NCCL; gloo on the CPU) a run equals the 1-process run with the same global
+batch, up to float reduction order and per-rank dropout (see "Several processes" below); --sample and --eval-nll
+give the same samples and bits/dim for any number of processes. Multi-node (torchrun's --nnodes and rendezvous
+flags) is untested.
 
 Map from the paper to this file
     Eq. 2  forward step q(x_t | x_{t-1})           -> make_schedule (beta), DDPM.__init__ (alpha)
@@ -110,7 +117,8 @@ class Config:
     cond: str = "gamma"           # --loss-type vlb: the net sees the noise level gamma(t), rescaled to 0..999 as VDM's
     #                               official ScoreUNet does, or "t" (999 t); identical for linear_snr. Ignored otherwise
     steps: int = 1500             # total optimisation steps of the run; paper: 800k (CIFAR-10)
-    batch_size: int = 128         # App. B: 128
+    batch_size: int = 128         # App. B: 128. The global batch under torchrun (each process takes its share);
+    #                               --sample / --eval-nll: the chunk size (each chunk has its own generator)
     lr: float = 1e-3              # App. B: Adam 2e-4 (raised for the short CPU run)
     warmup: int = 100             # official code (run_cifar.py, not the paper): 5000 steps of linear warm-up
     #                               (shortened for the CPU run)
@@ -120,7 +128,8 @@ class Config:
     sample_every: int = 500       # steps between sample grids from fixed noise
     log_every: int = 100          # steps between progress lines
     out: str = "runs/ddpm"        # output folder: ckpt.pt, grid_<step>.png, samples.png, samples.npz
-    seed: int = 0                 # seeds the one global torch RNG (data order, t, noise, dropout)
+    seed: int = 0                 # seeds the data generator (data order, flips, t, noise), the initial weights,
+    #                               the sampling generators, and the global RNG (dropout; seed + rank under torchrun)
     device: str = "auto"          # auto = cuda -> mps -> cpu
     precision: str = "auto"       # fp32 | tf32 | bf16 (autocast for the network only); auto = tf32 on CUDA, else fp32
     compile: bool = False         # torch.compile the network (a runtime setting, like device and precision)
@@ -272,16 +281,17 @@ class DDPM:
         """Invert Eq. 4 for x_0: x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
         return (x_t - self.at("sqrt_one_minus_alpha_bar", t, x_t) * eps) / self.at("sqrt_alpha_bar", t, x_t)
 
-    def sample_t(self, B, device):
+    def sample_t(self, B, device, generator=None):
         """Training timesteps (B,): i.i.d. uniform on {0..T-1} (Algorithm 1, line 3) or low-discrepancy.
 
         Low-discrepancy (VDM, Kingma et al. 2021, App. I.1): u_i = mod(u_0 + i/B, 1) with one u_0 ~ U(0, 1),
         so each interval [k/B, (k+1)/B) holds exactly one u_i; the index is floor(T u_i). Each u_i alone is
         still uniform, so every loss estimate stays unbiased, with less variance across minibatches.
+        Drawn from generator (default: the global RNG of device).
         """
         if self.t_sampling == "iid":
-            return torch.randint(self.T, (B,), device=device)
-        u = low_discrepancy_uniform(B, device)  # (B,) in [0, 1), one per interval [k/B, (k+1)/B)
+            return torch.randint(self.T, (B,), device=device, generator=generator)
+        u = low_discrepancy_uniform(B, device, generator)  # (B,) in [0, 1), one per interval [k/B, (k+1)/B)
         return (u * self.T).long().clamp(max=self.T - 1)
 
     def loss(self, model, x0, t=None, noise=None):
@@ -485,7 +495,7 @@ def low_discrepancy_uniform(B, device="cpu", generator=None):
 
 
 def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t=None, t_sampling="iid", T=None, net_dtype=None,
-                   generator=None):
+                   generator=None, eps=None, noise_0=None):
     """VDM Eq. 11 with Eq. 17: the continuous-time (T -> infinity) bound, eps-parameterised, in bits/dim per example.
 
     -log p(x) <= L_prior + L_recon + L_inf (Eq. 11) with
@@ -500,7 +510,9 @@ def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t=None, t_sam
       L_T = T/2 E_{i ~ U{1..T}, eps} [ (SNR(s) - SNR(t)) || x - x_hat(z_t; t) ||^2 ],  t = i/T, s = (i-1)/T,
     which lies above L_inf and decreases towards it as T grows (VDM Sec. 4.1: doubling T never hurts).
     Arithmetic in float64 on x0's device (float32 on MPS). The network gets net_dtype inputs (default: float32
-    for a torch.nn.Module, else the wide float: exact oracles); noise and t come from generator (default: global).
+    for a torch.nn.Module, else the wide float: exact oracles); t, eps (the noise of z_t) and noise_0 (that of z_0)
+    may be given (the training loop draws them for the whole global batch), else they come from generator
+    (default: the global RNG).
     """
     B, D, dev, dt = x0.shape[0], x0[0].numel(), x0.device, wide(x0.device)
     x0 = x0.to(dt)
@@ -516,7 +528,7 @@ def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t=None, t_sam
         dg_dt = torch.autograd.grad(g_t.sum(), t, create_graph=True)[0]     # gamma'(t) > 0
     shape = (-1, *([1] * (x0.dim() - 1)))
     alpha, sigma = torch.sigmoid(-g_t).sqrt().reshape(shape), torch.sigmoid(g_t).sqrt().reshape(shape)
-    eps = torch.randn(x0.shape, generator=generator, dtype=dt, device=dev)
+    eps = torch.randn(x0.shape, generator=generator, dtype=dt, device=dev) if eps is None else eps.to(dt)
     z_t = alpha * x0 + sigma * eps
     if net_dtype is None:
         net_dtype = torch.float32 if isinstance(model, torch.nn.Module) else dt  # oracles take the wide float
@@ -531,8 +543,9 @@ def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t=None, t_sam
     var_1 = torch.sigmoid(g_01[1])                                            # sigma_1^2
     prior = 0.5 * ((1 - var_1) * x0 ** 2 + var_1 - torch.log(var_1) - 1).flatten(1).sum(1)
     alpha_0, var_ratio = torch.sigmoid(-g_01[0]).sqrt(), torch.exp(g_01[0])  # sigma_0^2 / alpha_0^2 = exp(gamma_0)
-    noise_0 = torch.randn(x0.shape, generator=generator, dtype=dt, device=dev)
-    z_0 = alpha_0 * x0 + torch.sigmoid(g_01[0]).sqrt() * noise_0
+    if noise_0 is None:
+        noise_0 = torch.randn(x0.shape, generator=generator, dtype=dt, device=dev)
+    z_0 = alpha_0 * x0 + torch.sigmoid(g_01[0]).sqrt() * noise_0.to(dt)
     recon = -discretized_gaussian_log_likelihood(x0, z_0 / alpha_0, var_ratio.expand_as(x0), levels).flatten(1).sum(1)
     to_bpd = 1.0 / (D * math.log(2))
     terms = {"prior": prior * to_bpd, "diffusion": diffusion * to_bpd, "recon": recon * to_bpd}
@@ -940,10 +953,14 @@ def write_samples(x, path_png, data=None):
 
 
 def train(cfg):
-    """Algorithm 1 of Ho et al. (2020) with the official recipe: Adam, warm-up, gradient clipping, EMA."""
-    device = pick_device(cfg.device)
+    """Algorithm 1 of Ho et al. (2020) with the official recipe: Adam, warm-up, gradient clipping, EMA.
+
+    Under torchrun each rank computes the loss on its slice of the global batch (see setup_distributed)."""
+    rank, world, device = setup_distributed(pick_device(cfg.device))  # (0, 1, device) without torchrun
+    B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
+    log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
     autocast = setup_precision(device, resolve_precision(cfg, device), cfg.deterministic)
-    torch.manual_seed(cfg.seed)  # one global RNG per device drives data order, t, noise and dropout
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
     is_toy = cfg.dataset in TOYS
     if cfg.fourier == "auto":  # resolved before it is stored or compared with a checkpoint's
@@ -952,66 +969,90 @@ def train(cfg):
     model = place(make_model(config), device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # EMA of parameters only (the nets have no buffers)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # The data generator, alike on every rank, draws all of the global batch's randomness (indices, flips, t, noise);
+    # the global RNGs, one stream per rank, are left to dropout.
+    data_gen = make_generator(cfg.seed, device)
+    torch.manual_seed(cfg.seed + rank)
     os.makedirs(cfg.out, exist_ok=True)
     path, step = os.path.join(cfg.out, "ckpt.pt"), 0
-    if cfg.resume:
+    if cfg.resume:  # every rank reads the same checkpoint
         ckpt = read_ckpt(path, cfg)
         if list(ckpt["config"]["data_shape"]) != config["data_shape"]:
             raise DataError(f"{path}: data shape {ckpt['config']['data_shape']}, this run has {config['data_shape']}")
+        if not isinstance(ckpt["rng"], dict) or "data" not in ckpt["rng"]:
+            raise DataError(f"{path}: written before the data generator (issue 16): it samples, but cannot resume")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
-        print(f"resumed from {path} at step {step}", flush=True)
+        try:
+            restore_rng(ckpt["rng"], data_gen, rank)  # the data generator, and this rank's CPU and CUDA/MPS streams
+        except RuntimeError:  # a CUDA generator's state does not fit a CPU one, and vice versa
+            raise DataError(f"{path}: its data generator belongs to another device type; resume on that one") from None
+        log(f"resumed from {path} at step {step}", flush=True)
     vlb = cfg.loss_type == "vlb"
     if not vlb:
         diffusion = make_diffusion(cfg, data.levels, is_toy)
     net = network(model, autocast, cfg.compile)  # what the loss calls: model(x, t) in autocast, float32 out
     x_data = data.x.to(device)
+    shape = tuple(data.x.shape[1:])
     n_grid = 2000 if is_toy else 64
-    grid_shape = (n_grid, *data.x.shape[1:])
+    grid_shape = (n_grid, *shape)
 
-    saved, checked = [step], [step]  # the step of the checkpoint on disk; the last step whose loss was checked
+    checked = [step]  # the last step whose loss was checked
     loss_sum = torch.zeros((), device=device)   # since the last check (NaN and inf stay in a sum)
     log_sum, n_log = torch.zeros((), device=device), 0   # since the last progress line
 
     def check_finite():
-        """The one host sync of the loss: at log and checkpoint steps, for every step since the last check."""
+        """The one host sync of the loss: at log and checkpoint steps, for every step since the last check.
+        The mean over the ranks is the same number on every rank, so every rank takes the same decision."""
         nonlocal loss_sum
-        if not torch.isfinite(loss_sum):
+        if not math.isfinite(mean_over_ranks(loss_sum, world).item()):
             raise DataError(f"non-finite loss between steps {checked[0] + 1} and {step}; "
                             f"last good checkpoint kept in {path}")
         loss_sum, checked[0] = torch.zeros((), device=device), step
 
     def checkpoint():
         check_finite()
-        if has_nonfinite(model, ema):  # never save NaN weights; the previous checkpoint stays
+        if any_rank(has_nonfinite(model, ema), world, device):  # never save NaN weights; the previous one stays
             raise DataError(f"non-finite weights at step {step}; last good checkpoint kept in {path}")
-        save_checkpoint(path, {"script": SCRIPT, "config": config, "step": step,
-                               "model": model.state_dict(), "ema": ema.state_dict(),
-                               "optimizer": opt.state_dict(), "rng": rng_state()})
-        saved[0] = step
+        rng = rng_checkpoint(data_gen, world)  # a collective: every rank takes part, rank 0 writes
+        if rank == 0:
+            save_checkpoint(path, {"script": SCRIPT, "config": config, "step": step,
+                                   "model": model.state_dict(), "ema": ema.state_dict(),
+                                   "optimizer": opt.state_dict(), "rng": rng})
 
     def sample_grid():
-        # Fixed noise (its own generator, so the training RNG is untouched): the grids differ only by the weights.
+        # Fixed noise (its own generator, so the data generator is untouched): the grids differ only by the weights.
         g = make_generator(cfg.seed + 1, device)
         ema_net = network(ema, autocast)
         d, fn = make_diffusion(cfg, data.levels, is_toy, ema, ema_net) if vlb else (diffusion, ema_net)
         x = d.sample(fn, grid_shape, generator=g, device=device)
         write_samples(x.cpu(), os.path.join(cfg.out, f"grid_{step:07d}.png"), data if is_toy else None)
 
-    stop, t0, step0 = StopFlag(), time.time(), step
+    stop, t0, step0, stopping = StopFlag(), time.time(), step, False
     model.train()
-    while step < cfg.steps and not stop.set:
-        x0 = x_data[torch.randint(len(x_data), (cfg.batch_size,), device=device)]  # i.i.d. minibatch: exact resume
+    while step < cfg.steps and not stopping:
+        # The global batch's randomness, all from data_gen in this order on every rank; this rank keeps part of each.
+        idx = torch.randint(len(x_data), (B,), device=device, generator=data_gen)  # i.i.d. minibatch: exact resume
         if data.flip:  # random horizontal flips (the paper's CIFAR-10 augmentation)
-            flip = (torch.rand(len(x0), device=device) < 0.5).reshape(-1, 1, 1, 1)
-            x0 = torch.where(flip, x0.flip(-1), x0)
+            flip = (torch.rand(B, device=device, generator=data_gen) < 0.5).reshape(-1, 1, 1, 1)
+        if vlb:  # continuous t in [0, 1) and the noise of z_t and of z_0, in the widest float (VDM Eqs. 11, 17)
+            dt = wide(device)
+            t = (low_discrepancy_uniform(B, device, data_gen) if cfg.t_sampling == "low_discrepancy"
+                 else torch.rand(B, generator=data_gen, dtype=dt, device=device))
+            noise = torch.randn((B, *shape), generator=data_gen, dtype=dt, device=device)
+            noise_0 = torch.randn((B, *shape), generator=data_gen, dtype=dt, device=device)
+        else:
+            t = diffusion.sample_t(B, device, data_gen)                                     # Algorithm 1, line 3
+            noise = torch.randn((B, *shape), generator=data_gen, device=device)             # Algorithm 1, line 4
+        x0 = x_data[idx[part]]
+        if data.flip:
+            x0 = torch.where(flip[part], x0.flip(-1), x0)
         if vlb:  # VDM Eqs. 11, 17: the bound itself, bits/dim (a learned gamma trains jointly on it)
-            bpd, terms = vlb_continuous(net, x0, model.gamma_fn(), data.levels, t_sampling=cfg.t_sampling,
-                                        net_dtype=torch.float32)
+            bpd, terms = vlb_continuous(net, x0, model.gamma_fn(), data.levels, t=t[part], net_dtype=torch.float32,
+                                        eps=noise[part], noise_0=noise_0[part])
             loss = bpd.mean()
         else:
-            loss = diffusion.loss(net, x0)                      # Algorithm 1, lines 2-5
+            loss = diffusion.loss(net, x0, t[part], noise[part])  # Algorithm 1, line 5, on this rank's slice
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))  # linear warm-up
         opt.zero_grad(set_to_none=True)
@@ -1019,28 +1060,31 @@ def train(cfg):
             vdm_backward(model, bpd, terms, cfg.schedule_grad)
         else:
             loss.backward()
+        average_gradients(model, world)  # the gradient of the global batch's mean loss (gamma_phi's too), every rank
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # a NaN here shows in the weights' check
         opt.step()
         ema_update(ema, model, cfg.ema_decay)  # EMA of the parameters (App. B)
         step += 1
         loss_sum, log_sum, n_log = loss_sum + loss.detach(), log_sum + loss.detach(), n_log + 1  # on the device
+        stopping = any_rank(stop.set, world, device)  # Ctrl-C / SIGTERM on any rank stops every rank after this step
         if step % cfg.log_every == 0 or step == cfg.steps:  # progress line: step, loss, it/s, ETA
             check_finite()
+            mean_loss = mean_over_ranks(log_sum, world).item() / n_log
             rate = (step - step0) / (time.time() - t0)
             eta = (cfg.steps - step) / rate
-            print(f"step {step}/{cfg.steps}  loss {log_sum.item() / n_log:.4f}  {rate:.2f} it/s  "
-                  f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+            log(f"step {step}/{cfg.steps}  loss {mean_loss:.4f}  {rate:.2f} it/s  "
+                f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
             log_sum, n_log = torch.zeros((), device=device), 0
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or stop.set:
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
             checkpoint()
-        if step % cfg.sample_every == 0 or step == cfg.steps:
-            sample_grid()
-    if stop.set:
-        if saved[0] != step:  # the signal came during a sample grid, after this step's checkpoint decision
-            checkpoint()
-        print(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume", file=sys.stderr)
+        if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
+            sample_grid()  # a signal that comes during it stops the run after the next step
+    if stopping:
+        if rank == 0:
+            sys.stderr.write(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume\n")
         sys.exit(130)
-    print(f"done: {step} steps in {time.time() - t0:.0f} s; checkpoint {path}", flush=True)
+    on = f" on {world} processes" if world > 1 else ""
+    log(f"done: {step} steps in {time.time() - t0:.0f} s{on}; checkpoint {path}", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -1052,12 +1096,13 @@ def is_pretrained(path):
 
 
 def load_for_inference(args, cfg_overrides):
-    """Rebuild (cfg, ckpt, diffusion, model(x, i), device) from a checkpoint's EMA weights, without the data, or
-    from a released DDPM model in diffusers' format (common.load_pretrained; T, betas, variance and clipping from
-    its scheduler_config.json, else the paper's).
+    """Rebuild (cfg, ckpt, diffusion, model(x, i), device, rank, world) from a checkpoint's EMA weights, without the
+    data, or from a released DDPM model in diffusers' format (common.load_pretrained; T, betas, variance and
+    clipping from its scheduler_config.json, else the paper's).
 
     model is the EMA network wrapped by network() (precision, compile); for --loss-type vlb diffusion.vdm_net is
-    the bare VDMNet (its gamma) and diffusion.net_fn the wrapped one (for the bound)."""
+    the bare VDMNet (its gamma) and diffusion.net_fn the wrapped one (for the bound). Under torchrun every rank
+    loads the same weights; rank and world say which one this is."""
     if is_pretrained(args.ckpt):  # a released DDPM model (diffusers files): its schedule, variance and clipping
         net, info = load_pretrained(args.ckpt)
         s, shape = info["schedule"], info["data_shape"]
@@ -1076,7 +1121,7 @@ def load_for_inference(args, cfg_overrides):
             raise DataError(f"{args.ckpt}: EMA weights do not fit the network of its config "
                             f"({str(e).splitlines()[0]})") from None
     cfg = dataclasses.replace(cfg, **cfg_overrides)  # RUNTIME fields given on the command line
-    device = pick_device(cfg.device)
+    rank, world, device = setup_distributed(pick_device(cfg.device))  # (0, 1, device) without torchrun
     autocast = setup_precision(device, resolve_precision(cfg, device), cfg.deterministic)
     levels = data_levels(cfg.dataset)
     if has_nonfinite(net):
@@ -1086,40 +1131,50 @@ def load_for_inference(args, cfg_overrides):
     if cfg.loss_type == "vlb":
         diffusion, model = make_diffusion(cfg, levels, cfg.dataset in TOYS, net, net_fn)
         diffusion.vdm_net, diffusion.net_fn = net, net_fn  # --eval-nll uses the continuous bound for these
-        return cfg, ckpt, diffusion, model, device
-    return cfg, ckpt, make_diffusion(cfg, levels, cfg.dataset in TOYS), net_fn, device
+        return cfg, ckpt, diffusion, model, device, rank, world
+    return cfg, ckpt, make_diffusion(cfg, levels, cfg.dataset in TOYS), net_fn, device, rank, world
 
 
 def run_sample(args, cfg_overrides):
-    """--sample: n images (or 2-D points) from the EMA network -> samples.png and samples.npz."""
-    cfg, ckpt, diffusion, net, device = load_for_inference(args, cfg_overrides)
+    """--sample: n images (or 2-D points) from the EMA network -> samples.png and samples.npz.
+
+    Chunks of --batch-size samples, chunk k on rank k % world (torchrun), each from its own generator derived from
+    --seed and its first sample's index: the samples depend on --seed and --batch-size only, not on the ranks.
+    Rank 0 writes them."""
+    cfg, ckpt, diffusion, net, device, rank, world = load_for_inference(args, cfg_overrides)
     os.makedirs(cfg.out, exist_ok=True)
-    g = make_generator(cfg.seed, device)
     shape, chunks = tuple(ckpt["config"]["data_shape"]), []
-    for start in range(0, args.n_samples, cfg.batch_size):
-        n = min(cfg.batch_size, args.n_samples - start)
-        chunks.append(diffusion.sample(net, (n, *shape), generator=g, device=device).cpu())
-        print(f"sampled {start + n}/{args.n_samples}", flush=True)
-    x = torch.cat(chunks)
+    for start, n in my_chunks(args.n_samples, cfg.batch_size, rank, world):
+        g = chunk_generator(cfg.seed, start, device)  # x_T and every z of this chunk
+        chunks.append((start, diffusion.sample(net, (n, *shape), generator=g, device=device).cpu()))
+        if rank == 0:
+            print(f"sampled {start + n}/{args.n_samples}", flush=True)
+    x = gather_chunks(chunks, world)  # (n_samples, ...) in sample order, on the CPU
+    if rank != 0:
+        return
     if cfg.dataset in TOYS:  # 2-D points: scatter over the data; npz holds the raw float coordinates
         write_samples(x, os.path.join(cfg.out, "samples.png"), load_data(cfg.dataset, train=False))
         np.savez(os.path.join(cfg.out, "samples.npz"), arr_0=x.numpy())
     else:
         write_samples(x, os.path.join(cfg.out, "samples.png"))
         save_npz(x, os.path.join(cfg.out, "samples.npz"))
-    print(f"wrote {cfg.out}/samples.png and {cfg.out}/samples.npz ({len(x)} samples)")
+    on = f" on {world} processes" if world > 1 else ""
+    print(f"wrote {cfg.out}/samples.png and {cfg.out}/samples.npz ({len(x)} samples{on})")
 
 
 def run_eval_nll(args, cfg_overrides):
-    """--eval-nll: the variational bound (Eq. 5) on held-out data, in bits/dim."""
-    cfg, ckpt, diffusion, net, device = load_for_inference(args, cfg_overrides)
+    """--eval-nll: the variational bound (Eq. 5) on held-out data, in bits/dim.
+
+    Chunks of --batch-size examples, split over the ranks like --sample's, each with the generator of its first
+    example's index: the per-example values do not depend on the ranks; rank 0 prints the mean over all of them."""
+    cfg, ckpt, diffusion, net, device, rank, world = load_for_inference(args, cfg_overrides)
     data = load_data(cfg.dataset, train=False, image_size=cfg.image_size or None)
     diffusion.levels = data.levels
-    g = make_generator(cfg.seed, device)  # every x_t, t and noise of the bound
     x = data.x[:args.n_eval].to(device)
-    totals, parts = [], {"prior": [], "diffusion": [], "decoder": []}
-    for start in range(0, len(x), cfg.batch_size):
-        xb = x[start:start + cfg.batch_size]
+    chunks = []  # (start, (n, 4) CPU tensor of bits/dim, prior, diffusion, decoder per example)
+    for start, n in my_chunks(len(x), cfg.batch_size, rank, world):
+        xb = x[start:start + n]
+        g = chunk_generator(cfg.seed, start, device)  # every x_t, t and noise of this chunk's bound
         if cfg.loss_type == "vlb":  # VDM Eq. 11 bound (Eq. 17 diffusion term), averaged over 16 low-discrepancy draws of t
             vdm_net = diffusion.vdm_net
             with torch.no_grad():
@@ -1131,13 +1186,16 @@ def run_eval_nll(args, cfg_overrides):
                      "diffusion": torch.stack([r[1]["diffusion"] for r in runs]).mean(0)}
         else:
             bpd, terms = diffusion.nll_bpd(net, xb, return_terms=True, generator=g)
-        totals.append(bpd)
-        for k in parts:
-            parts[k].append(terms[k])
-        print(f"evaluated {start + len(bpd)}/{len(x)}: running bits/dim {torch.cat(totals).mean():.4f}", flush=True)
-    mean = {k: torch.cat(v).mean().item() for k, v in parts.items()}
-    print(f"bits/dim {torch.cat(totals).mean():.4f} on {len(x)} held-out {cfg.dataset} examples "
-          f"(prior L_T {mean['prior']:.4f}, diffusion {mean['diffusion']:.4f}, decoder L_0 {mean['decoder']:.4f})")
+        chunks.append((start, torch.stack([bpd, terms["prior"], terms["diffusion"], terms["decoder"]], 1).cpu()))
+        if rank == 0:
+            mine = torch.cat([c for _, c in chunks])[:, 0]
+            share = f" (this process's {len(mine)})" if world > 1 else ""
+            print(f"evaluated {start + n}/{len(x)}: running bits/dim {mine.mean():.4f}{share}", flush=True)
+    values = gather_chunks(chunks, world)  # (n_eval, 4) in example order, on the CPU
+    if rank == 0:
+        total, prior, diffusion_bpd, decoder = values.mean(0).tolist()  # means over all of the examples
+        print(f"bits/dim {total:.4f} on {len(values)} held-out {cfg.dataset} examples "
+              f"(prior L_T {prior:.4f}, diffusion {diffusion_bpd:.4f}, decoder L_0 {decoder:.4f})")
 
 
 # -----------------------------------------------------------------------------
@@ -1147,7 +1205,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit code 2), like every other error here."""
 
     def error(self, message):
-        print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
+        sys.stderr.write(f"{SCRIPT}.py: error: {message}\n")  # one write (torchrun: ranks never interleave)
         sys.exit(2)
 
 
@@ -1211,7 +1269,7 @@ def validate(cfg):
 def check_writable(out):
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write_test")
+        probe = os.path.join(out, f".write_test{os.getpid()}")  # one per process: torchrun's ranks probe at once
         with open(probe, "w"):
             pass
         os.remove(probe)
@@ -1258,8 +1316,12 @@ def main(argv=None):
             runtime = {k: v for k, v in given.items() if k in RUNTIME}
             (run_sample if args.sample else run_eval_nll)(args, runtime)
     except (DataError, ValueError) as e:
-        print(f"{SCRIPT}.py: error: {e}", file=sys.stderr)  # one line, exit code 2 (argparse's convention)
+        # One line, exit code 2 (argparse's convention); one write, so that lines of several ranks never interleave.
+        sys.stderr.write(f"{SCRIPT}.py: error: {e}\n")
         sys.exit(2)
+    finally:  # under torchrun: leave the process group before exit (else a gloo rank may abort at exit)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -96,6 +96,71 @@ MUTATIONS = [  # deliberate breaks of ddpm.py, each caught by the tests named (p
      "find": "ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])          # t = 0",
      "replace": "ab_prev = torch.cat([torch.sigmoid(-gamma(t_grid[:1] * 0)).cpu().double(), ab[:-1]])  # t = 0",
      "tests": ["tests/test_ddpm.py::test_vdm_sampler_ends_on_the_data"]},
+    # Issue 16 (torchrun): each break makes a 2-process run differ from the 1-process run (or the samples repeat).
+    {"name": "ddpm-ddp-no-average-gradients", "file": "ddpm.py",
+     "find": "        average_gradients(model, world)  #",
+     "replace": "        None  #",
+     "tests": ["tests/test_ddpm.py::test_torchrun_train_equals_one_process[simple]"]},
+    {"name": "ddpm-ddp-schedule-gradients-not-averaged", "file": "ddpm.py",
+     "find": "        average_gradients(model, world)  #",
+     "replace": "        average_gradients(model.net if vlb else model, world)  #",
+     "tests": ["tests/test_ddpm.py::test_torchrun_train_equals_one_process[vlb-learned]"]},
+    {"name": "ddpm-ddp-data-generator-seeded-by-rank", "file": "ddpm.py",
+     "find": "data_gen = make_generator(cfg.seed, device)",
+     "replace": "data_gen = make_generator(cfg.seed + rank, device)",
+     "tests": ["tests/test_ddpm.py::test_torchrun_train_equals_one_process[simple]"]},
+    {"name": "ddpm-ddp-initial-weights-seeded-by-rank", "file": "ddpm.py",
+     "find": "torch.manual_seed(cfg.seed)  # the same initial weights on every rank",
+     "replace": "torch.manual_seed(cfg.seed + rank)",
+     "tests": ["tests/test_ddpm.py::test_torchrun_train_equals_one_process[simple]"]},
+    {"name": "ddpm-ddp-every-rank-takes-the-first-slice", "file": "ddpm.py",
+     "find": "rank_slice(cfg.batch_size, rank, world)",
+     "replace": "rank_slice(cfg.batch_size, 0, world)",
+     "tests": ["tests/test_ddpm.py::test_torchrun_train_equals_one_process[simple]"]},
+    {"name": "ddpm-ddp-noise-not-sliced", "file": "ddpm.py",
+     "find": "diffusion.loss(net, x0, t[part], noise[part])",
+     "replace": "diffusion.loss(net, x0, t[part], noise[:len(x0)])",
+     "tests": ["tests/test_ddpm.py::test_torchrun_train_equals_one_process[simple]"]},
+    {"name": "ddpm-ddp-elbo-t-not-sliced", "file": "ddpm.py",
+     "find": "diffusion.loss(net, x0, t[part], noise[part])",
+     "replace": "diffusion.loss(net, x0, t[:len(x0)], noise[part])",
+     "tests": ["tests/test_ddpm.py::test_torchrun_train_equals_one_process[elbo]"]},
+    {"name": "ddpm-ddp-vlb-draws-its-own-noise", "file": "ddpm.py",
+     "find": "eps=noise[part], noise_0=noise_0[part])",
+     "replace": "eps=None, noise_0=noise_0[part])",
+     "tests": ["tests/test_ddpm.py::test_torchrun_train_equals_one_process[vlb-learned]"]},
+    {"name": "ddpm-ddp-vlb-t-not-sliced", "file": "ddpm.py",
+     "find": "data.levels, t=t[part], net_dtype=torch.float32,",
+     "replace": "data.levels, t=t[:len(x0)], net_dtype=torch.float32,",
+     "tests": ["tests/test_ddpm.py::test_torchrun_train_equals_one_process[vlb-learned]"]},
+    {"name": "ddpm-ddp-stop-on-one-rank-only", "file": "ddpm.py",
+     "find": "stopping = any_rank(stop.set, world, device)",
+     "replace": "stopping = stop.set",
+     "tests": ["tests/test_ddpm.py::test_torchrun_sigterm_to_one_rank_stops_every_rank"]},
+    {"name": "ddpm-ddp-resume-restores-no-data-generator", "file": "ddpm.py",
+     "find": "            restore_rng(ckpt[\"rng\"], data_gen, rank)  #",
+     "replace": "            set_rng_state(ckpt[\"rng\"][\"ranks\"][rank])  #",
+     "tests": ["tests/test_ddpm.py::test_torchrun_sigterm_then_resume_equals_straight_run"]},
+    {"name": "ddpm-ddp-sample-chunk-generator-ignores-start", "file": "ddpm.py",
+     "find": "g = chunk_generator(cfg.seed, start, device)  # x_T and every z of this chunk",
+     "replace": "g = chunk_generator(cfg.seed, 0, device)  # x_T and every z of this chunk",
+     "tests": ["tests/test_ddpm.py::test_torchrun_sample_and_eval_nll_equal_one_process"]},
+    {"name": "ddpm-ddp-samples-not-split", "file": "ddpm.py",
+     "find": "my_chunks(args.n_samples, cfg.batch_size, rank, world)",
+     "replace": "my_chunks(args.n_samples, cfg.batch_size, 0, 1)",
+     "tests": ["tests/test_ddpm.py::test_torchrun_sample_and_eval_nll_equal_one_process"]},
+    {"name": "ddpm-ddp-eval-generator-seeded-by-rank", "file": "ddpm.py",
+     "find": "g = chunk_generator(cfg.seed, start, device)  # every x_t, t and noise of this chunk's bound",
+     "replace": "g = chunk_generator(cfg.seed + rank, start, device)  # every x_t, t and noise of this chunk's bound",
+     "tests": ["tests/test_ddpm.py::test_torchrun_sample_and_eval_nll_equal_one_process"]},
+    {"name": "ddpm-ddp-eval-not-split", "file": "ddpm.py",
+     "find": "my_chunks(len(x), cfg.batch_size, rank, world)",
+     "replace": "my_chunks(len(x), cfg.batch_size, 0, 1)",
+     "tests": ["tests/test_ddpm.py::test_torchrun_sample_and_eval_nll_equal_one_process"]},
+    {"name": "ddpm-ddp-old-checkpoint-resumed", "file": "ddpm.py",
+     "find": "if not isinstance(ckpt[\"rng\"], dict) or \"data\" not in ckpt[\"rng\"]:",
+     "replace": "if False:",
+     "tests": ["tests/test_ddpm.py::test_old_checkpoint_samples_but_does_not_resume"]},
 ]
 
 
@@ -580,7 +645,8 @@ def test_cli_train_sample_resume_eval(tmp_path, capsys, device):
     assert set(ckpt) == {"script", "config", "step", "model", "ema", "optimizer", "rng"}
     assert {"T", "schedule", "beta_1", "beta_T", "dataset", "image_size", "model"} <= set(ckpt["config"])
     assert os.path.exists(os.path.join(out, "grid_0000003.png"))
-    assert set(ckpt["rng"]) >= {"torch"} and ("cuda" in ckpt["rng"]) == (device.type == "cuda")
+    assert set(ckpt["rng"]) == {"data", "ranks"} and len(ckpt["rng"]["ranks"]) == 1  # issue 16: data generator + ranks
+    assert "torch" in ckpt["rng"]["ranks"][0] and ("cuda" in ckpt["rng"]["ranks"][0]) == (device.type == "cuda")
     ddpm.main(["--train", "--resume", "--steps", "5", "--sample-every", "100", "--out", out, *TINY, *dev])
     assert "resumed from" in capsys.readouterr().out and state(out)["step"] == 5
     ddpm.main(["--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-samples", "5", "--batch-size", "3",
@@ -675,10 +741,13 @@ def assert_same_state(a, b, exact=True):
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         for k in sa:
             assert same(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), k
-    assert a["step"] == b["step"] and set(a["rng"]) == set(b["rng"])
-    for k in a["rng"]:  # "torch" (CPU), "cuda" (a list, one per GPU), "mps"
-        for u, v in zip(*(x if isinstance(x, list) else [x] for x in (a["rng"][k], b["rng"][k]))):
-            assert torch.equal(u, v), k
+    assert a["step"] == b["step"] and torch.equal(a["rng"]["data"], b["rng"]["data"])  # the data generator
+    assert len(a["rng"]["ranks"]) == len(b["rng"]["ranks"])
+    for ra, rb in zip(a["rng"]["ranks"], b["rng"]["ranks"]):  # each rank's global RNG streams
+        assert set(ra) == set(rb)
+        for k in ra:  # "torch" (CPU), "cuda" (a list, one per GPU), "mps"
+            for u, v in zip(*(x if isinstance(x, list) else [x] for x in (ra[k], rb[k]))):
+                assert torch.equal(u, v), k
 
 
 def exactness(device):
@@ -1144,3 +1213,217 @@ def test_variance_gradient_lowers_estimator_variance_keeps_bound():
     assert abs(m1 - m0) < 4 * math.hypot(se0, se1), (m0, m1)
     ends = g(torch.tensor([0.0, 1.0], dtype=F64)).detach()
     assert abs(ends[0] + 13.3) < 1e-9 and abs(ends[1] - 5.0) < 1e-9
+
+
+# -----------------------------------------------------------------------------
+# 8. Several processes (issue 16): torchrun with gloo on the CPU, 2 processes against 1
+
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args, cwd, wait=True, timeout=240):
+    """`torchrun --nproc_per_node=2 ddpm.py args` (a finished CompletedProcess, or the running Popen, in a session of
+    its own so that stop_hung can end its workers too)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           SCRIPT, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def in_process(capsys, *argv):
+    """ddpm.main(argv) in this process -> (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        ddpm.main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# The 2-D toy: the MLP has no dropout, so 2 processes compute the 1-process run's gradients (up to float order).
+DDP = ["--train", "--dataset", "moons", "--T", "20", "--batch-size", "16", "--warmup", "3", "--log-every", "1000",
+       "--sample-every", "100000", "--device", "cpu"]
+
+
+def assert_same_weights(a, b, rtol):
+    """Model and EMA of two checkpoints equal to rtol, relative to each tensor's largest entry."""
+    for key in ("model", "ema"):
+        for k in a[key]:
+            err = ((a[key][k] - b[key][k]).abs().max() / a[key][k].abs().max()).item()
+            assert err <= rtol, (key, k, err)
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+@pytest.mark.parametrize("objective", ["simple", "elbo", "vlb-learned"])
+def test_torchrun_train_equals_one_process(objective, tmp_path, capsys):
+    """Issue 16: 2 processes with a global batch of 16 (8 each) for 8 steps == 1 process with batch 16: model and
+    EMA to 1e-4 (relative to each tensor's largest entry; seen: <= 9e-6, the float order of the gradient average),
+    the same step and data generator state; rank 0 alone prints and writes; the checkpoint keeps both ranks' streams.
+    "elbo" with low-discrepancy t; "vlb-learned": VDM's bound with the drawn t and both noises handed to
+    vlb_continuous, a learned gamma with learned endpoints and the variance gradient (vdm_backward), whose gradients
+    are averaged too. Caught: no gradient average (or none for gamma_phi); the data generator or the initial weights
+    seeded by rank; every rank on the first slice; t or the noise not sliced; vlb_continuous drawing its own noise."""
+    flags = {"simple": [], "elbo": ["--loss-type", "elbo", "--t-sampling", "low_discrepancy"],
+             "vlb-learned": ["--loss-type", "vlb", "--schedule", "learned", "--learn-endpoints",
+                             "--schedule-grad", "variance"]}[objective]
+    args = [*DDP, *flags, "--steps", "8", "--ckpt-every", "4"]
+    r = torchrun(*args, "--out", str(tmp_path / "two"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("step 8/8") == 1 and r.stdout.count("done: 8 steps") == 1, r.stdout
+    assert "on 2 processes" in r.stdout
+    assert in_process(capsys, *args, "--out", str(tmp_path / "one"))[0] == 0
+    one, two = (state(str(tmp_path / n)) for n in ("one", "two"))
+    assert one["step"] == two["step"] == 8
+    assert torch.equal(one["rng"]["data"], two["rng"]["data"]) and len(two["rng"]["ranks"]) == 2
+    assert_same_weights(one, two, 1e-4)
+
+
+def communicate_or_fail(p, timeout=120):
+    """The stderr of a stopping torchrun Popen; if a rank is left waiting for the other, kill its session and fail."""
+    try:
+        return p.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # torchrun and both workers
+        p.communicate()
+        raise AssertionError("the 2-process run hung after SIGTERM") from None
+
+
+def worker_pid(p, rank, timeout=60):
+    """The pid of the torchrun worker of this rank: a child of p whose environment holds RANK=rank (Linux /proc)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if ppid == p.pid else []
+            except (OSError, IndexError, ValueError):  # gone meanwhile, or not ours
+                continue
+            if f"RANK={rank}".encode() in env:
+                return int(pid)
+        time.sleep(0.1)
+    raise AssertionError(f"no worker of rank {rank} under torchrun {p.pid}")
+
+
+def wait_for_checkpoint(path, p, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None and not os.path.exists(path):
+        time.sleep(0.1)
+    assert os.path.exists(path), p.communicate()[1] if p.poll() is not None else "no checkpoint in time"
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+def test_torchrun_sigterm_then_resume_equals_straight_run(tmp_path):
+    """Issue 16: SIGTERM to torchrun (it forwards it to both ranks) mid-run -> every rank stops after the same step,
+    rank 0 saves once and says so; --resume with 2 processes to step s + 6 == a straight 2-process run to
+    s + 6 (model and EMA to 1e-6 relative, the data generator's state equal). Caught: a resume that does not restore
+    the data generator."""
+    args = [*DDP, "--ckpt-every", "5"]
+    out = tmp_path / "stopped"
+    p = torchrun(*args, "--steps", "100000", "--out", str(out), cwd=tmp_path, wait=False)
+    wait_for_checkpoint(str(out / "ckpt.pt"), p)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    err = communicate_or_fail(p)
+    assert p.returncode != 0 and err.count("continue with --resume") == 1, err
+    step = state(str(out))["step"]
+    assert step >= 5 and f"stopped at step {step}" in err
+    total = str(step + 6)
+    procs = [torchrun(*args, "--steps", total, "--out", str(o), *extra, cwd=tmp_path, wait=False)
+             for o, extra in ((out, ["--resume"]), (tmp_path / "straight", []))]
+    for q in procs:
+        stdout, stderr = q.communicate(timeout=240)
+        assert q.returncode == 0, stderr
+    assert stdout.count("done:") == 1
+    a, b = (state(str(o)) for o in (out, tmp_path / "straight"))
+    assert a["step"] == b["step"] == step + 6 and torch.equal(a["rng"]["data"], b["rng"]["data"])
+    assert_same_weights(a, b, 1e-6)
+
+
+@pytest.fixture(scope="module")
+def ddp_ckpts(tmp_path_factory):
+    """Two tiny moons checkpoints (4 steps): L_simple and VDM's bound with a learned gamma."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    ddpm.train(cfg_for(tmp, "simple", steps=4))
+    ddpm.train(cfg_for(tmp, "vlb", steps=4, loss_type="vlb", schedule="learned"))
+    return {k: str(tmp / k / "ckpt.pt") for k in ("simple", "vlb")}
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+def test_torchrun_sample_and_eval_nll_equal_one_process(ddp_ckpts, tmp_path, capsys):
+    """Issue 16: 2-process --sample writes exactly --n-samples samples, equal to the 1-process samples of the same seed
+    (chunks of 4, 4 and 2: rank 0 makes the first and the last; they draw different noise); 2-process --eval-nll
+    prints the 1-process bits/dim and terms, on as many examples (Eq. 5 for L_simple, VDM's bound for vlb).
+    Caught: chunk generators that ignore the chunk's start (repeated chunks) or depend on the rank; every rank
+    doing every chunk (twice the samples / examples)."""
+    runs = {"sample": ["--sample", "--ckpt", ddp_ckpts["simple"], "--n-samples", "10"],
+            "eval-simple": ["--eval-nll", "--ckpt", ddp_ckpts["simple"], "--n-eval", "10"],
+            "eval-vlb": ["--eval-nll", "--ckpt", ddp_ckpts["vlb"], "--n-eval", "10"]}
+    common = ["--batch-size", "4", "--device", "cpu"]
+    procs = {k: torchrun(*a, *common, "--out", str(tmp_path / "two" / k), cwd=tmp_path, wait=False)
+             for k, a in runs.items()}
+    two = {}
+    for k, q in procs.items():
+        two[k] = q.communicate(timeout=240)
+        assert q.returncode == 0, two[k][1]
+    for k, a in runs.items():
+        code, out, err = in_process(capsys, *a, *common, "--out", str(tmp_path / "one" / k))
+        assert code == 0, err
+        if k.startswith("eval"):  # the last line: bits/dim and its three terms, the same digits
+            last_two, last_one = two[k][0].strip().splitlines()[-1], out.strip().splitlines()[-1]
+            assert last_one.startswith("bits/dim") and "on 10 held-out" in last_one, last_one
+            assert last_two == last_one and two[k][0].count("bits/dim ") == 1 + two[k][0].count("running"), two[k][0]
+    assert two["sample"][0].count("10 samples on 2 processes") == 1, two["sample"][0]
+    one, two = (np.load(tmp_path / n / "sample" / "samples.npz")["arr_0"] for n in ("one", "two"))
+    assert one.shape == two.shape == (10, 2) and (one == two).all()
+    assert (one[:4] != one[4:8]).any(axis=1).all() and (one[:2] != one[8:]).any(axis=1).all()
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+def test_torchrun_batch_not_divisible_is_one_line_error(tmp_path):
+    """Issue 16: a global batch that 2 processes cannot split -> each rank says so in one line and exits 2 (no
+    traceback from ddpm.py; torchrun then prints its own summary), before any training."""
+    import re
+    r = torchrun(*DDP, "--steps", "5", "--batch-size", "15", "--out", str(tmp_path), cwd=tmp_path)
+    msg = "ddpm.py: error: --batch-size 15 must be a multiple of the number of processes (2)"
+    assert r.returncode != 0 and set(re.findall(r"ddpm\.py: error: [^\n]*?\(2\)", r.stderr)) == {msg}, r.stderr
+    assert "exitcode  : 2" in r.stderr and f'File "{SCRIPT}"' not in r.stderr
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_old_checkpoint_samples_but_does_not_resume(tmp_path, capsys):
+    """A checkpoint written before issue 16 (its "rng" the bare global streams, no data generator): --resume refuses
+    it in one line (exit 2: its minibatches cannot continue exactly); --sample still reads it."""
+    out = str(tmp_path / "old")
+    ddpm.train(cfg_for(tmp_path, "old", steps=2))
+    ck = state(out)
+    torch.save({**ck, "rng": ck["rng"]["ranks"][0]}, os.path.join(out, "ckpt.pt"))  # {"torch": ...} as before
+    code, _, err = in_process(capsys, *DDP, "--steps", "4", "--resume", "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot resume" in err, err
+    code, _, err = in_process(capsys, "--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-samples", "3",
+                              "--out", out, "--device", "cpu")
+    assert code == 0 and np.load(os.path.join(out, "samples.npz"))["arr_0"].shape == (3, 2), err
+
+
+@pytest.mark.cpu_only("torchrun with gloo on the CPU")
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the worker processes in /proc (Linux)")
+def test_torchrun_sigterm_to_one_rank_stops_every_rank(tmp_path):
+    """Issue 16: a SIGTERM that reaches rank 1 alone (not the rank that writes) stops both ranks after the same step:
+    rank 0 saves once and says so, the workers exit 130, nothing hangs. Caught: a stop decided per rank (rank 1
+    leaves alone and rank 0 waits for it, or the two ranks' collectives no longer match)."""
+    out = tmp_path / "one-rank"
+    p = torchrun(*DDP, "--ckpt-every", "5", "--steps", "100000", "--out", str(out), cwd=tmp_path, wait=False)
+    wait_for_checkpoint(str(out / "ckpt.pt"), p)
+    os.kill(worker_pid(p, 1), signal.SIGTERM)
+    err = communicate_or_fail(p)
+    step = state(str(out))["step"]
+    assert err.count("continue with --resume") == 1 and f"stopped at step {step}" in err, (p.returncode, err)
+    assert "exitcode  : 130" in err, (p.returncode, err)  # torchrun's summary of its workers
