@@ -997,7 +997,7 @@ def validate(cfg):
 def check_writable(out):
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write_test")
+        probe = os.path.join(out, f".write_test{os.getpid()}")  # one per process: torchrun's ranks probe at once
         with open(probe, "w"):
             pass
         os.remove(probe)

@@ -1660,7 +1660,7 @@ def validate(cfg, args):
         raise ValueError("--predictor none with --corrector none would return the prior noise")
     try:  # an output folder we cannot write is reported now, not after training
         os.makedirs(cfg.out, exist_ok=True)
-        probe = os.path.join(cfg.out, ".write_test")
+        probe = os.path.join(cfg.out, f".write_test{os.getpid()}")  # one per process: torchrun's ranks probe at once
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
