@@ -1710,8 +1710,11 @@ def main(argv=None):
         # One line, exit code 2 (argparse's convention); one write, so that lines of several ranks never interleave.
         sys.stderr.write(f"{SCRIPT}.py: error: {e}\n")
         sys.exit(2)
-    finally:  # under torchrun: leave the process group before exit (else a gloo rank may abort at exit)
+    finally:  # under torchrun: wait for every rank, then leave the process group (a gloo rank may abort at exit)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            stopped = getattr(sys.exc_info()[1], "code", None) == 130  # every rank stops at one step (any_rank)
+            if sys.exc_info()[0] is None or stopped:  # not after an error: the other ranks may be in a collective
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
