@@ -686,20 +686,13 @@ def finite(*modules):
     return bool(torch.stack([torch.isfinite(p).all() for m in modules for p in m.parameters()]).all())
 
 
-def resolve_precision(precision, device):
-    """Config.precision: auto = tf32 on CUDA (TensorFloat-32 matmuls and convolutions), fp32 elsewhere."""
-    if precision == "auto":
-        return "tf32" if device.type == "cuda" else "fp32"
-    return precision
-
-
 MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T")  # fields --resume checks
 
 
 def train(cfg):
     rank, world, device = setup_distributed(pick_device(cfg.device))  # (0, 1, device) without torchrun
     B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
-    autocast = setup_precision(device, resolve_precision(cfg.precision, device), cfg.deterministic)
+    autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
     data_shape = list(data.x.shape[1:])
@@ -838,7 +831,7 @@ def load_for_sampling(cfg, device=None):
     if not 1 <= cfg.sample_steps <= diffusion.T:
         raise ValueError(f"--steps {cfg.sample_steps}: must be in 1..T={diffusion.T} of this checkpoint")
     device = device or pick_device(cfg.device)  # precision, compile and device come from this run, not the checkpoint
-    autocast = setup_precision(device, resolve_precision(cfg.precision, device), cfg.deterministic)
+    autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     return network(net.to(device).eval(), autocast, cfg.compile), diffusion, {**c, "script": ckpt["script"]}, device
 
 

@@ -910,11 +910,6 @@ def place(net, device):
     return net.to(device, torch.float32) if device.type == "mps" else net.to(device)
 
 
-def resolve_precision(cfg, device):
-    """--precision auto: tf32 on CUDA, else fp32."""
-    return ("tf32" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
-
-
 def make_diffusion(cfg, levels, is_toy, model=None, net=None):
     """The DDPM object for a Config; clip_denoised "auto" clips x0_hat for images only.
     For --loss-type vlb: (DDPM discretising the model's gamma, model(x, i)) from vdm_sampler, calling net."""
@@ -959,7 +954,7 @@ def train(cfg):
     rank, world, device = setup_distributed(pick_device(cfg.device))  # (0, 1, device) without torchrun
     B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
-    autocast = setup_precision(device, resolve_precision(cfg, device), cfg.deterministic)
+    autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
     is_toy = cfg.dataset in TOYS
@@ -1122,7 +1117,7 @@ def load_for_inference(args, cfg_overrides):
                             f"({str(e).splitlines()[0]})") from None
     cfg = dataclasses.replace(cfg, **cfg_overrides)  # RUNTIME fields given on the command line
     rank, world, device = setup_distributed(pick_device(cfg.device))  # (0, 1, device) without torchrun
-    autocast = setup_precision(device, resolve_precision(cfg, device), cfg.deterministic)
+    autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     levels = data_levels(cfg.dataset)
     if has_nonfinite(net):
         raise DataError(f"{args.ckpt}: the EMA weights contain NaN or inf")

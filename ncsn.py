@@ -708,12 +708,6 @@ def objective(ncsn, name):
     return {"dsm": ncsn.loss, "ssm": ncsn.ssm_loss, "ism": ncsn.ism_loss}[name]
 
 
-def resolve_precision(cfg, device):
-    """--precision auto: tf32 on CUDA, fp32 elsewhere; returns the autocast context of setup_precision."""
-    precision = cfg.precision if cfg.precision != "auto" else ("tf32" if device.type == "cuda" else "fp32")
-    return setup_precision(device, precision, cfg.deterministic)
-
-
 def train(cfg):
     """Training of Song & Ermon (2019) Sec. 4.2 (Eq. 6 by Adam) with NCSNv2's Techniques 1-5 where configured.
 
@@ -722,7 +716,8 @@ def train(cfg):
     part = rank_slice(cfg.batch_size, rank, world)  # this rank's examples of every global batch
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
     resume = cfg.resume
-    autocast = resolve_precision(cfg, device)  # before any CUDA work: --deterministic configures cuBLAS
+    # Before any CUDA work: --deterministic configures cuBLAS.
+    autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank
     data_gen = make_generator(cfg.seed, device)  # alike on every rank: data order, flips, levels, noise, v
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
@@ -844,7 +839,7 @@ def load_for_inference(args, cfg_overrides):
     cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
     cfg = dataclasses.replace(cfg, **cfg_overrides)  # runtime settings given on the command line (see main)
     rank, world, device = setup_distributed(pick_device(cfg.device))
-    autocast = resolve_precision(cfg, device)
+    autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     if cfg.step_lr == 0:  # --step-lr 0: Technique 4 again, for this --n-steps-each
         cfg = dataclasses.replace(cfg, step_lr=technique4_step_lr(
             cfg.n_steps_each, (cfg.sigma_1 / cfg.sigma_L) ** (1 / max(cfg.L - 1, 1)), cfg.sigma_L))

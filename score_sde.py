@@ -1186,7 +1186,7 @@ def train(cfg, resume=False):
     rank, world, device = setup_distributed(pick_device(cfg.device))
     B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
-    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)
+    autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank
     # The data generator, alike on every rank, draws all of the global batch's randomness (indices, flips, t, noise).
     data_gen = make_generator(cfg.seed, device)
@@ -1328,7 +1328,7 @@ def train_classifier(cfg, resume=False):
     rank, world, device = setup_distributed(pick_device(cfg.device))
     B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
-    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)
+    autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank
     data_gen = make_generator(cfg.seed, device)  # alike on every rank: the global batch's indices, t, noise
     spath = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
@@ -1420,17 +1420,12 @@ def train_classifier(cfg, resume=False):
     print(f"classifier -> {path}")
 
 
-def precision_of(cfg, device):
-    """--precision auto: tf32 on CUDA, fp32 elsewhere (a runtime setting: it never has to match a checkpoint)."""
-    return ("tf32" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
-
-
 def load_score_model(cfg):
     """The EMA score network and SDE of --ckpt (default <out>/ckpt.pt), on --device with this command line's
     --precision / --compile: (saved config, data_shape, score_fn, sde, device, rank, world); under torchrun
     every rank loads it (rank and world from setup_distributed)."""
     rank, world, device = setup_distributed(pick_device(cfg.device))
-    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)
+    autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     path = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
     ckpt = load_checkpoint(path)
     try:
@@ -1579,7 +1574,7 @@ def run_class(cfg, label):
     clf = TimeClassifier(data_shape[0], K)
     clf.load_state_dict(ckpt["ema"])
     clf.to(device).eval()
-    clf = network(clf, setup_precision(device, precision_of(cfg, device), cfg.deterministic), cfg.compile)
+    clf = network(clf, setup_precision(device, cfg.precision, cfg.deterministic), cfg.compile)
     pred, corr = (cfg.predictor, cfg.corrector) if cfg.sampler == "pc" else SAMPLERS.get(cfg.sampler) or ("x", "x")
     if pred == "x":
         raise ValueError("--class needs an SDE sampler (pc, em, reverse, ancestral), not the ODE")

@@ -111,12 +111,12 @@ MUTATIONS = [
      "find": "    B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)"
              "  # the global batch and this rank's slice\n"
              "    log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints\n"
-             "    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)\n"
+             "    autocast = setup_precision(device, cfg.precision, cfg.deterministic)\n"
              "    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank\n"
              "    # The",
      "replace": "    B, part = cfg.batch_size, rank_slice(cfg.batch_size, 0, world)\n"
                 "    log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints\n"
-                "    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)\n"
+                "    autocast = setup_precision(device, cfg.precision, cfg.deterministic)\n"
                 "    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank\n"
                 "    # The",
      "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
@@ -140,11 +140,11 @@ MUTATIONS = [
      "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
     {"name": "sde-ddp-every-rank-prints", "file": "score_sde.py",
      "find": "    log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints\n"
-             "    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)\n"
+             "    autocast = setup_precision(device, cfg.precision, cfg.deterministic)\n"
              "    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank\n"
              "    # The",
      "replace": "    log = print\n"
-                "    autocast = setup_precision(device, precision_of(cfg, device), cfg.deterministic)\n"
+                "    autocast = setup_precision(device, cfg.precision, cfg.deterministic)\n"
                 "    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank\n"
                 "    # The",
      "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
