@@ -667,6 +667,25 @@ class StopFlag:
 
     def handler(self, signum, frame):
         self.set = True
+
+
+def leave_distributed():
+    """Called from main's `finally` under torchrun. After a finished or stopped run, wait for every rank (not after
+    an error: the others may be inside a collective), then end the process with os._exit: gloo's threads, torn down
+    by a normal interpreter shutdown, now and then abort a rank ("terminate called without an active exception").
+    An unexpected exception leaves normally, so that its traceback is printed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    exc = sys.exc_info()[1]
+    code = (exc.code or 0) if isinstance(exc, SystemExit) else 0 if exc is None else None
+    if code in (0, 130):  # 130: every rank stopped after the same step (any_rank)
+        torch.distributed.barrier()
+    if not isinstance(code, int):
+        torch.distributed.destroy_process_group()
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 # END COPY ---------------------------------------------------------------------
 
 
@@ -1041,12 +1060,8 @@ def main(argv=None):
         # One line, exit code 2 (argparse's convention); one write, so that lines of several ranks never interleave.
         sys.stderr.write(f"{SCRIPT}.py: error: {e}\n")
         sys.exit(2)
-    finally:  # under torchrun: wait for every rank, then leave the process group (a gloo rank may abort at exit)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            stopped = getattr(sys.exc_info()[1], "code", None) == 130  # every rank stops at one step (any_rank)
-            if sys.exc_info()[0] is None or stopped:  # not after an error: the other ranks may be in a collective
-                torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+    finally:
+        leave_distributed()
 
 
 if __name__ == "__main__":
