@@ -72,6 +72,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import inspect
 import math
 import os
 import signal
@@ -642,12 +643,9 @@ def vdm_sampler(vdm_net, T, variance="beta_tilde", clip=False, levels=None, net=
     return diffusion, lambda x, i: call(x, (999 * (i + 1) / T).to(x.dtype))
 
 
-# -----------------------------------------------------------------------------
-# Training loop (Algorithm 1), checkpoints, sample grids
-
-# BEGIN COPY -------------------------------------------------------------------
-# Running it: checkpoints, devices, precision, random numbers, EMA, stop flag. Not in the paper. This block
-# is byte-identical in ddpm.py, ddim.py, ncsn.py and score_sde.py (tests/test_common.py checks it).
+# ==== Running it (not in the paper; identical in all four scripts) ====================================
+# Checkpoints, devices, precision, random numbers, EMA, the stop flag, torchrun and the command line: the
+# machinery, byte-identical in ddpm.py, ddim.py, ncsn.py and score_sde.py (tests/test_common.py checks it).
 #
 # Devices, one rule for every mode: the model's device is the run's device. Every tensor a mode makes
 # lives there; random numbers come from make_generator(seed, device), a generator that feeds that device;
@@ -892,8 +890,110 @@ def leave_distributed():
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-# END COPY ---------------------------------------------------------------------
 
+
+# The command line. Every Config field is a flag (--batch-size for batch_size); its --help is the field's inline
+# comment in Config, with the paper's value; a flag the command line does not give keeps the preset's value, else the
+# Config default. Bad input of any kind is one line on stderr and exit code 2, never a traceback.
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2), like every other error here."""
+
+    def error(self, message):
+        sys.stderr.write(f"{SCRIPT}.py: error: {message}\n")  # one write: the lines of torchrun's ranks never mix
+        sys.exit(2)
+
+
+def config_help(config):
+    """Each field's inline comment in the Config class, with its continuation lines (comment lines whose text starts
+    in the same column): the field's --help text."""
+    helps, name, column = {}, None, -1
+    for line in inspect.getsource(config).splitlines()[1:]:
+        code, _, comment = line.partition("#")
+        field, start = code.split(":")[0].strip(), len(line) - len(comment.lstrip())  # where the comment's text starts
+        if ":" in code and field.isidentifier():
+            name, column, helps[field] = field, start, comment.strip()
+        elif name and not code.strip() and start == column:
+            helps[name] += " " + comment.strip()
+        else:
+            name = None
+    return {k: v.replace("%", "%%") for k, v in helps.items()}
+
+
+def make_parser(config, modes, choices, presets):
+    """One switch per mode (modes: name -> help; the run picks exactly one), --preset, and a flag per Config field.
+    Switch fields (bool) take --name / --no-name; every field's default here is None, so that parse_config can tell
+    what the command line gave."""
+    p = OneLineParser(prog=f"{SCRIPT}.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = p.add_argument_group("what to do (pick one)")
+    for name, text in modes.items():
+        group.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
+    p.add_argument("--preset", choices=sorted(presets), help="the papers' settings; flags given override them")
+    helps, settings = config_help(config), p.add_argument_group("settings (the Config)")
+    for f in dataclasses.fields(config):
+        flag, text = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default {f.default})"
+        if isinstance(f.default, bool):
+            settings.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            settings.add_argument(flag, type=type(f.default), default=None, choices=choices.get(f.name), help=text)
+    return p
+
+
+def parse_config(p, argv, config, modes, presets):
+    """-> (args, mode, cfg, given): the one mode chosen; cfg = Config(defaults <- preset <- the flags given);
+    given = the Config fields the command line set."""
+    args = p.parse_args(argv)
+    chosen = [m for m in modes if getattr(args, m)]
+    if len(chosen) != 1:
+        raise ValueError("choose exactly one of " + ", ".join("--" + m.replace("_", "-") for m in modes))
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if getattr(args, f.name) is not None}
+    return args, chosen[0], config(**{**presets.get(args.preset, {}), **given}), given
+
+
+def check_common(cfg, positive):
+    """The checks every script makes (ValueError naming the flag): the fields in positive > 0 and finite,
+    0 <= ema_decay < 1, image_size 0 (native) or 4..1024, the device present, the output folder writable."""
+    for name in positive:
+        if not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.image_size != 0 and not 4 <= cfg.image_size <= 1024:
+        raise ValueError(f"--image-size must be 0 (native) or 4..1024, got {cfg.image_size}")
+    if cfg.device != "auto":
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            raise ValueError(f"--device {cfg.device!r} is not a torch device") from None
+        if dev.type not in ("cpu", "cuda", "mps") or (dev.type == "mps" and not torch.backends.mps.is_available()) or (
+                dev.type == "cuda" and (dev.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0)):
+            raise ValueError(f"--device {cfg.device!r} is not available on this machine")
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        probe = os.path.join(cfg.out, f".write_test{os.getpid()}")  # one per process: torchrun's ranks probe at once
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out {cfg.out}: output folder is not writable ({e.strerror})") from None
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Around a command: bad input (DataError, ValueError) is one line on stderr and exit code 2 (argparse's
+    convention), no traceback; under torchrun every rank then leaves together (leave_distributed)."""
+    try:
+        yield
+    except (DataError, ValueError) as e:
+        sys.stderr.write(f"{SCRIPT}.py: error: {e}\n")  # one write: the lines of torchrun's ranks never mix
+        sys.exit(2)
+    finally:
+        leave_distributed()
+# ==== end of Running it ==============================================================================
+
+
+# -----------------------------------------------------------------------------
+# Training loop (Algorithm 1), checkpoints, sample grids
 
 # Fields a resumed run (or a sampler) must share with the checkpoint: they fix the network and the diffusion.
 # Fields that --sample / --eval-nll take from the command line over the checkpoint's (how and where to run, not what);
@@ -1215,47 +1315,17 @@ def run_eval_nll(args, cfg_overrides):
 # -----------------------------------------------------------------------------
 # CLI
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit code 2), like every other error here."""
-
-    def error(self, message):
-        sys.stderr.write(f"{SCRIPT}.py: error: {message}\n")  # one write (torchrun: ranks never interleave)
-        sys.exit(2)
-
-
 CHOICES = {"model": sorted(PRESETS), "schedule": ["linear", "cosine", "linear_snr", "learned"],
            "variance": ["beta", "beta_tilde"], "loss_type": ["simple", "elbo", "vlb"], "clip_denoised": ["auto", "on", "off"],
            "t_sampling": ["iid", "low_discrepancy"], "schedule_grad": ["bound", "variance"], "cond": ["gamma", "t"],
            "fourier": ["auto", "on", "off"], "precision": ["auto", "fp32", "tf32", "bf16"]}
 
 
-def field_help():
-    """Each config field's inline comment (its paper value) as the --help text, read from this file."""
-    helps, names, last = {}, {f.name for f in dataclasses.fields(Config)}, None
-    with open(os.path.abspath(__file__)) as f:
-        for line in f:
-            name = line.split(":")[0].strip()
-            if "#" in line and line.startswith("    ") and name in names and name not in helps:
-                helps[name], last = line.split("#", 1)[1].strip(), name
-            elif last and line.strip().startswith("#"):  # a continuation line of the previous field's comment
-                helps[last] += " " + line.strip().lstrip("#").strip()
-            else:
-                last = None
-    return helps
-
-
 def validate(cfg):
     """Reject settings that make no sense, with one ValueError naming the flag."""
-    for name in ("steps", "batch_size", "T", "ckpt_every", "sample_every", "log_every"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("lr", "grad_clip"):
-        if not getattr(cfg, name) > 0 or not math.isfinite(getattr(cfg, name)):
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(cfg, name)}")
+    check_common(cfg, ("steps", "batch_size", "T", "ckpt_every", "sample_every", "log_every", "lr", "grad_clip"))
     if cfg.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {cfg.warmup}")
-    if not 0 <= cfg.ema_decay < 1:
-        raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     if (cfg.loss_type == "vlb") != (cfg.schedule in ("linear_snr", "learned")):
         raise ValueError(f"--schedule {cfg.schedule} and --loss-type {cfg.loss_type} do not go together: "
                          "linear_snr / learned are log-SNR schedules for --loss-type vlb, linear / cosine for the others")
@@ -1267,74 +1337,32 @@ def validate(cfg):
         raise ValueError(f"need 0 < --beta-1 <= --beta-T < 1, got {cfg.beta_1} and {cfg.beta_T}")
     if cfg.T < 2:
         raise ValueError(f"--T must be at least 2, got {cfg.T}")
-    if cfg.image_size != 0 and not 4 <= cfg.image_size <= 1024:
-        raise ValueError(f"--image-size must be 0 (native) or 4..1024, got {cfg.image_size}")
-    if cfg.device != "auto":
-        try:
-            dev = torch.device(cfg.device)
-        except RuntimeError:
-            raise ValueError(f"--device {cfg.device!r} is not a torch device") from None
-        missing_gpu = not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
-        if (dev.type == "cuda" and missing_gpu) or (
-                dev.type == "mps" and not torch.backends.mps.is_available()) or dev.type not in ("cpu", "cuda", "mps"):
-            raise ValueError(f"--device {cfg.device!r} is not available on this machine")
 
 
-def check_writable(out):
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write_test{os.getpid()}")  # one per process: torchrun's ranks probe at once
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise DataError(f"{out}: output folder is not writable ({e.strerror})") from None
+MODES = {"train": "train (Algorithm 1); writes <out>/ckpt.pt and grids",
+         "sample": "sample (Algorithm 2) from --ckpt's EMA weights",
+         "eval_nll": "variational bound (Eq. 5) on held-out data, bits/dim"}
 
 
 def main(argv=None):
-    p = OneLineParser(description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = p.add_argument_group("what to do (pick one)")
-    mode.add_argument("--train", action="store_true", help="train (Algorithm 1); writes <out>/ckpt.pt and grids")
-    mode.add_argument("--sample", action="store_true", help="sample (Algorithm 2) from --ckpt's EMA weights")
-    mode.add_argument("--eval-nll", action="store_true", help="variational bound (Eq. 5) on held-out data, bits/dim")
+    p = make_parser(Config, MODES, CHOICES, PRESET_CONFIGS)
     p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt exactly (--steps is the run's total)")
-    p.add_argument("--ckpt", help="checkpoint for --sample / --eval-nll")
+    p.add_argument("--ckpt", help="checkpoint for --sample / --eval-nll (ours, or a released model's folder)")
     p.add_argument("--n-samples", type=int, default=64, help="number of samples for --sample (default 64)")
     p.add_argument("--n-eval", type=int, default=297, help="held-out examples for --eval-nll (default 297 = all digits)")
-    p.add_argument("--preset", choices=sorted(PRESET_CONFIGS), help="cifar10 = the paper's CIFAR-10 run (Sec. 4, App. B)")
-    helps = field_help()
-    for f in dataclasses.fields(Config):
-        if isinstance(f.default, bool):  # a switch: --learn-endpoints (absent = the Config default)
-            p.add_argument("--" + f.name.replace("_", "-"), action="store_const", const=True, default=None,
-                           help=f"{helps.get(f.name, '')} (default off)")
-            continue
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None, choices=CHOICES.get(f.name),
-                       help=f"{helps.get(f.name, '')} (default {f.default})")
-    args = p.parse_args(argv)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
-    try:
-        if args.train + args.sample + args.eval_nll != 1:
-            raise ValueError("choose exactly one of --train, --sample, --eval-nll")
-        if (args.sample or args.eval_nll) and not args.ckpt:
-            raise ValueError(f"--{'sample' if args.sample else 'eval-nll'} needs --ckpt PATH")
+    with one_line_errors():
+        args, mode, cfg, given = parse_config(p, argv, Config, MODES, PRESET_CONFIGS)
+        if mode != "train" and not args.ckpt:
+            raise ValueError(f"--{mode.replace('_', '-')} needs --ckpt PATH")
         if args.n_samples <= 0 or args.n_eval <= 0:
             raise ValueError("--n-samples and --n-eval must be positive")
-        cfg = Config(**{**PRESET_CONFIGS.get(args.preset or "digits"), **given})
         validate(cfg)
-        check_writable(cfg.out)
-        if args.train:
+        if mode == "train":
             cfg.resume = args.resume  # not a Config field: it is an action, not a setting stored in ckpt.pt
             train(cfg)
         else:
             runtime = {k: v for k, v in given.items() if k in RUNTIME}
-            (run_sample if args.sample else run_eval_nll)(args, runtime)
-    except (DataError, ValueError) as e:
-        # One line, exit code 2 (argparse's convention); one write, so that lines of several ranks never interleave.
-        sys.stderr.write(f"{SCRIPT}.py: error: {e}\n")
-        sys.exit(2)
-    finally:
-        leave_distributed()
+            (run_sample if mode == "sample" else run_eval_nll)(args, runtime)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import inspect
 import math
 import os
 import signal
@@ -439,9 +440,9 @@ def make_model(config):
 # Evaluation: none beyond the losses (NCSN has no likelihood); samples are judged by eye here.
 
 
-# BEGIN COPY -------------------------------------------------------------------
-# Running it: checkpoints, devices, precision, random numbers, EMA, stop flag. Not in the paper. This block
-# is byte-identical in ddpm.py, ddim.py, ncsn.py and score_sde.py (tests/test_common.py checks it).
+# ==== Running it (not in the paper; identical in all four scripts) ====================================
+# Checkpoints, devices, precision, random numbers, EMA, the stop flag, torchrun and the command line: the
+# machinery, byte-identical in ddpm.py, ddim.py, ncsn.py and score_sde.py (tests/test_common.py checks it).
 #
 # Devices, one rule for every mode: the model's device is the run's device. Every tensor a mode makes
 # lives there; random numbers come from make_generator(seed, device), a generator that feeds that device;
@@ -686,7 +687,106 @@ def leave_distributed():
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-# END COPY ---------------------------------------------------------------------
+
+
+# The command line. Every Config field is a flag (--batch-size for batch_size); its --help is the field's inline
+# comment in Config, with the paper's value; a flag the command line does not give keeps the preset's value, else the
+# Config default. Bad input of any kind is one line on stderr and exit code 2, never a traceback.
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2), like every other error here."""
+
+    def error(self, message):
+        sys.stderr.write(f"{SCRIPT}.py: error: {message}\n")  # one write: the lines of torchrun's ranks never mix
+        sys.exit(2)
+
+
+def config_help(config):
+    """Each field's inline comment in the Config class, with its continuation lines (comment lines whose text starts
+    in the same column): the field's --help text."""
+    helps, name, column = {}, None, -1
+    for line in inspect.getsource(config).splitlines()[1:]:
+        code, _, comment = line.partition("#")
+        field, start = code.split(":")[0].strip(), len(line) - len(comment.lstrip())  # where the comment's text starts
+        if ":" in code and field.isidentifier():
+            name, column, helps[field] = field, start, comment.strip()
+        elif name and not code.strip() and start == column:
+            helps[name] += " " + comment.strip()
+        else:
+            name = None
+    return {k: v.replace("%", "%%") for k, v in helps.items()}
+
+
+def make_parser(config, modes, choices, presets):
+    """One switch per mode (modes: name -> help; the run picks exactly one), --preset, and a flag per Config field.
+    Switch fields (bool) take --name / --no-name; every field's default here is None, so that parse_config can tell
+    what the command line gave."""
+    p = OneLineParser(prog=f"{SCRIPT}.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = p.add_argument_group("what to do (pick one)")
+    for name, text in modes.items():
+        group.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
+    p.add_argument("--preset", choices=sorted(presets), help="the papers' settings; flags given override them")
+    helps, settings = config_help(config), p.add_argument_group("settings (the Config)")
+    for f in dataclasses.fields(config):
+        flag, text = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default {f.default})"
+        if isinstance(f.default, bool):
+            settings.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            settings.add_argument(flag, type=type(f.default), default=None, choices=choices.get(f.name), help=text)
+    return p
+
+
+def parse_config(p, argv, config, modes, presets):
+    """-> (args, mode, cfg, given): the one mode chosen; cfg = Config(defaults <- preset <- the flags given);
+    given = the Config fields the command line set."""
+    args = p.parse_args(argv)
+    chosen = [m for m in modes if getattr(args, m)]
+    if len(chosen) != 1:
+        raise ValueError("choose exactly one of " + ", ".join("--" + m.replace("_", "-") for m in modes))
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if getattr(args, f.name) is not None}
+    return args, chosen[0], config(**{**presets.get(args.preset, {}), **given}), given
+
+
+def check_common(cfg, positive):
+    """The checks every script makes (ValueError naming the flag): the fields in positive > 0 and finite,
+    0 <= ema_decay < 1, image_size 0 (native) or 4..1024, the device present, the output folder writable."""
+    for name in positive:
+        if not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.image_size != 0 and not 4 <= cfg.image_size <= 1024:
+        raise ValueError(f"--image-size must be 0 (native) or 4..1024, got {cfg.image_size}")
+    if cfg.device != "auto":
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            raise ValueError(f"--device {cfg.device!r} is not a torch device") from None
+        if dev.type not in ("cpu", "cuda", "mps") or (dev.type == "mps" and not torch.backends.mps.is_available()) or (
+                dev.type == "cuda" and (dev.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0)):
+            raise ValueError(f"--device {cfg.device!r} is not available on this machine")
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        probe = os.path.join(cfg.out, f".write_test{os.getpid()}")  # one per process: torchrun's ranks probe at once
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out {cfg.out}: output folder is not writable ({e.strerror})") from None
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Around a command: bad input (DataError, ValueError) is one line on stderr and exit code 2 (argparse's
+    convention), no traceback; under torchrun every rank then leaves together (leave_distributed)."""
+    try:
+        yield
+    except (DataError, ValueError) as e:
+        sys.stderr.write(f"{SCRIPT}.py: error: {e}\n")  # one write: the lines of torchrun's ranks never mix
+        sys.exit(2)
+    finally:
+        leave_distributed()
+# ==== end of Running it ==============================================================================
 
 
 # -----------------------------------------------------------------------------

@@ -102,6 +102,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import inspect
 import math
 import os
 import signal
@@ -174,257 +175,6 @@ class Config:
     classifier_steps: int = 800   # --train-classifier steps (paper's CIFAR-10 classifier: a WRN on noisy data, App. I.1)
     classifier_scale: float = 1.0 # weight of grad log p_t(y | x) in the conditional score (paper: 1)
     classifier_ckpt: str = ""     # classifier for --class ("" = <out>/classifier.pt)
-
-
-# -----------------------------------------------------------------------------
-# BEGIN COPY -------------------------------------------------------------------
-# Running it: checkpoints, devices, precision, random numbers, EMA, stop flag. Not in the paper. This block
-# is byte-identical in ddpm.py, ddim.py, ncsn.py and score_sde.py (tests/test_common.py checks it).
-#
-# Devices, one rule for every mode: the model's device is the run's device. Every tensor a mode makes
-# lives there; random numbers come from make_generator(seed, device), a generator that feeds that device;
-# float64 tables are kept on the CPU and cast to float32 before they move (MPS has no float64). Training
-# and sampling loops make no per-step host syncs: .item() and finiteness checks wait for log and
-# checkpoint steps.
-#
-# Checkpoints: one dict {"script", "config", "step", "model", "ema", "optimizer", "rng"} of plain
-# tensors / numbers / strings, written atomically and read with weights_only=True (no code runs).
-
-def save_checkpoint(path, ckpt):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """Read a checkpoint of this script, or raise DataError saying what the file is."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt, or a pickle that is not plain data
-        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "script" not in ckpt:
-        raise DataError(f"{path}: not a checkpoint of this project")
-    if ckpt["script"] != SCRIPT:
-        raise DataError(f"{path}: a {ckpt['script']} checkpoint, expected one written by {SCRIPT}.py")
-    return ckpt
-
-
-def pick_device(name):
-    """--device: auto = cuda, else mps, else cpu."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-
-
-def make_generator(seed, device):
-    """A torch.Generator seeded with seed that feeds tensors made on device (CPU, CUDA and MPS each have their own)."""
-    return torch.Generator(device=torch.device(device)).manual_seed(seed)
-
-
-def rng_state():
-    """Every global RNG stream the run draws from, for exact resume: the CPU's, and CUDA's or MPS's where used."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()  # one ByteTensor per visible GPU
-    if torch.backends.mps.is_available():
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state):
-    """Restore what rng_state() saved (a stream this machine lacks is skipped: resume on another device type)."""
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) <= torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "mps" in state and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(state["mps"])
-
-
-def setup_precision(device, precision, deterministic=False):
-    """--precision and --deterministic; returns the context manager that the network's forward pass runs in.
-
-    fp32: strict float32. tf32: TensorFloat-32 matmuls and convolutions on CUDA (float32 range, 10-bit
-    mantissa inputs, float32 accumulation; elsewhere the same as fp32). bf16: the network runs under bfloat16
-    autocast; weights, optimizer, schedules, losses and sampler arithmetic stay float32/float64.
-    auto: tf32 on CUDA, fp32 elsewhere. deterministic: deterministic kernels (cuDNN and cuBLAS included),
-    so that a CUDA run repeats bitwise.
-    """
-    if precision == "auto":
-        precision = "tf32" if device.type == "cuda" else "fp32"
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = precision in ("tf32", "bf16")
-        torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must be set before cuBLAS starts
-        torch.use_deterministic_algorithms(True, warn_only=True)  # a kernel without one warns, never stops the run
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-def network(net, autocast=contextlib.nullcontext, use_compile=False):
-    """The callable that losses and samplers are given: net(x, t) in autocast, output back in float32.
-
-    use_compile=True wraps the network in torch.compile (the parameters stay net's own, so checkpoints and
-    the EMA are unchanged). torch.compile fails lazily, at the first call, where it is unsupported (no compiler
-    toolchain, say): then one line says so and the eager network is used from there on.
-    """
-    fn = [torch.compile(net) if use_compile else net]
-
-    def call(x, t):
-        with autocast():
-            if fn[0] is net:
-                return net(x, t).float()
-            try:
-                return fn[0](x, t).float()
-            except Exception as e:
-                print(f"{SCRIPT}.py: torch.compile failed ({type(e).__name__}); running eagerly", file=sys.stderr)
-                fn[0] = net
-                return net(x, t).float()
-    return call
-
-
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    """EMA of the weights, p_ema <- decay p_ema + (1 - decay) p, over every parameter in one fused call."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
-
-# Several processes (torchrun). Plain `python script.py` is one process with no distributed setup at all.
-# --batch-size is the global batch. Every rank draws the whole global batch's randomness (example indices,
-# t, noise, flips) from one data generator seeded alike on every rank, in the order one process would, and
-# keeps its own slice (rank_slice); gradients are averaged over the ranks (average_gradients). An N-process
-# run so computes the 1-process run's gradients, up to the order of the float reduction. Dropout draws from
-# each rank's own global RNG (seeded seed + rank), so with dropout on, N-process runs are equal to the
-# 1-process run in distribution only. Rank 0 alone writes checkpoints, images and progress lines.
-
-def setup_distributed(device):
-    """(rank, world, device): under torchrun join the process group (NCCL on CUDA, one GPU per local rank; gloo
-    on the CPU); without torchrun (0, 1, device) and nothing is set up."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-
-
-def rank_slice(n, rank, world):
-    """This rank's contiguous share of a global batch of n examples (n must be a multiple of world)."""
-    if n % world:
-        raise ValueError(f"--batch-size {n} must be a multiple of the number of processes ({world})")
-    return slice(rank * n // world, (rank + 1) * n // world)
-
-
-def average_gradients(model, world):
-    """Mean of every parameter's gradient over the ranks (each rank's loss is the mean over its equal slice, so
-    the mean of the ranks' gradients is the gradient of the global batch's mean loss); one all-reduce."""
-    if world == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
-
-
-def mean_over_ranks(x, world):
-    """The mean of tensor x over the ranks (the same value on every rank)."""
-    if world > 1:
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-        x /= world
-    return x
-
-
-def any_rank(flag, world, device):
-    """True on every rank once flag is True on any rank: a stop signal must stop all ranks at the same step
-    (under torchrun this is one tiny all-reduce, and one host sync, per step)."""
-    if world == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def gather_objects(obj, world):
-    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects: CPU tensors, arrays, dicts)."""
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def rng_checkpoint(data_gen, world):
-    """The "rng" entry of a checkpoint: the data generator's state (alike on every rank) and every rank's own
-    global RNG streams (rng_state), so that a resume with the same number of processes continues each exactly."""
-    return {"data": data_gen.get_state(), "ranks": gather_objects(rng_state(), world)}
-
-
-def restore_rng(state, data_gen, rank):
-    """Undo rng_checkpoint on this rank (a rank beyond the saved ones takes rank 0's streams)."""
-    data_gen.set_state(state["data"])
-    set_rng_state(state["ranks"][rank if rank < len(state["ranks"]) else 0])
-
-
-def my_chunks(n, size, rank, world):
-    """(start, count) of the chunks of n samples, size at a time, that this rank makes: chunk k goes to rank
-    k % world. Chunk k draws from chunk_generator(seed, start), so the samples do not depend on the ranks."""
-    return [(s, min(size, n - s)) for k, s in enumerate(range(0, n, size)) if k % world == rank]
-
-
-def chunk_generator(seed, start, device):
-    """The generator of the chunk of samples that begins at sample index start: derived from --seed and start,
-    mixed into 32 bits (a CPU generator keeps only the low 32 bits of its seed); distinct starts of one seed
-    never share a seed (40503 is odd)."""
-    return make_generator((seed * 2654435761 + start * 40503 + 1) % 2 ** 32, device)
-
-
-def gather_chunks(chunks, world):
-    """Every rank's [(start, CPU tensor), ...] -> one tensor in sample order (on every rank)."""
-    parts = sorted((p for rank_parts in gather_objects(chunks, world) for p in rank_parts), key=lambda p: p[0])
-    return torch.cat([x for _, x in parts])
-
-
-class StopFlag:
-    """Ctrl-C and SIGTERM set a flag; the loop checks it between steps, saves, and exits cleanly."""
-
-    def __init__(self):
-        self.set = False
-        signal.signal(signal.SIGINT, self.handler)
-        signal.signal(signal.SIGTERM, self.handler)
-
-    def handler(self, signum, frame):
-        self.set = True
-
-
-def leave_distributed():
-    """Called from main's `finally` under torchrun. After a finished or stopped run, wait for every rank (not after
-    an error: the others may be inside a collective), then end the process with os._exit: gloo's threads, torn down
-    by a normal interpreter shutdown, now and then abort a rank ("terminate called without an active exception").
-    An unexpected exception leaves normally, so that its traceback is printed."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    exc = sys.exc_info()[1]
-    code = (exc.code or 0) if isinstance(exc, SystemExit) else 0 if exc is None else None
-    if code in (0, 130):  # 130: every rank stopped after the same step (any_rank)
-        torch.distributed.barrier()
-    if not isinstance(code, int):
-        torch.distributed.destroy_process_group()
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-# END COPY ---------------------------------------------------------------------
 
 
 # -----------------------------------------------------------------------------
@@ -1163,6 +913,355 @@ def classifier_loss(classifier, sde, x, y, eps=1e-5, t=None, z=None):
     mean, std = sde.marginal_prob(x, t)
     x_t = (mean + bc(std, x) * z).float()
     return torch.nn.functional.cross_entropy(classifier(x_t, net_time(sde, t).float()), y)
+
+
+# ==== Running it (not in the paper; identical in all four scripts) ====================================
+# Checkpoints, devices, precision, random numbers, EMA, the stop flag, torchrun and the command line: the
+# machinery, byte-identical in ddpm.py, ddim.py, ncsn.py and score_sde.py (tests/test_common.py checks it).
+#
+# Devices, one rule for every mode: the model's device is the run's device. Every tensor a mode makes
+# lives there; random numbers come from make_generator(seed, device), a generator that feeds that device;
+# float64 tables are kept on the CPU and cast to float32 before they move (MPS has no float64). Training
+# and sampling loops make no per-step host syncs: .item() and finiteness checks wait for log and
+# checkpoint steps.
+#
+# Checkpoints: one dict {"script", "config", "step", "model", "ema", "optimizer", "rng"} of plain
+# tensors / numbers / strings, written atomically and read with weights_only=True (no code runs).
+
+def save_checkpoint(path, ckpt):
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint of this script, or raise DataError saying what the file is."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or a pickle that is not plain data
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "script" not in ckpt:
+        raise DataError(f"{path}: not a checkpoint of this project")
+    if ckpt["script"] != SCRIPT:
+        raise DataError(f"{path}: a {ckpt['script']} checkpoint, expected one written by {SCRIPT}.py")
+    return ckpt
+
+
+def pick_device(name):
+    """--device: auto = cuda, else mps, else cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def make_generator(seed, device):
+    """A torch.Generator seeded with seed that feeds tensors made on device (CPU, CUDA and MPS each have their own)."""
+    return torch.Generator(device=torch.device(device)).manual_seed(seed)
+
+
+def rng_state():
+    """Every global RNG stream the run draws from, for exact resume: the CPU's, and CUDA's or MPS's where used."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # one ByteTensor per visible GPU
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what rng_state() saved (a stream this machine lacks is skipped: resume on another device type)."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) <= torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
+
+
+def setup_precision(device, precision, deterministic=False):
+    """--precision and --deterministic; returns the context manager that the network's forward pass runs in.
+
+    fp32: strict float32. tf32: TensorFloat-32 matmuls and convolutions on CUDA (float32 range, 10-bit
+    mantissa inputs, float32 accumulation; elsewhere the same as fp32). bf16: the network runs under bfloat16
+    autocast; weights, optimizer, schedules, losses and sampler arithmetic stay float32/float64.
+    auto: tf32 on CUDA, fp32 elsewhere. deterministic: deterministic kernels (cuDNN and cuBLAS included),
+    so that a CUDA run repeats bitwise.
+    """
+    if precision == "auto":
+        precision = "tf32" if device.type == "cuda" else "fp32"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision in ("tf32", "bf16")
+        torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must be set before cuBLAS starts
+        torch.use_deterministic_algorithms(True, warn_only=True)  # a kernel without one warns, never stops the run
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def network(net, autocast=contextlib.nullcontext, use_compile=False):
+    """The callable that losses and samplers are given: net(x, t) in autocast, output back in float32.
+
+    use_compile=True wraps the network in torch.compile (the parameters stay net's own, so checkpoints and
+    the EMA are unchanged). torch.compile fails lazily, at the first call, where it is unsupported (no compiler
+    toolchain, say): then one line says so and the eager network is used from there on.
+    """
+    fn = [torch.compile(net) if use_compile else net]
+
+    def call(x, t):
+        with autocast():
+            if fn[0] is net:
+                return net(x, t).float()
+            try:
+                return fn[0](x, t).float()
+            except Exception as e:
+                print(f"{SCRIPT}.py: torch.compile failed ({type(e).__name__}); running eagerly", file=sys.stderr)
+                fn[0] = net
+                return net(x, t).float()
+    return call
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """EMA of the weights, p_ema <- decay p_ema + (1 - decay) p, over every parameter in one fused call."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+# Several processes (torchrun). Plain `python script.py` is one process with no distributed setup at all.
+# --batch-size is the global batch. Every rank draws the whole global batch's randomness (example indices,
+# t, noise, flips) from one data generator seeded alike on every rank, in the order one process would, and
+# keeps its own slice (rank_slice); gradients are averaged over the ranks (average_gradients). An N-process
+# run so computes the 1-process run's gradients, up to the order of the float reduction. Dropout draws from
+# each rank's own global RNG (seeded seed + rank), so with dropout on, N-process runs are equal to the
+# 1-process run in distribution only. Rank 0 alone writes checkpoints, images and progress lines.
+
+def setup_distributed(device):
+    """(rank, world, device): under torchrun join the process group (NCCL on CUDA, one GPU per local rank; gloo
+    on the CPU); without torchrun (0, 1, device) and nothing is set up."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def rank_slice(n, rank, world):
+    """This rank's contiguous share of a global batch of n examples (n must be a multiple of world)."""
+    if n % world:
+        raise ValueError(f"--batch-size {n} must be a multiple of the number of processes ({world})")
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
+def average_gradients(model, world):
+    """Mean of every parameter's gradient over the ranks (each rank's loss is the mean over its equal slice, so
+    the mean of the ranks' gradients is the gradient of the global batch's mean loss); one all-reduce."""
+    if world == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+def mean_over_ranks(x, world):
+    """The mean of tensor x over the ranks (the same value on every rank)."""
+    if world > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        x /= world
+    return x
+
+
+def any_rank(flag, world, device):
+    """True on every rank once flag is True on any rank: a stop signal must stop all ranks at the same step
+    (under torchrun this is one tiny all-reduce, and one host sync, per step)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj, world):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects: CPU tensors, arrays, dicts)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def rng_checkpoint(data_gen, world):
+    """The "rng" entry of a checkpoint: the data generator's state (alike on every rank) and every rank's own
+    global RNG streams (rng_state), so that a resume with the same number of processes continues each exactly."""
+    return {"data": data_gen.get_state(), "ranks": gather_objects(rng_state(), world)}
+
+
+def restore_rng(state, data_gen, rank):
+    """Undo rng_checkpoint on this rank (a rank beyond the saved ones takes rank 0's streams)."""
+    data_gen.set_state(state["data"])
+    set_rng_state(state["ranks"][rank if rank < len(state["ranks"]) else 0])
+
+
+def my_chunks(n, size, rank, world):
+    """(start, count) of the chunks of n samples, size at a time, that this rank makes: chunk k goes to rank
+    k % world. Chunk k draws from chunk_generator(seed, start), so the samples do not depend on the ranks."""
+    return [(s, min(size, n - s)) for k, s in enumerate(range(0, n, size)) if k % world == rank]
+
+
+def chunk_generator(seed, start, device):
+    """The generator of the chunk of samples that begins at sample index start: derived from --seed and start,
+    mixed into 32 bits (a CPU generator keeps only the low 32 bits of its seed); distinct starts of one seed
+    never share a seed (40503 is odd)."""
+    return make_generator((seed * 2654435761 + start * 40503 + 1) % 2 ** 32, device)
+
+
+def gather_chunks(chunks, world):
+    """Every rank's [(start, CPU tensor), ...] -> one tensor in sample order (on every rank)."""
+    parts = sorted((p for rank_parts in gather_objects(chunks, world) for p in rank_parts), key=lambda p: p[0])
+    return torch.cat([x for _, x in parts])
+
+
+class StopFlag:
+    """Ctrl-C and SIGTERM set a flag; the loop checks it between steps, saves, and exits cleanly."""
+
+    def __init__(self):
+        self.set = False
+        signal.signal(signal.SIGINT, self.handler)
+        signal.signal(signal.SIGTERM, self.handler)
+
+    def handler(self, signum, frame):
+        self.set = True
+
+
+def leave_distributed():
+    """Called from main's `finally` under torchrun. After a finished or stopped run, wait for every rank (not after
+    an error: the others may be inside a collective), then end the process with os._exit: gloo's threads, torn down
+    by a normal interpreter shutdown, now and then abort a rank ("terminate called without an active exception").
+    An unexpected exception leaves normally, so that its traceback is printed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    exc = sys.exc_info()[1]
+    code = (exc.code or 0) if isinstance(exc, SystemExit) else 0 if exc is None else None
+    if code in (0, 130):  # 130: every rank stopped after the same step (any_rank)
+        torch.distributed.barrier()
+    if not isinstance(code, int):
+        torch.distributed.destroy_process_group()
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# The command line. Every Config field is a flag (--batch-size for batch_size); its --help is the field's inline
+# comment in Config, with the paper's value; a flag the command line does not give keeps the preset's value, else the
+# Config default. Bad input of any kind is one line on stderr and exit code 2, never a traceback.
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2), like every other error here."""
+
+    def error(self, message):
+        sys.stderr.write(f"{SCRIPT}.py: error: {message}\n")  # one write: the lines of torchrun's ranks never mix
+        sys.exit(2)
+
+
+def config_help(config):
+    """Each field's inline comment in the Config class, with its continuation lines (comment lines whose text starts
+    in the same column): the field's --help text."""
+    helps, name, column = {}, None, -1
+    for line in inspect.getsource(config).splitlines()[1:]:
+        code, _, comment = line.partition("#")
+        field, start = code.split(":")[0].strip(), len(line) - len(comment.lstrip())  # where the comment's text starts
+        if ":" in code and field.isidentifier():
+            name, column, helps[field] = field, start, comment.strip()
+        elif name and not code.strip() and start == column:
+            helps[name] += " " + comment.strip()
+        else:
+            name = None
+    return {k: v.replace("%", "%%") for k, v in helps.items()}
+
+
+def make_parser(config, modes, choices, presets):
+    """One switch per mode (modes: name -> help; the run picks exactly one), --preset, and a flag per Config field.
+    Switch fields (bool) take --name / --no-name; every field's default here is None, so that parse_config can tell
+    what the command line gave."""
+    p = OneLineParser(prog=f"{SCRIPT}.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = p.add_argument_group("what to do (pick one)")
+    for name, text in modes.items():
+        group.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
+    p.add_argument("--preset", choices=sorted(presets), help="the papers' settings; flags given override them")
+    helps, settings = config_help(config), p.add_argument_group("settings (the Config)")
+    for f in dataclasses.fields(config):
+        flag, text = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default {f.default})"
+        if isinstance(f.default, bool):
+            settings.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            settings.add_argument(flag, type=type(f.default), default=None, choices=choices.get(f.name), help=text)
+    return p
+
+
+def parse_config(p, argv, config, modes, presets):
+    """-> (args, mode, cfg, given): the one mode chosen; cfg = Config(defaults <- preset <- the flags given);
+    given = the Config fields the command line set."""
+    args = p.parse_args(argv)
+    chosen = [m for m in modes if getattr(args, m)]
+    if len(chosen) != 1:
+        raise ValueError("choose exactly one of " + ", ".join("--" + m.replace("_", "-") for m in modes))
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if getattr(args, f.name) is not None}
+    return args, chosen[0], config(**{**presets.get(args.preset, {}), **given}), given
+
+
+def check_common(cfg, positive):
+    """The checks every script makes (ValueError naming the flag): the fields in positive > 0 and finite,
+    0 <= ema_decay < 1, image_size 0 (native) or 4..1024, the device present, the output folder writable."""
+    for name in positive:
+        if not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.image_size != 0 and not 4 <= cfg.image_size <= 1024:
+        raise ValueError(f"--image-size must be 0 (native) or 4..1024, got {cfg.image_size}")
+    if cfg.device != "auto":
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            raise ValueError(f"--device {cfg.device!r} is not a torch device") from None
+        if dev.type not in ("cpu", "cuda", "mps") or (dev.type == "mps" and not torch.backends.mps.is_available()) or (
+                dev.type == "cuda" and (dev.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0)):
+            raise ValueError(f"--device {cfg.device!r} is not available on this machine")
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        probe = os.path.join(cfg.out, f".write_test{os.getpid()}")  # one per process: torchrun's ranks probe at once
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out {cfg.out}: output folder is not writable ({e.strerror})") from None
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Around a command: bad input (DataError, ValueError) is one line on stderr and exit code 2 (argparse's
+    convention), no traceback; under torchrun every rank then leaves together (leave_distributed)."""
+    try:
+        yield
+    except (DataError, ValueError) as e:
+        sys.stderr.write(f"{SCRIPT}.py: error: {e}\n")  # one write: the lines of torchrun's ranks never mix
+        sys.exit(2)
+    finally:
+        leave_distributed()
+# ==== end of Running it ==============================================================================
 
 
 # -----------------------------------------------------------------------------
