@@ -1042,126 +1042,54 @@ def run_inpaint(args, cfg_overrides):
 # -----------------------------------------------------------------------------
 # CLI
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit code 2), like every other error here."""
-
-    def error(self, message):
-        sys.stderr.write(f"{SCRIPT}.py: error: {message}\n")  # one write (torchrun: ranks never interleave)
-        sys.exit(2)
-
-
 CHOICES = {"model": sorted(PRESETS), "loss": ["dsm", "ssm", "ism"], "cond": ["both", "divide", "embed"],
            "t_sampling": ["iid", "low_discrepancy"], "precision": ["auto", "fp32", "tf32", "bf16"]}
 
 
-def parse_bool(s):
-    """argparse type for bool fields: true/false, on/off, 1/0, yes/no."""
-    v = s.strip().lower()
-    if v in ("1", "true", "on", "yes"):
-        return True
-    if v in ("0", "false", "off", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-
-def field_help():
-    """Each config field's inline comment (its paper value) as the --help text, read from this file."""
-    helps = {}
-    with open(os.path.abspath(__file__)) as f:
-        for line in f:
-            name = line.split(":")[0].strip()
-            if "#" in line and line.startswith("    ") and name in {f.name for f in dataclasses.fields(Config)}:
-                helps.setdefault(name, line.split("#", 1)[1].strip().replace("%", "%%"))
-    return helps
-
-
 def validate(cfg):
     """Reject settings that make no sense, with one ValueError naming the flag."""
-    for name in ("steps", "batch_size", "n_steps_each", "ckpt_every", "sample_every", "log_every"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
-        raise ValueError(f"--lr must be a positive number, got {cfg.lr}")
+    check_common(cfg, ("steps", "batch_size", "n_steps_each", "ckpt_every", "sample_every", "log_every", "lr",
+                       "sigma_L"))
     for name in ("sigma_1", "step_lr", "grad_clip"):  # 0 = Technique 1 / Technique 4 / no clipping
         v = getattr(cfg, name)
         if not v >= 0 or not math.isfinite(v):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0 = automatic/off), got {v}")
-    if not cfg.sigma_L > 0 or not math.isfinite(cfg.sigma_L):
-        raise ValueError(f"--sigma-L must be positive, got {cfg.sigma_L}")
     if cfg.sigma_1 and cfg.sigma_1 <= cfg.sigma_L:
         raise ValueError(f"need sigma_1 > sigma_L, got --sigma-1 {cfg.sigma_1} and --sigma-L {cfg.sigma_L}")
     if cfg.L < 0:
         raise ValueError(f"--L must be >= 1 (or 0 = Technique 2), got {cfg.L}")
     if cfg.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {cfg.warmup}")
-    if not 0 <= cfg.ema_decay < 1:
-        raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
-    if cfg.image_size != 0 and not 4 <= cfg.image_size <= 1024:
-        raise ValueError(f"--image-size must be 0 (native) or 4..1024, got {cfg.image_size}")
-    if cfg.device != "auto":
-        try:
-            dev = torch.device(cfg.device)
-        except RuntimeError:
-            raise ValueError(f"--device {cfg.device!r} is not a torch device") from None
-        if (dev.type == "cuda" and not torch.cuda.is_available()) or (
-                dev.type == "mps" and not torch.backends.mps.is_available()) or dev.type not in ("cpu", "cuda", "mps"):
-            raise ValueError(f"--device {cfg.device!r} is not available on this machine")
 
 
-def check_writable(out):
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write_test{os.getpid()}")  # one per process: torchrun's ranks probe at once
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise DataError(f"{out}: output folder is not writable ({e.strerror})") from None
+MODES = {"train": "train (Eq. 6); writes <out>/ckpt.pt and grids",
+         "sample": "sample (Algorithm 1) from --ckpt's EMA weights",
+         "inpaint": "inpaint held-out images, --mask unknown (Algorithm 2)"}
+# Fields that --sample / --inpaint take from the command line over the checkpoint's (how to run, not what).
+RUNTIME = ("out", "device", "seed", "batch_size", "n_steps_each", "step_lr", "denoise", "precision", "compile",
+           "deterministic")
 
 
 def main(argv=None):
-    p = OneLineParser(description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = p.add_argument_group("what to do (pick one)")
-    mode.add_argument("--train", action="store_true", help="train (Eq. 6); writes <out>/ckpt.pt and grids")
-    mode.add_argument("--sample", action="store_true", help="sample (Algorithm 1) from --ckpt's EMA weights")
-    mode.add_argument("--inpaint", action="store_true", help="inpaint held-out images, --mask unknown (Algorithm 2)")
+    p = make_parser(Config, MODES, CHOICES, PRESET_CONFIGS)
     p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt exactly (--steps is the run's total)")
     p.add_argument("--ckpt", help="checkpoint for --sample / --inpaint")
     p.add_argument("--n-samples", type=int, default=64, help="number of samples for --sample (default 64)")
     p.add_argument("--n-inpaint", type=int, default=8, help="held-out images for --inpaint (default 8)")
     p.add_argument("--mask", choices=MASKS, default="right", help="--inpaint: the unknown part (default right half)")
-    p.add_argument("--preset", choices=sorted(PRESET_CONFIGS), help="v1 / v2 / v2-cifar10: the papers' settings")
-    helps = field_help()
-    for f in dataclasses.fields(Config):
-        p.add_argument("--" + f.name.replace("_", "-"), type=parse_bool if f.type in (bool, "bool") else type(f.default),
-                       default=None, choices=CHOICES.get(f.name), help=f"{helps.get(f.name, '')} (default {f.default})")
-    args = p.parse_args(argv)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
-    try:
-        if args.train + args.sample + args.inpaint != 1:
-            raise ValueError("choose exactly one of --train, --sample, --inpaint")
-        if (args.sample or args.inpaint) and not args.ckpt:
-            raise ValueError(f"--{'sample' if args.sample else 'inpaint'} needs --ckpt PATH")
+    with one_line_errors():
+        args, mode, cfg, given = parse_config(p, argv, Config, MODES, PRESET_CONFIGS)
+        if mode != "train" and not args.ckpt:
+            raise ValueError(f"--{mode} needs --ckpt PATH")
         if args.n_samples <= 0 or args.n_inpaint <= 0:
             raise ValueError("--n-samples and --n-inpaint must be positive")
-        cfg = Config(**{**PRESET_CONFIGS.get(args.preset or "cpu"), **given})
         validate(cfg)
-        check_writable(cfg.out)
-        if args.train:
+        if mode == "train":
             cfg.resume = args.resume  # not a Config field: it is an action, not a setting stored in ckpt.pt
             train(cfg)
         else:
-            runtime = {k: v for k, v in given.items() if k in ("out", "device", "seed", "batch_size", "n_steps_each",
-                                                                "step_lr", "denoise", "precision", "compile",
-                                                                "deterministic")}
-            (run_sample if args.sample else run_inpaint)(args, runtime)
-    except (DataError, ValueError) as e:
-        # One line, exit code 2 (argparse's convention); one write, so that lines of several ranks never interleave.
-        sys.stderr.write(f"{SCRIPT}.py: error: {e}\n")
-        sys.exit(2)
-    finally:
-        leave_distributed()
+            runtime = {k: v for k, v in given.items() if k in RUNTIME}
+            (run_sample if mode == "sample" else run_inpaint)(args, runtime)
 
 
 if __name__ == "__main__":
