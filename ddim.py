@@ -715,7 +715,8 @@ def make_parser(config, modes, choices, presets):
     group = p.add_argument_group("what to do (pick one)")
     for name, text in modes.items():
         group.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
-    p.add_argument("--preset", choices=sorted(presets), help="the papers' settings; flags given override them")
+    if presets:
+        p.add_argument("--preset", choices=sorted(presets), help="the papers' settings; flags given override them")
     helps, settings = config_help(config), p.add_argument_group("settings (the Config)")
     for f in dataclasses.fields(config):
         flag, text = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default {f.default})"
@@ -734,7 +735,7 @@ def parse_config(p, argv, config, modes, presets):
     if len(chosen) != 1:
         raise ValueError("choose exactly one of " + ", ".join("--" + m.replace("_", "-") for m in modes))
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if getattr(args, f.name) is not None}
-    return args, chosen[0], config(**{**presets.get(args.preset, {}), **given}), given
+    return args, chosen[0], config(**{**presets.get(getattr(args, "preset", None), {}), **given}), given
 
 
 def check_common(cfg, positive):
@@ -1030,13 +1031,6 @@ def interpolate_cmd(cfg):
 # -----------------------------------------------------------------------------
 # CLI
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """Bad flags: one line on stderr and exit code 2, without argparse's usage dump."""
-        print(f"{SCRIPT}.py: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 CHOICES = {"schedule": ("linear", "cosine"), "skip": ("uniform", "quad"), "grid": ("leading", "trailing"),
            "t_sampling": ("iid", "low_discrepancy"), "clip_denoised": ("auto", "on", "off"), "sigma": ("eta", "hat"),
            "precision": ("auto", "fp32", "tf32", "bf16"), "model": tuple(PRESETS)}
@@ -1044,70 +1038,37 @@ CHOICES = {"schedule": ("linear", "cosine"), "skip": ("uniform", "quad"), "grid"
 
 def validate(cfg, mode):
     """Raise ValueError naming the first flag that makes no sense."""
-    for k in ("steps", "batch_size", "T", "warmup", "ckpt_every", "sample_every", "log_every", "sample_steps",
-              "n_samples", "n_interp"):
-        if getattr(cfg, k) <= 0:
-            raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(cfg, k)}")
-    for k in ("lr", "grad_clip", "beta_1", "beta_T"):
-        v = getattr(cfg, k)
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"--{k.replace('_', '-')} must be a positive number, got {v}")
+    check_common(cfg, ("steps", "batch_size", "T", "warmup", "ckpt_every", "sample_every", "log_every",
+                       "sample_steps", "n_samples", "n_interp", "lr", "grad_clip", "beta_1", "beta_T"))
     if not (cfg.beta_1 <= cfg.beta_T < 1):
         raise ValueError(f"need 0 < --beta-1 <= --beta-T < 1, got {cfg.beta_1}, {cfg.beta_T}")
     if not (math.isfinite(cfg.eta) and cfg.eta >= 0):
         raise ValueError(f"--eta must be >= 0 (Eq. 16), got {cfg.eta}")
-    if not 0 <= cfg.ema_decay < 1:
-        raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
-    if cfg.image_size < 0:
-        raise ValueError(f"--image-size must be >= 0, got {cfg.image_size}")
     if mode == "train" and cfg.sample_steps > cfg.T:
         raise ValueError(f"--sample-steps {cfg.sample_steps} exceeds T={cfg.T}")
     if mode != "train" and not cfg.ckpt:
         raise ValueError(f"--{mode} needs --ckpt PATH (a ddim.py or ddpm.py checkpoint)")
-    try:  # the output folder must be writable before any work starts
-        os.makedirs(cfg.out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=cfg.out):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out {cfg.out}: cannot write there ({e.strerror or e})") from None
+
+
+MODES = {"train": "train (Eq. 5 with gamma = 1: DDPM's L_simple); writes <out>/ckpt.pt and grids",
+         "sample": "sample with the generalized process (Eq. 12) from --ckpt",
+         "encode": "encode held-out images to x_T (Eq. 13 run forward, Sec. 4.3) and decode them back",
+         "interpolate": "slerp between the codes of held-out images (Sec. 5.4)"}
 
 
 def main(argv=None):
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    modes = p.add_mutually_exclusive_group()
-    for m in ("train", "sample", "encode", "interpolate"):
-        modes.add_argument("--" + m, action="store_true")
+    p = make_parser(Config, MODES, CHOICES, {})
     p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt exactly (with --train)")
-    for f in dataclasses.fields(Config):
-        if isinstance(f.default, bool):  # --compile, --deterministic: switches, off by default
-            p.add_argument("--" + f.name.replace("_", "-"), action="store_true")
-            continue
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
-                       default=None if f.name == "steps" else f.default, choices=CHOICES.get(f.name))
-    args = p.parse_args(argv)
-    mode = next((m for m in ("train", "sample", "encode", "interpolate") if getattr(args, m)), None)
-    try:
-        if mode is None:
-            raise ValueError("choose one of --train, --sample, --encode, --interpolate")
+    with one_line_errors():
+        args, mode, cfg, _ = parse_config(p, argv, Config, MODES, {})
         if args.resume and mode != "train":
             raise ValueError("--resume goes with --train")
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-        if values["steps"] is None:
-            values["steps"] = Config.steps
-        elif mode != "train":  # --steps S in the sampling modes, as in the paper's usage
-            values["sample_steps"], values["steps"] = values["steps"], Config.steps
-        cfg = Config(**values)
         validate(cfg, mode)
         if mode == "train":
             cfg.resume = args.resume  # not a Config field: it would be saved into the checkpoint's config
             train(cfg)
         else:
             {"sample": sample_cmd, "encode": encode_cmd, "interpolate": interpolate_cmd}[mode](cfg)
-    except (DataError, ValueError) as e:
-        print(f"{SCRIPT}.py: error: {e}", file=sys.stderr)  # one line, exit code 2 (argparse's convention)
-        sys.exit(2)
-    finally:
-        leave_distributed()
 
 
 if __name__ == "__main__":

@@ -726,7 +726,8 @@ def make_parser(config, modes, choices, presets):
     group = p.add_argument_group("what to do (pick one)")
     for name, text in modes.items():
         group.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
-    p.add_argument("--preset", choices=sorted(presets), help="the papers' settings; flags given override them")
+    if presets:
+        p.add_argument("--preset", choices=sorted(presets), help="the papers' settings; flags given override them")
     helps, settings = config_help(config), p.add_argument_group("settings (the Config)")
     for f in dataclasses.fields(config):
         flag, text = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default {f.default})"
@@ -745,7 +746,7 @@ def parse_config(p, argv, config, modes, presets):
     if len(chosen) != 1:
         raise ValueError("choose exactly one of " + ", ".join("--" + m.replace("_", "-") for m in modes))
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if getattr(args, f.name) is not None}
-    return args, chosen[0], config(**{**presets.get(args.preset, {}), **given}), given
+    return args, chosen[0], config(**{**presets.get(getattr(args, "preset", None), {}), **given}), given
 
 
 def check_common(cfg, positive):
