@@ -1720,50 +1720,37 @@ def run_class(cfg, label):
 # -----------------------------------------------------------------------------
 # CLI
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """Bad flags: one line on stderr, exit code 2 (argparse's convention without the usage block)."""
-        sys.stderr.write(f"{SCRIPT}.py: error: {message}\n")  # one write (torchrun: ranks never interleave)
-        sys.exit(2)
-
-
 CHOICES = {"sde": ("vp", "subvp", "ve"), "precision": ("auto", "fp32", "tf32", "bf16"),
            "estimator": ("rademacher", "gaussian", "exact"),
            "t_sampling": ("iid", "low_discrepancy"), "sampler": tuple(SAMPLERS), "predictor": tuple(PREDICTORS),
            "corrector": tuple(CORRECTORS), "model": tuple(PRESETS)}
 
 
-MODES = ("train", "sample", "train_classifier", "eval_nll", "encode", "interpolate", "inpaint", "colorize")
+MODES = {"train": "train a score model (Eq. 7)",
+         "sample": "sample from --ckpt (default <out>/ckpt.pt); with --class K: class-conditional (App. I.1)",
+         "train_classifier": "train a time-dependent classifier p_t(y | x) on noisy data -> <out>/classifier.pt",
+         "eval_nll": "bits/dim of held-out data under --ckpt (Sec. 4.3, App. D.2)",
+         "encode": "encode / decode held-out images (Sec. 4.3) -> encode.png",
+         "interpolate": "slerp between codes of held-out images -> interpolate.png",
+         "inpaint": "fill in the bottom half of held-out images (App. I.2)",
+         "colorize": "colourise grey versions of RGB images (App. I.3)"}
 
 
 def validate(cfg, args):
     """Flags that parse but make no sense -> ValueError (one line, exit 2)."""
-    modes = [m for m in MODES if getattr(args, m)]
-    if len(modes) != 1:
-        raise ValueError("give exactly one of " + ", ".join("--" + m.replace("_", "-") for m in MODES)
-                         + (f" (got {len(modes)})" if modes else ""))
     if args.klass and not args.sample:
         raise ValueError("--class goes with --sample (and --classifier-ckpt)")
-    for k in ("n_eval", "classifier_steps"):
-        if getattr(cfg, k) <= 0:
-            raise ValueError(f"--{k.replace('_', '-')} must be positive (got {getattr(cfg, k)})")
+    check_common(cfg, ("n_eval", "classifier_steps", "steps", "batch_size", "lr", "warmup", "grad_clip", "ckpt_every",
+                       "sample_every", "log_every", "beta_min", "sigma_min", "snr", "n_steps", "rtol", "atol",
+                       "n_samples"))
     if cfg.classifier_scale < 0:
         raise ValueError(f"--classifier-scale must be >= 0 (got {cfg.classifier_scale})")
-    positive = ("steps", "batch_size", "lr", "warmup", "grad_clip", "ckpt_every", "sample_every", "log_every",
-                "beta_min", "sigma_min", "snr", "n_steps", "rtol", "atol", "n_samples")
-    for k in positive:
-        if not getattr(cfg, k) > 0:
-            raise ValueError(f"--{k.replace('_', '-')} must be positive (got {getattr(cfg, k)})")
     if cfg.beta_max <= cfg.beta_min:
         raise ValueError(f"--beta-max must exceed --beta-min (got {cfg.beta_max} <= {cfg.beta_min})")
     if cfg.sigma_max != 0 and cfg.sigma_max <= cfg.sigma_min:
         raise ValueError(f"--sigma-max must exceed --sigma-min, or be 0 for Technique 1 (got {cfg.sigma_max})")
-    if not 0 <= cfg.ema_decay < 1:
-        raise ValueError(f"--ema-decay must be in [0, 1) (got {cfg.ema_decay})")
     if cfg.n_corrector_steps < 0:
         raise ValueError(f"--n-corrector-steps must be >= 0 (got {cfg.n_corrector_steps})")
-    if cfg.image_size < 0:
-        raise ValueError(f"--image-size must be >= 0 (got {cfg.image_size})")
     if not 0 < cfg.train_eps < 1:
         raise ValueError(f"--train-eps must be in (0, 1) (got {cfg.train_eps})")
     if not (cfg.sample_eps == 0 or 0 < cfg.sample_eps < 1):
@@ -1772,60 +1759,30 @@ def validate(cfg, args):
         raise ValueError(f"the VP chain needs beta(t) dt < 1: use --n-steps > beta_max + 1 = {cfg.beta_max + 1:g}")
     if cfg.sampler == "pc" and cfg.predictor == "none" and cfg.corrector == "none":
         raise ValueError("--predictor none with --corrector none would return the prior noise")
-    try:  # an output folder we cannot write is reported now, not after training
-        os.makedirs(cfg.out, exist_ok=True)
-        probe = os.path.join(cfg.out, f".write_test{os.getpid()}")  # one per process: torchrun's ranks probe at once
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--out {cfg.out}: cannot write there ({e.strerror})") from None
 
 
 def main(argv=None):
-    p = Parser(prog=f"{SCRIPT}.py", description=__doc__.split("\n\n")[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train", action="store_true", help="train a score model")
-    p.add_argument("--sample", action="store_true", help="sample from --ckpt (default <out>/ckpt.pt)")
+    p = make_parser(Config, MODES, CHOICES, {})
     p.add_argument("--resume", action="store_true",
                    help="continue <out>/ckpt.pt to --steps (with --train-classifier: classifier.pt)")
-    p.add_argument("--train-classifier", action="store_true",
-                   help="train a time-dependent classifier p_t(y | x) on noisy data -> <out>/classifier.pt (App. I.1)")
-    p.add_argument("--eval-nll", action="store_true", help="bits/dim of held-out data under --ckpt (App. D.2)")
-    p.add_argument("--encode", action="store_true", help="encode / decode held-out images (Sec. 4.3) -> encode.png")
-    p.add_argument("--interpolate", action="store_true", help="slerp between codes of held-out images -> interpolate.png")
-    p.add_argument("--inpaint", action="store_true", help="fill in the bottom half of held-out images (App. I.2)")
-    p.add_argument("--colorize", action="store_true", help="colourise grey versions of RGB images (App. I.3)")
     p.add_argument("--class", dest="klass", default="", help="with --sample: class K, or 'all' (one row per class)")
-    for f in dataclasses.fields(Config):
-        name = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            p.add_argument(name, action="store_true")
-        else:
-            p.add_argument(name, type=type(f.default), default=f.default, choices=CHOICES.get(f.name))
-    args = p.parse_args(argv)
-    try:
-        cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    with one_line_errors():
+        args, mode, cfg, _ = parse_config(p, argv, Config, MODES, {})
         validate(cfg, args)
-        if args.train:
+        if mode == "train":
             train(cfg, resume=args.resume)
-        elif args.train_classifier:
+        elif mode == "train_classifier":
             train_classifier(cfg, resume=args.resume)
-        elif args.eval_nll:
+        elif mode == "eval_nll":
             run_eval_nll(cfg)
-        elif args.encode or args.interpolate:
-            run_encode(cfg, interpolate=args.interpolate)
-        elif args.inpaint or args.colorize:
-            run_inpaint(cfg, colour=args.colorize)
+        elif mode in ("encode", "interpolate"):
+            run_encode(cfg, interpolate=mode == "interpolate")
+        elif mode in ("inpaint", "colorize"):
+            run_inpaint(cfg, colour=mode == "colorize")
         elif args.klass:
             run_class(cfg, args.klass)
         else:
             run_sample(cfg)
-    except (DataError, ValueError) as e:
-        # One line, exit code 2 (argparse's convention); one write, so that lines of several ranks never interleave.
-        sys.stderr.write(f"{SCRIPT}.py: error: {e}\n")
-        sys.exit(2)
-    finally:
-        leave_distributed()
 
 
 if __name__ == "__main__":

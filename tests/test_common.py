@@ -297,12 +297,23 @@ def test_grid_scatter_and_npz(tmp_path):
 
 # ----------------------------------------------------------------------------- the shared block
 
-def test_copy_blocks_are_identical_in_the_four_scripts():
-    """The fenced machinery between BEGIN COPY and END COPY is byte-identical in all four scripts."""
+def test_running_it_blocks_are_identical_and_after_the_paper():
+    """The fenced "Running it" machinery is byte-identical in all four scripts; it comes after the paper's part (the
+    first function after Config is the paper's), its functions are defined nowhere else in the script, and the
+    script's own training loop and command line (train, main) follow it."""
+    import ast
     root = os.path.join(os.path.dirname(__file__), "..")
+    begin, end = "# ==== Running it (not in the paper", "# ==== end of Running it"
     blocks = {}
     for name in ("ddpm", "ddim", "ncsn", "score_sde"):
         text = open(os.path.join(root, f"{name}.py")).read()
-        assert text.count("# BEGIN COPY") == 1 and text.count("# END COPY") == 1, name
-        blocks[name] = text[text.index("# BEGIN COPY"):text.index("# END COPY")]
+        assert text.count(begin) == 1 and text.count(end) == 1, name
+        blocks[name] = text[text.index(begin):text.index(end)]
+        first, last = text[:text.index(begin)].count("\n") + 1, text[:text.index(end)].count("\n") + 1
+        defs = [n for n in ast.parse(text).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+        inside = {n.name for n in defs if first < n.lineno < last}
+        assert not [n.name for n in defs if n.name in inside and not first < n.lineno < last], name
+        after_config = [n for n in defs if n.lineno > next(d.lineno for d in defs if d.name == "Config")]
+        assert after_config[0].lineno < first, (name, after_config[0].name)
+        assert all(next(n.lineno for n in defs if n.name == f) > last for f in ("train", "main")), name
     assert len(set(blocks.values())) == 1, {k: len(v) for k, v in blocks.items()}

@@ -1225,7 +1225,7 @@ BAD = [  # (arguments, words the one-line message must contain)
     (["--sample", "--ckpt", "{tmp}/corrupt.pt"], "not a readable checkpoint"),
     (["--sample", "--ckpt", "{tmp}/ddpm.pt"], "a ddpm checkpoint"),
     (["--sample", "--ckpt", "{tmp}/foreign.pt"], "not a checkpoint of this project"),
-    (["--train", "--out", "{tmp}/a_file/sub"], "cannot write"),
+    (["--train", "--out", "{tmp}/a_file/sub"], "not writable"),
     (["--train", "--class", "3"], "--class goes with --sample"),
     (["--eval-nll", "--estimator", "bogus"], "invalid choice"),
     (["--train", "--t-sampling", "sobol"], "invalid choice"),
