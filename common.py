@@ -526,8 +526,9 @@ def load_pretrained(path):
 # The data-range contract: K discrete levels <-> [-1, 1]
 
 def levels_to_unit(u, K):
-    """Levels u in {0..K-1} (any int/uint8 array or tensor) -> float32 tensor in [-1, 1]."""
-    return torch.as_tensor(np.asarray(u, dtype=np.float32)) * (2.0 / (K - 1)) - 1.0
+    """Levels u in {0..K-1} (an int/uint8 array, or a tensor on any device) -> float32 tensor in [-1, 1] there.
+    K None (continuous 2-D toy data): u is already the data, returned as it is."""
+    return u if K is None else torch.as_tensor(u).float() * (2.0 / (K - 1)) - 1.0
 
 
 def unit_to_levels(x, K):
@@ -541,10 +542,16 @@ def unit_to_levels(x, K):
 
 @dataclass
 class Data:
-    x: torch.Tensor        # (N, C, H, W) or (N, 2), float32; images in [-1, 1]
+    u: torch.Tensor        # images: (N, C, H, W) uint8 levels 0..K-1 (a quarter of float32's memory; training loops
+    #                        convert each minibatch on the device with levels_to_unit); 2-D toys: (N, 2) float32
     y: torch.Tensor        # (N,) int64 labels, or None
     levels: int            # K, the number of grey levels per pixel (None for continuous 2-D toys)
     flip: bool = False     # random horizontal flips while training (CIFAR-10, as in the paper)
+
+    @property
+    def x(self):
+        """The whole set in [-1, 1], float32 (made on each call: for held-out sets and statistics)."""
+        return levels_to_unit(self.u, self.levels)
 
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "moons", "swissroll", "8gaussians", "checkerboard")
@@ -711,12 +718,13 @@ def load_data(name="digits", train=True, data_dir="data", image_size=None, chann
         u, K = read_folder(name, image_size or 32, channels or 3), 256
     else:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} or give a folder of images")
-    x = levels_to_unit(u, K)
-    if image_size and x.shape[-1] != image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-        x = levels_to_unit(unit_to_levels(x, K), K)  # back onto the K-level grid
+    u = torch.as_tensor(np.array(u, dtype=np.uint8))  # a writable copy
+    if image_size and u.shape[-1] != image_size:
+        x = F.interpolate(levels_to_unit(u, K), size=(image_size, image_size), mode="bilinear", antialias=True,
+                          align_corners=False)
+        u = torch.as_tensor(unit_to_levels(x, K))  # back onto the K-level grid
     y = None if y is None else torch.as_tensor(np.array(y, dtype=np.int64))
-    return Data(x, y, K, flip=(name == "cifar10"))
+    return Data(u, y, K, flip=(name == "cifar10"))
 
 
 # -----------------------------------------------------------------------------
