@@ -90,8 +90,7 @@ class Config:
     beta_1: float = 1e-4          # DDPM Sec. 4: beta_1 = 1e-4
     beta_T: float = 0.02          # DDPM Sec. 4: beta_T = 0.02
     steps: int = 2000             # total optimisation steps of --train (paper: DDPM's 800k on CIFAR-10)
-    batch_size: int = 128         # paper (DDPM App. B): 128; official DDIM configs: 128. The global batch (torchrun
-                                  # splits it over the processes); with --sample, the chunk of samples made at once
+    batch_size: int = 128         # DDPM App. B, DDIM configs: 128; global batch (torchrun); --sample: made at once
     lr: float = 1e-3              # paper (DDPM App. B): Adam 2e-4, as the official DDIM configs (raised for CPU)
     warmup: int = 100             # not in the papers; official code: DDPM 5000 steps, DDIM none (CPU: shortened)
     grad_clip: float = 1.0        # not in the papers; both official codes: 1.0 (DDIM's loss sums over pixels,
@@ -103,8 +102,7 @@ class Config:
     sample_every: int = 500       # steps between sample grids from fixed noise (S, eta, sigma, skip, grid below)
     log_every: int = 100          # steps between progress lines
     out: str = "runs/ddim"        # folder for ckpt.pt and the PNGs
-    seed: int = 0                 # seeds the data generator (training: indices, t, noise), the global RNGs
-                                  # (dropout; seed + rank under torchrun) and the sampling generators
+    seed: int = 0                 # seeds the data generator (indices, t, noise), dropout (seed + rank), sampling
     device: str = "auto"          # auto = cuda -> mps -> cpu
     precision: str = "auto"       # auto = tf32 on CUDA, fp32 elsewhere; fp32 | tf32 | bf16 (autocast; not the papers')
     compile: bool = False         # torch.compile the network (--compile; a one-line message where unsupported)
