@@ -45,11 +45,10 @@ Symbols:
 Notation clash: DDIM's alpha_t is DDPM's alpha-bar_t (the cumulative product), NOT DDPM's
 alpha_t = 1 - beta_t. This file stores it as `alpha_bar` so it reads the same as ddpm.py.
 
-Time index: tensor index i is the paper's t = i + 1, so i runs over 0..T-1 and the network is called
-as eps_theta(x, i) with i a LongTensor of shape (B,), exactly as in ddpm.py. The paper defines
-alpha_0 := 1 (after Eq. 12): here alpha_bar "at index -1", the level of clean data. Every sampler grid
-is built once as an explicit list of (t, t_prev) index pairs that ends with t_prev = -1, so the last
-step of every sampler lands on alpha = 1 and returns the predicted x_0 with no noise added.
+Time index: tensor index i is the paper's t = i + 1 (i = 0..T-1); the network is called as eps_theta(x, i), i a
+LongTensor (B,), as in ddpm.py. The paper's alpha_0 := 1 (after Eq. 12) is alpha_bar "at index -1". Every sampler
+grid is built once as a list of (t, t_prev) index pairs ending with t_prev = -1: the last step of every sampler
+lands on alpha = 1 and returns the predicted x_0 with no noise added.
 
 Data range: x in [-1, 1] (common.py maps the data there before any noise is added).
 
@@ -593,10 +592,7 @@ class DDIM:
 
     @torch.no_grad()
     def interpolate(self, model, x_T0, x_T1, n, steps=50, skip="uniform", grid="leading", clip=False):
-        """Sec. 5.3 of Song et al. (2021): decode slerp(x_T0, x_T1, lambda) for n values of lambda in [0, 1].
-
-        Returns (n, *x_T0.shape): row k is the decoded batch at lambda = k / (n - 1).
-        """
+        """Sec. 5.3 of Song et al. (2021): decode slerp(x_T0, x_T1, k / (n - 1)), k = 0..n-1 -> (n, *x_T0.shape)."""
         lam = torch.linspace(0, 1, n, dtype=torch.float64).tolist()
         x_T = torch.stack([slerp(x_T0, x_T1, l) for l in lam])    # (n, B, ...)
         x0 = self.decode(model, x_T.reshape(-1, *x_T0.shape[1:]), steps, skip, grid, clip)
@@ -806,9 +802,8 @@ def load_for_sampling(cfg, device=None):
 
 
 def sample_cmd(cfg):
-    """--n-samples in chunks of --batch-size, split over the processes (torchrun); chunk k starts at sample index
-    start = k * batch-size and draws x_T and its noise from chunk_generator(seed, start): the samples depend on
-    --seed and --batch-size only, not on the number of processes. Rank 0 writes them."""
+    """--n-samples in chunks of --batch-size, split over the processes (torchrun); the chunk starting at sample
+    `start` draws from chunk_generator(seed, start): the samples do not depend on the ranks. Rank 0 writes them."""
     rank, world, device = setup_distributed(pick_device(cfg.device))  # (0, 1, device) without torchrun
     net, diffusion, c, device = load_for_sampling(cfg, device)
     t0, chunks, clip = time.time(), [], clip_for(cfg, c["dataset"])

@@ -703,9 +703,7 @@ def write_samples(x, path_png, data=None):
 
 
 def train(cfg):
-    """Training of Song & Ermon (2019) Sec. 4.2 (Eq. 6 by Adam) with NCSNv2's Techniques 1-5 where configured.
-
-    Under torchrun each rank computes the loss on its slice of the global batch (see setup_distributed)."""
+    """Song & Ermon (2019) Sec. 4.2 (Eq. 6 by Adam) with NCSNv2's Techniques 1-5; under torchrun a slice per rank."""
     rank, world, device = setup_distributed(pick_device(cfg.device))
     part = rank_slice(cfg.batch_size, rank, world)  # this rank's examples of every global batch
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
@@ -837,10 +835,8 @@ def load_for_inference(args, cfg_overrides):
 
 
 def run_sample(args, cfg_overrides):
-    """--sample: n images (or 2-D points) by Algorithm 1 from the EMA network -> samples.png and samples.npz.
-
-    Chunks of --batch-size samples, chunk k on rank k % world (torchrun), each from its own generator derived from
-    --seed and its first sample's index: the samples depend on --seed and --batch-size only, not on the ranks."""
+    """--sample: n images (or 2-D points) by Algorithm 1 from the EMA network -> samples.png and samples.npz. Chunks of
+    --batch-size, chunk k on rank k % world, each from chunk_generator(seed, start): the same for any ranks."""
     cfg, ckpt, ncsn, net, device, rank, world = load_for_inference(args, cfg_overrides)
     shape, chunks = tuple(ckpt["config"]["data_shape"]), []
     for start, n in my_chunks(args.n_samples, cfg.batch_size, rank, world):
@@ -879,8 +875,7 @@ def known_mask(shape, unknown="right", device="cpu"):
 
 def run_inpaint(args, cfg_overrides):
     """--inpaint: the --mask part of held-out images is unknown -> inpaint.png, rows of original | masked | inpainted.
-
-    Split over the ranks like --sample: chunks of --batch-size images, each from chunk_generator(--seed, start)."""
+    Split over the ranks like --sample."""
     cfg, ckpt, ncsn, net, device, rank, world = load_for_inference(args, cfg_overrides)
     if cfg.dataset in TOYS:
         raise ValueError("--inpaint needs an image dataset (the checkpoint was trained on a 2-D toy)")
