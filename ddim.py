@@ -6,22 +6,19 @@ arXiv:2010.02502. Equation numbers below are those printed in the arXiv version.
 
 Commands (run from the repository root):
     python ddim.py --train                                   # L_simple on the 8x8 digits, ~5 min on 2 CPU cores
-    python ddim.py --sample --ckpt runs/ddim/ckpt.pt --steps 50 --eta 0 --n-samples 64
-    python ddim.py --sample --ckpt runs/ddpm/ckpt.pt --steps 50 --eta 0   # a ddpm.py checkpoint works too
-    python ddim.py --sample --ckpt runs/ddim/ckpt.pt --steps 20 --eta 1 --skip quad --grid trailing
-    python ddim.py --sample --ckpt runs/ddim/ckpt.pt --steps 100 --sigma hat   # Table 1's sigma-hat row
-    python ddim.py --encode --ckpt runs/ddim/ckpt.pt --steps 100      # x_0 -> x_T -> x_0, prints Table-2 error
-    python ddim.py --interpolate --ckpt runs/ddim/ckpt.pt --steps 50  # slerp between two latents x_T
+    python ddim.py --sample --ckpt runs/ddim/ckpt.pt --S 50 --eta 0 --n-samples 64
+    python ddim.py --sample --ckpt runs/ddpm/ckpt.pt --S 50 --eta 0      # a ddpm.py checkpoint works too
+    python ddim.py --sample --ckpt runs/ddim/ckpt.pt --S 20 --eta 1 --skip quad --grid trailing
+    python ddim.py --sample --ckpt runs/ddim/ckpt.pt --S 100 --sigma hat  # Table 1's sigma-hat row
+    python ddim.py --encode --ckpt runs/ddim/ckpt.pt --S 100             # x_0 -> x_T -> x_0, prints Table-2 error
+    python ddim.py --interpolate --ckpt runs/ddim/ckpt.pt --S 50         # slerp between two latents x_T
     python ddim.py --train --resume                                   # finish an interrupted run exactly
     python ddim.py --train --device cuda --precision bf16 --compile   # on a GPU: bf16 autocast + torch.compile
     torchrun --nproc_per_node=8 ddim.py --train --device cuda        # 8 GPUs; --batch-size stays the global batch
     torchrun --nproc_per_node=8 ddim.py --sample --ckpt runs/ddim/ckpt.pt --n-samples 50000   # samples split over 8
-With --sample / --encode / --interpolate, --steps is the length S of the sampling sub-sequence tau
-(same as --sample-steps); with --train it is the total number of optimisation steps.
-Under torchrun (one process per GPU, NCCL; gloo on the CPU) a run equals the 1-process run with the same global
-batch, up to float reduction order and per-rank dropout (see "Several processes" below); --sample gives the same
-samples for any number of processes; --encode / --interpolate run on rank 0 alone. Multi-node (torchrun's --nnodes
-and rendezvous flags) is untested.
+--steps is always the number of training steps, --S the length of the sampling sub-sequence tau (Sec. 4.2).
+Under torchrun --sample gives the same samples for any number of processes; --encode / --interpolate run on
+rank 0 alone (see "Several processes" below).
 
 Map (paper -> code):
     Eq. 4  q(x_t | x_0) = N(sqrt(alpha_t) x_0, (1 - alpha_t) I)    -> DDIM.q_sample
@@ -40,7 +37,7 @@ Map (paper -> code):
 Symbols:
     alpha_t      DDIM's alpha_t, the product of (1 - beta_s) for s <= t (code: alpha_bar[i])
     beta_t       the forward-process variances of DDPM (same schedule as ddpm.py)
-    tau          increasing sub-sequence of [1..T] of length S; sampled in reverse
+    tau, S       increasing sub-sequence of [1..T] and its length S (--S); sampled in reverse
     sigma_t      standard deviation of the fresh noise in Eq. 12; eta scales it (Eq. 16)
     eps_theta    the network: eps_theta(x_t, t) predicts the noise in x_t
     x0_hat       Eq. 9: the "predicted x_0" inside Eq. 12
@@ -48,17 +45,15 @@ Symbols:
 Notation clash: DDIM's alpha_t is DDPM's alpha-bar_t (the cumulative product), NOT DDPM's
 alpha_t = 1 - beta_t. This file stores it as `alpha_bar` so it reads the same as ddpm.py.
 
-Time index: tensor index i is the paper's t = i + 1, so i runs over 0..T-1 and the network is called
-as eps_theta(x, i) with i a LongTensor of shape (B,), exactly as in ddpm.py. The paper defines
-alpha_0 := 1 (after Eq. 12): here alpha_bar "at index -1", the level of clean data. Every sampler grid
-is built once as an explicit list of (t, t_prev) index pairs that ends with t_prev = -1, so the last
-step of every sampler lands on alpha = 1 and returns the predicted x_0 with no noise added.
+Time index: tensor index i is the paper's t = i + 1 (i = 0..T-1); the network is called as eps_theta(x, i), i a
+LongTensor (B,), as in ddpm.py. The paper's alpha_0 := 1 (after Eq. 12) is alpha_bar "at index -1". Every sampler
+grid is built once as a list of (t, t_prev) index pairs ending with t_prev = -1: the last step of every sampler
+lands on alpha = 1 and returns the predicted x_0 with no noise added.
 
 Data range: x in [-1, 1] (common.py maps the data there before any noise is added).
 
-Devices: the rule of the "Running it" block below. Here the float64 schedule stays on the CPU: the samplers
-read their coefficients from it as Python floats, and the training loss uses float32 copies cached on the
-device (DDIM.table); slerp works in float64 on the device, float32 on MPS (which has no float64).
+Devices: the float64 schedule stays on the CPU; samplers read it as Python floats, the training loss uses
+float32 copies cached on the device (DDIM.table); slerp works in wide(device) on the device.
 """
 import argparse
 import contextlib
@@ -95,64 +90,36 @@ class Config:
     beta_1: float = 1e-4          # DDPM Sec. 4: beta_1 = 1e-4
     beta_T: float = 0.02          # DDPM Sec. 4: beta_T = 0.02
     steps: int = 2000             # total optimisation steps of --train (paper: DDPM's 800k on CIFAR-10)
-    batch_size: int = 128         # paper (DDPM App. B): 128; official DDIM configs: 128. The global batch (torchrun
-                                  # splits it over the processes); with --sample, the chunk of samples made at once
+    batch_size: int = 128         # DDPM App. B, DDIM configs: 128; global batch (torchrun); --sample: made at once
     lr: float = 1e-3              # paper (DDPM App. B): Adam 2e-4, as the official DDIM configs (raised for CPU)
-    warmup: int = 100             # not in either paper: DDPM's official code (run_cifar.py) warms up over 5000
-                                  # steps; the official DDIM code has no warm-up (CPU default shortened)
-    grad_clip: float = 1.0        # not in either paper: the official codes' 1.0 (DDPM run_cifar.py, DDIM configs
-                                  # optim.grad_clip). DDPM's loss is a per-pixel mean, as here; DDIM's official
-                                  # loss sums over pixels (3072x larger on CIFAR-10), so the same 1.0 clips harder
-    ema_decay: float = 0.995      # paper (DDPM App. B): 0.9999, as the official DDIM configs (shortened: 2000
-                                  # steps cannot average over 10k)
+    warmup: int = 100             # not in the papers; official code: DDPM 5000 steps, DDIM none (CPU: shortened)
+    grad_clip: float = 1.0        # not in the papers; both official codes: 1.0 (DDIM's loss sums over pixels,
+                                  # ours is DDPM's per-pixel mean, so the same 1.0 clips DDIM's harder)
+    ema_decay: float = 0.995      # paper (DDPM App. B) and DDIM configs: 0.9999 (shortened for 2000 steps)
     t_sampling: str = "iid"       # training t per minibatch: "iid" (DDPM Alg. 1) or "low_discrepancy" (VDM App. I.1);
                                   # the official DDIM code draws t antithetically (half t, half T - 1 - t)
     ckpt_every: int = 500         # steps between checkpoints
-    sample_every: int = 500       # steps between sample grids from fixed noise (S, eta, skip, grid as below)
+    sample_every: int = 500       # steps between sample grids from fixed noise (S, eta, sigma, skip, grid below)
     log_every: int = 100          # steps between progress lines
     out: str = "runs/ddim"        # folder for ckpt.pt and the PNGs
-    seed: int = 0                 # seeds the data generator (training: indices, t, noise), the global RNGs
-                                  # (dropout; seed + rank under torchrun) and the sampling generators
+    seed: int = 0                 # seeds the data generator (indices, t, noise), dropout (seed + rank), sampling
     device: str = "auto"          # auto = cuda -> mps -> cpu
     precision: str = "auto"       # auto = tf32 on CUDA, fp32 elsewhere; fp32 | tf32 | bf16 (autocast; not the papers')
     compile: bool = False         # torch.compile the network (--compile; a one-line message where unsupported)
     deterministic: bool = False   # deterministic kernels (--deterministic): a CUDA run and its resume repeat bitwise
     ckpt: str = ""                # checkpoint to sample from (--sample / --encode / --interpolate)
-    sample_steps: int = 50        # S = dim(tau); Table 1 uses S in {10, 20, 50, 100, 1000}
+    S: int = 50                   # Sec. 4.2: S = dim(tau), the sampling steps; Table 1: S in {10, 20, 50, 100, 1000}
     eta: float = 0.0              # Eq. 16: 0 = DDIM (deterministic), 1 = DDPM-like
     sigma: str = "eta"            # "eta" = sigma_tau_i(eta) of Eq. 16; "hat" = Table 1's sigma-hat (ignores eta)
     skip: str = "uniform"         # App. D.2: "uniform" tau_i ~ i (default), "quad" tau_i ~ i^2 (CIFAR-10)
     grid: str = "leading"         # "leading" = official range(0, T, T//S); "trailing" starts at t = T (Lin et al. 2024)
-    clip_denoised: str = "auto"   # clamp x0_hat to [-1, 1] when sampling: auto = on for images, off for 2-D toys.
-                                  # The paper does not clip, nor does the official DDIM code's eta sampler
-                                  # (generalized_steps); its sigma-hat sampler (ddpm_steps) does, as DDPM's code
-                                  # and ddpm.py do. Short CPU runs need it: unclipped 50-step samples of a
-                                  # 500-step model diverge.
+    clip_denoised: str = "auto"   # clamp x0_hat to [-1, 1]: auto = on for images, off for 2-D toys. Not in the
+                                  # paper nor the official eta sampler; its sigma-hat sampler and DDPM's clip. Short
+                                  # CPU runs need it: unclipped 50-step samples of a 500-step model diverge
     n_samples: int = 64           # images written by --sample (and used by --encode / --interpolate)
     n_interp: int = 9             # points on each interpolation strip (Fig. 6 of the paper shows 11)
 
 
-
-
-def load_eps_checkpoint(path):
-    """A checkpoint of ddim.py or of ddpm.py: same eps-network, same schedule, so both can be sampled."""
-    try:
-        return load_checkpoint(path)
-    except DataError:
-        # load_checkpoint refuses anything not written by ddim.py; a readable ddpm.py file is welcome here.
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            ckpt = None
-        if not (isinstance(ckpt, dict) and ckpt.get("script") in EPS_SCRIPTS):
-            if isinstance(ckpt, dict) and "script" in ckpt:
-                raise DataError(f"{path}: a {ckpt['script']} checkpoint, expected one written by ddim.py or ddpm.py "
-                                "(an eps-prediction network)") from None
-            raise
-    for key in ("config", "ema"):
-        if key not in ckpt:
-            raise DataError(f"{path}: {ckpt['script']} checkpoint without {key!r}; not a complete checkpoint")
-    return ckpt
 
 
 # -----------------------------------------------------------------------------
@@ -171,34 +138,33 @@ def make_beta(schedule, T, beta_1, beta_T):
     raise ValueError(f"unknown schedule {schedule!r}; choose linear or cosine")
 
 
-def extract(a, i, x):
-    """a[i] for a batch of indices i (B,) on x's device, shaped (B, 1, ..., 1) to broadcast against x.
-
-    a must already be on x's device in x's dtype (DDIM.table gives such a copy): nothing moves per step."""
-    return a[i].reshape(-1, *[1] * (x.dim() - 1))
-
-
-def wide_float(device):
+def wide(device):
     """The widest float a device has: float64, except on MPS (no float64 there) float32."""
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
+def expand(v, x):
+    """A per-example (B,) tensor shaped (B, 1, ..., 1) to broadcast against x, in x's dtype."""
+    return v.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def extract(a, i, x):
+    """a[i] for a batch of 0-based indices i (B,), shaped to broadcast against x."""
+    return expand(a[i], x)
+
+
 def low_discrepancy_uniform(B, device="cpu", generator=None):
-    """Kingma et al. (2021, VDM) App. I.1: u_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1) from `generator`
-    (the global RNG when None): exactly one u_i in each interval [k/B, (k+1)/B), each u_i alone uniform (so every
-    loss stays unbiased). Drawn on `device` (the training loop's data generator, saved in checkpoints), in float64
-    (float32 on MPS)."""
-    f = wide_float(device)
-    u_0 = torch.rand((), dtype=f, device=device, generator=generator)
-    return (u_0 + torch.arange(B, dtype=f, device=device) / B) % 1
+    """VDM App. I.1 (Kingma et al. 2021): u_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1): one u_i in each
+    interval [i/B, (i+1)/B), each alone uniform (every loss estimate stays unbiased). On device, in its widest float."""
+    dt = wide(device)
+    u_0 = torch.rand((), generator=generator, dtype=dt, device=device)
+    return (u_0 + torch.arange(B, dtype=dt, device=device) / B) % 1
 
 
 class DDIM:
     """The diffusion quantities and samplers of Song et al. (2021) for one schedule of length T."""
 
     def __init__(self, T=1000, schedule="linear", beta_1=1e-4, beta_T=0.02, t_sampling="iid"):
-        if t_sampling not in ("iid", "low_discrepancy"):
-            raise ValueError(f"unknown t_sampling {t_sampling!r}; choose iid or low_discrepancy")
         self.T, self.t_sampling = T, t_sampling
         self.beta = make_beta(schedule, T, beta_1, beta_T)       # (T,) float64, on the CPU (the masters)
         self.alpha_bar = torch.cumprod(1 - self.beta, dim=0)     # (T,) DDIM's alpha_t = DDPM's alpha-bar_t
@@ -207,18 +173,14 @@ class DDIM:
         self.copies = {}                                         # (name, device, dtype) -> cached device copy
 
     def table(self, name, x):
-        """The float64 CPU table self.<name> in x's dtype on x's device: cast on the CPU before it moves (MPS has
-        no float64), moved once and cached, so no training or sampling step copies it again."""
+        """The float64 CPU table self.<name> in x's dtype on x's device: cast on the CPU, moved once, cached."""
         key = (name, x.device, x.dtype)
         if key not in self.copies:
             self.copies[key] = getattr(self, name).to(x.dtype).to(x.device)
         return self.copies[key]
 
     def a(self, i):
-        """DDIM's alpha at tensor index i as a float64 number; alpha at index -1 ("alpha_0 := 1") is 1.
-
-        The samplers' grids are Python ints and their coefficients Python floats read from the CPU table:
-        a sampling step never waits on the device for them."""
+        """DDIM's alpha at tensor index i as a Python float (no device sync); at index -1 ("alpha_0 := 1") 1."""
         return 1.0 if i < 0 else float(self.alpha_bar[i])
 
     # -------------------------------------------------------------------------
@@ -230,10 +192,8 @@ class DDIM:
                 + extract(self.table("sqrt_one_minus_alpha_bar", x0), i, x0) * eps)
 
     def sample_t(self, B, device, generator=None):
-        """Training indices (B,): i.i.d. uniform on {0..T-1}, or low-discrepancy (Kingma et al. 2021, App. I.1):
-        i = floor(T u_k) with u_k = mod(u_0 + k/B, 1), one u_0 ~ U(0, 1): one index per stratum of T/B steps,
-        each still uniform on {0..T-1}, so L_simple stays unbiased with less minibatch-to-minibatch variance.
-        Drawn from `generator` (the global RNG when None)."""
+        """Training indices (B,): i.i.d. uniform on {0..T-1}, or VDM App. I.1's low-discrepancy i = floor(T u_k)
+        (one index per stratum of T/B steps, each still uniform: L_simple unbiased, less variance)."""
         if self.t_sampling == "iid":
             return torch.randint(self.T, (B,), device=device, generator=generator)
         return (low_discrepancy_uniform(B, device, generator) * self.T).long().clamp(max=self.T - 1)
@@ -241,10 +201,9 @@ class DDIM:
     def loss(self, model, x0, i=None, eps=None):
         """Eq. 5 of Song et al. (2021) with gamma = 1, i.e. DDPM's L_simple: E || eps - eps_theta(x_t, t) ||^2.
 
-        Theorem 1: for every sigma > 0 the variational objective J_sigma equals some L_gamma up to a
-        constant; since eps_theta^(t) is not shared across t, the optimum of L_1 is optimal for every
-        sigma. So the one network trained here (exactly DDPM's training) serves every sampler below.
-        i and eps are drawn here from the global RNG unless given (the training loop draws them for the global batch).
+        Theorem 1: every J_sigma equals some L_gamma up to a constant, and with eps_theta^(t) not shared across t
+        the optimum of L_1 is optimal for every sigma: the one network (DDPM's training) serves every sampler.
+        i and eps: drawn from the global RNG unless given (the training loop draws them for the global batch).
         """
         if i is None:
             i = self.sample_t(len(x0), x0.device)                # t ~ Uniform{1..T} as index i = t - 1
@@ -261,10 +220,8 @@ class DDIM:
 
         Returns S pairs (t, t_prev) of tensor indices, t strictly decreasing, each t_prev the next t,
         and the last t_prev = -1 (alpha = 1). tau in paper indexing is {i + 1 for the listed i}.
-          uniform, leading:  i = 0, c, 2c, ..., (S-1)c with c = T // S. The official code's
-                             range(0, T, T // S): its largest t is T - T/S + 1, so it never visits t = T
-                             (ermongroup/ddim#40). When S does not divide T the official range has more
-                             than S entries; we keep its first S so that dim(tau) = S.
+          uniform, leading:  i = 0, c, 2c, ..., (S-1)c with c = T // S: the official range(0, T, T // S), which
+                             never visits t = T (ermongroup/ddim#40); its first S entries when S does not divide T.
           uniform, trailing: i = round(T - k T/S) - 1, k = 0..S-1: starts at t = T (Lin et al. 2024).
           quad, leading:     i = int((sqrt(0.8 T) k / (S-1))^2), k = 0..S-1: the official CIFAR-10 choice,
                              tau_i ~ i^2 up to 0.8 T (App. D.2 says "close to T").
@@ -304,13 +261,11 @@ class DDIM:
         return eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
 
     def sigma_hat(self, t, t_prev):
-        """Table 1's last row: sigma-hat_tau_i = sqrt(1 - alpha_tau_i / alpha_tau_{i-1}), the "larger variance" of
-        DDPM (its sigma_t^2 = beta_t) on the sub-sequence; 0 on the last step (t_prev = -1), as in the official code.
+        """Table 1's last row: sigma-hat_tau_i = sqrt(1 - alpha_tau_i / alpha_tau_{i-1}), DDPM's "larger variance"
+        (sigma_t^2 = beta_t) on the sub-sequence; 0 on the last step (t_prev = -1), as in the official code.
 
-        It is larger than sigma(eta = 1) and cannot go into Eq. 12 as it stands: 1 - a_prev - sigma-hat^2 is
-        negative wherever a_prev^2 > a_t. The official code (ddpm_steps, sample type "ddpm_noisy") keeps the
-        eta = 1 mean -- DDPM's posterior mean on tau -- and only swaps the noise; `step(hat=True)` does the same
-        (ddpm_steps also always clamps x0_hat to [-1, 1]: here that is `clip`).
+        It cannot go into Eq. 12 as it stands (1 - a_prev - sigma-hat^2 < 0 wherever a_prev^2 > a_t): the official
+        code (ddpm_steps) keeps the eta = 1 mean and only swaps the noise, as `step(hat=True)` does.
         """
         return math.sqrt(1 - self.a(t) / self.a(t_prev)) if t_prev >= 0 else 0.0
 
@@ -323,12 +278,9 @@ class DDIM:
         """Eq. 12 of Song et al. (2021): one generative step from index t to index t_prev.
 
         x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma z,   sigma from Eq. 16.
-        With eta = 0 and the two indices swapped, the same line is one step of the encoder (Eq. 13 run
-        from t_prev up to t): that is how `encode` uses it.
-        clip=True clamps x0_hat to the data range [-1, 1] and re-derives eps from it, so that
-        x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) eps still holds (not in the paper; the official code clips only
-        in its sigma-hat sampler, as DDPM's official sampler does; see Config.clip_denoised).
-        hat=True: the eta = 1 mean with sigma-hat noise instead (Table 1's last row; see sigma_hat).
+        With eta = 0 and the indices swapped it is one encoder step (Eq. 13 from t_prev up to t; see `encode`).
+        clip=True clamps x0_hat to [-1, 1] and re-derives eps from it, so x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) eps
+        still holds (not in the paper; see Config.clip_denoised). hat=True: the eta = 1 mean, sigma-hat noise.
         """
         a_prev = self.a(t_prev)
         sigma = self.sigma(t, t_prev, 1.0 if hat else eta) if (eta > 0 or hat) else 0.0
@@ -359,11 +311,10 @@ class DDIM:
     @torch.no_grad()
     def sample(self, model, shape, steps=50, eta=0.0, skip="uniform", generator=None, grid="leading",
                x_T=None, dtype=torch.float32, device="cpu", clip=False, hat=False):
-        """Sec. 4.2 of Song et al. (2021): Eq. 12 along reversed(tau), dim(tau) = steps, sigma from Eq. 16.
+        """Sec. 4.2 of Song et al. (2021): Eq. 12 along reversed(tau), dim(tau) = steps (the paper's S).
 
-        x_T ~ N(0, I) (drawn from `generator`, or given), then one Eq. 12 step per (t, t_prev) pair;
-        the last pair goes to alpha = 1 and returns x0_hat without noise. eta = 0 is deterministic.
-        clip=True clamps every x0_hat to [-1, 1] (off in the paper; see `step`). hat=True: sigma-hat (Table 1).
+        x_T ~ N(0, I) (drawn from `generator`, or given), then one Eq. 12 step per (t, t_prev) pair; the last
+        goes to alpha = 1 and returns x0_hat without noise. eta = 0 is deterministic. clip, hat: see `step`.
         """
         if eta < 0:
             raise ValueError(f"eta must be >= 0 (Eq. 16), got {eta}")
@@ -381,10 +332,9 @@ class DDIM:
     def encode(self, model, x0, steps, skip="uniform", grid="leading"):
         """Sec. 4.3 / 5.4 of Song et al. (2021): x_0 -> x_T, Eq. 13 run from t = 0 up to T (reverse of Eq. 14).
 
-        Each step moves from index t_prev up to t with eps_theta evaluated at the current, less noisy
-        point: x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) eps, x0_hat from Eq. 9 at t_prev. The network is
-        not defined at alpha = 1 (t = 0), so the first step uses eps_theta(x_0, index 0): the error this
-        makes is part of the reconstruction error, and shrinks with the step size.
+        Each step moves from index t_prev up to t with eps_theta evaluated at the current, less noisy point:
+        x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) eps, x0_hat from Eq. 9 at t_prev. The network is not defined at
+        alpha = 1 (t = 0), so the first step uses eps_theta(x_0, index 0): part of the reconstruction error.
         """
         x = x0
         for t, t_prev in reversed(self.timesteps(steps, skip, grid)):
@@ -395,10 +345,7 @@ class DDIM:
 
     @torch.no_grad()
     def interpolate(self, model, x_T0, x_T1, n, steps=50, skip="uniform", grid="leading", clip=False):
-        """Sec. 5.3 of Song et al. (2021): decode slerp(x_T0, x_T1, lambda) for n values of lambda in [0, 1].
-
-        Returns (n, *x_T0.shape): row k is the decoded batch at lambda = k / (n - 1).
-        """
+        """Sec. 5.3 of Song et al. (2021): decode slerp(x_T0, x_T1, k / (n - 1)), k = 0..n-1 -> (n, *x_T0.shape)."""
         lam = torch.linspace(0, 1, n, dtype=torch.float64).tolist()
         x_T = torch.stack([slerp(x_T0, x_T1, l) for l in lam])    # (n, B, ...)
         x0 = self.decode(model, x_T.reshape(-1, *x_T0.shape[1:]), steps, skip, grid, clip)
@@ -409,9 +356,9 @@ def slerp(x0, x1, lam):
     """App. D.5, Eq. 67 of Song et al. (2021): spherical interpolation (Shoemake 1985), per batch element.
 
     theta = arccos(<x0, x1> / (|x0| |x1|)),  x = sin((1 - lam) theta)/sin(theta) x0 + sin(lam theta)/sin(theta) x1.
-    Computed on the latents' device in float64 (float32 on MPS, which has no float64).
+    Computed on the latents' device in wide(device) (float64; float32 on MPS).
     """
-    f = wide_float(x0.device)
+    f = wide(x0.device)
     a, b = x0.flatten(1).to(f), x1.flatten(1).to(f)
     cos = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).clamp(-1, 1)
     theta = torch.acos(cos)[:, None]                               # (B, 1)
@@ -787,12 +734,12 @@ def clip_for(cfg, dataset):
     return cfg.clip_denoised == "on" or (cfg.clip_denoised == "auto" and dataset not in TOYS)
 
 
-def make_model(dataset, data_shape, model):
-    """The eps-network of ddim.py and ddpm.py: the MLP for 2-D toys, else the U-Net preset."""
-    if dataset in TOYS:
+def make_model(config):
+    """The eps-network for a checkpoint config ("dataset", "model", "data_shape"): MLP for 2-D toys, else U-Net."""
+    if config["dataset"] in TOYS:
         return MLP()
-    C, H = data_shape[0], data_shape[-1]
-    return UNet(in_ch=C, image_size=H, **PRESETS[model])
+    C, H = config["data_shape"][0], config["data_shape"][-1]
+    return UNet(in_ch=C, image_size=H, **PRESETS[config["model"]])
 
 
 def save_samples(x, path, dataset):
@@ -803,15 +750,11 @@ def save_samples(x, path, dataset):
         save_grid(x, path)
 
 
-def finite(*modules):
-    """True when every parameter of the modules is finite: one host sync for all of them (checkpoint steps only)."""
-    return bool(torch.stack([torch.isfinite(p).all() for m in modules for p in m.parameters()]).all())
-
-
 MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T")  # fields --resume checks
 
 
 def train(cfg):
+    """DDPM's Algorithm 1 (L_simple = Eq. 5 with gamma = 1) with Adam and an EMA; under torchrun a slice per rank."""
     rank, world, device = setup_distributed(pick_device(cfg.device))  # (0, 1, device) without torchrun
     B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)
@@ -820,11 +763,10 @@ def train(cfg):
     data_shape = list(data.x.shape[1:])
     data_x = data.x.to(device)  # the training set lives on the device: minibatches are gathered there
     diffusion = DDIM(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T, cfg.t_sampling)
-    model = make_model(cfg.dataset, data_shape, cfg.model).to(device)
-    # The data generator, alike on every rank, draws all of the global batch's randomness (indices, flips, t, noise);
-    # the global RNGs, one stream per rank, are left to dropout.
-    data_gen = make_generator(cfg.seed, device)
-    torch.manual_seed(cfg.seed + rank)
+    config = {**dataclasses.asdict(cfg), "data_shape": data_shape}  # what ckpt.pt stores
+    model = make_model(config).to(device)
+    data_gen = make_generator(cfg.seed, device)  # alike on every rank: the global batch's indices, flips, t, noise
+    torch.manual_seed(cfg.seed + rank)  # the global RNGs, one stream per rank, are left to dropout
     ema = copy.deepcopy(model).requires_grad_(False)  # EMA of parameters only (the nets have no buffers)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     path, step = os.path.join(cfg.out, "ckpt.pt"), 0
@@ -841,14 +783,10 @@ def train(cfg):
         except (KeyError, RuntimeError, ValueError) as e:
             raise DataError(f"{path}: weights do not fit this network ({type(e).__name__})") from None
         step = ckpt["step"]
-        if "data" not in ckpt["rng"]:  # written before the data generator existed: its minibatches cannot continue
-            raise DataError(f"{path}: checkpoint without the data generator's state (an older ddim.py); "
-                            "cannot resume it exactly")
         try:
             restore_rng(ckpt["rng"], data_gen, rank)
-        except RuntimeError:  # a CUDA generator's state does not fit a CPU one, and vice versa
-            raise DataError(f"{path}: its data generator belongs to another device type; resume on that one") \
-                from None
+        except (KeyError, RuntimeError):  # no data generator state (an older file), or another device type's
+            raise DataError(f"{path}: its data generator state is missing or of another device type") from None
         if rank == 0:
             print(f"resumed from {path} at step {step}")
     if rank == 0:
@@ -860,8 +798,7 @@ def train(cfg):
     # Fixed noise for the progress grids, from its own generator so the data generator (and --resume) is untouched.
     g = make_generator(cfg.seed, device)
     x_T_fixed = torch.randn((64, *data_shape), generator=g, device=device)
-    # The loss is summed on the device and read only at log and checkpoint steps (no per-step host sync);
-    # a non-finite loss is caught there, naming the steps since the last check, before any checkpoint is written.
+    # The loss is summed on the device and read at log and checkpoint steps only (no per-step host sync).
     loss_sum, n_sum, checked = torch.zeros((), device=device), 0, step
     stop, stopping, t0, step0 = StopFlag(), False, time.time(), step
     while step < cfg.steps and not stopping:
@@ -902,17 +839,16 @@ def train(cfg):
         if log:
             loss_sum, n_sum = torch.zeros((), device=device), 0
         if save:
-            if not finite(model, ema):  # never overwrite a good checkpoint with NaN weights (alike on every rank)
+            finite = torch.stack([torch.isfinite(p).all() for m in (model, ema) for p in m.parameters()]).all()
+            if not finite:  # one host sync; never overwrite a good checkpoint with NaN weights (alike on every rank)
                 raise DataError(f"non-finite weights at step {step}; last good checkpoint kept in {path}")
             rng = rng_checkpoint(data_gen, world)  # a collective: every rank takes part, rank 0 writes
             if rank == 0:
-                save_checkpoint(path, {"script": SCRIPT, "step": step,
-                                       "config": {**dataclasses.asdict(cfg), "data_shape": data_shape},
-                                       "model": model.state_dict(), "ema": ema.state_dict(),
-                                       "optimizer": opt.state_dict(), "rng": rng})
+                save_checkpoint(path, {"script": SCRIPT, "step": step, "config": config, "model": model.state_dict(),
+                                       "ema": ema.state_dict(), "optimizer": opt.state_dict(), "rng": rng})
         if (step % cfg.sample_every == 0 or step == cfg.steps) and rank == 0:
             ema.eval()
-            x = diffusion.sample(eps_ema, None, cfg.sample_steps, cfg.eta, cfg.skip, g, cfg.grid, x_T=x_T_fixed,
+            x = diffusion.sample(eps_ema, None, cfg.S, cfg.eta, cfg.skip, g, cfg.grid, x_T=x_T_fixed,
                                  device=device, clip=clip_for(cfg, cfg.dataset), hat=cfg.sigma == "hat")
             save_samples(x, os.path.join(cfg.out, f"train_{step:06d}.png"), cfg.dataset)
     if stopping:
@@ -926,53 +862,58 @@ def train(cfg):
 # -----------------------------------------------------------------------------
 # Sampling, encoding and interpolation from a checkpoint (ddim.py's or ddpm.py's)
 
-def is_pretrained(path):
-    """A released model in diffusers' format (a folder, or a .safetensors / .bin weight file), not our checkpoint."""
-    return os.path.isdir(path) or path.endswith((".safetensors", ".bin"))
+def load_eps_checkpoint(path):
+    """A checkpoint of ddim.py or of ddpm.py (the same eps-network and schedule): both can be sampled here."""
+    try:
+        return load_checkpoint(path)
+    except DataError:  # not ddim.py's: a readable ddpm.py checkpoint is welcome, anything else keeps the error
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            ckpt = None
+        if isinstance(ckpt, dict) and ckpt.get("script") in EPS_SCRIPTS:
+            return ckpt
+        if isinstance(ckpt, dict) and "script" in ckpt:
+            raise DataError(f"{path}: a {ckpt['script']} checkpoint, expected one written by ddim.py or ddpm.py "
+                            "(an eps-prediction network)") from None
+        raise
 
 
 def load_for_sampling(cfg, device=None):
-    """The EMA network (as the callable of `network`) and the DDIM schedule of a ddim.py / ddpm.py checkpoint, or
-    of a released DDPM model in diffusers' format (common.load_pretrained), on device (default: --device's)."""
-    if is_pretrained(cfg.ckpt):  # a released DDPM model (diffusers files): the schedule of its scheduler config
+    """(EMA network as the callable of `network`, DDIM schedule, checkpoint config + "script", device) of a ddim.py /
+    ddpm.py checkpoint or of a released DDPM model in diffusers' format (common.load_pretrained), on device."""
+    if os.path.isdir(cfg.ckpt) or cfg.ckpt.endswith((".safetensors", ".bin")):  # a released model: its scheduler's T
         net, info = load_pretrained(cfg.ckpt)
         s = info["schedule"]
         diffusion = DDIM(s["T"], s["schedule"], s["beta_1"], s["beta_T"])
-        c = {"dataset": "pretrained", "data_shape": info["data_shape"]}
-        ckpt = {"script": "pretrained"}
+        c = {"dataset": "pretrained", "data_shape": info["data_shape"], "script": "pretrained"}
     else:
         ckpt = load_eps_checkpoint(cfg.ckpt)
-        c = ckpt["config"]
         try:
+            c = {**ckpt["config"], "script": ckpt["script"]}
             diffusion = DDIM(int(c["T"]), c["schedule"], float(c["beta_1"]), float(c["beta_T"]))
-            net = make_model(c["dataset"], c["data_shape"], c.get("model", "tiny"))
+            net = make_model(c)
             net.load_state_dict(ckpt["ema"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise DataError(f"{cfg.ckpt}: {ckpt['script']} checkpoint that this script cannot rebuild "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if not 1 <= cfg.sample_steps <= diffusion.T:
-        raise ValueError(f"--steps {cfg.sample_steps}: must be in 1..T={diffusion.T} of this checkpoint")
+    if not 1 <= cfg.S <= diffusion.T:
+        raise ValueError(f"--S {cfg.S}: must be in 1..T={diffusion.T} of this checkpoint")
     device = device or pick_device(cfg.device)  # precision, compile and device come from this run, not the checkpoint
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)
-    return network(net.to(device).eval(), autocast, cfg.compile), diffusion, {**c, "script": ckpt["script"]}, device
-
-
-def batched(fn, x, size=256):
-    return torch.cat([fn(x[k:k + size]) for k in range(0, len(x), size)])
+    return network(net.to(device).eval(), autocast, cfg.compile), diffusion, c, device
 
 
 def sample_cmd(cfg):
-    """--n-samples in chunks of --batch-size, split over the processes (torchrun); chunk k starts at sample index
-    start = k * batch-size and draws x_T and its noise from chunk_generator(seed, start): the samples depend on
-    --seed and --batch-size only, not on the number of processes. Rank 0 writes them."""
+    """--n-samples in chunks of --batch-size, split over the processes (torchrun); the chunk starting at sample
+    `start` draws from chunk_generator(seed, start): the samples do not depend on the ranks. Rank 0 writes them."""
     rank, world, device = setup_distributed(pick_device(cfg.device))  # (0, 1, device) without torchrun
     net, diffusion, c, device = load_for_sampling(cfg, device)
-    t0 = time.time()
-    chunks = []
+    t0, chunks, clip = time.time(), [], clip_for(cfg, c["dataset"])
     for start, n in my_chunks(cfg.n_samples, cfg.batch_size, rank, world):
         g = chunk_generator(cfg.seed, start, device)
-        x = diffusion.sample(net, (n, *c["data_shape"]), cfg.sample_steps, cfg.eta, cfg.skip, g, cfg.grid,
-                             device=device, clip=clip_for(cfg, c["dataset"]), hat=cfg.sigma == "hat")
+        x = diffusion.sample(net, (n, *c["data_shape"]), cfg.S, cfg.eta, cfg.skip, g, cfg.grid, device=device,
+                             clip=clip, hat=cfg.sigma == "hat")
         chunks.append((start, x.cpu()))
     x = gather_chunks(chunks, world)  # (n_samples, ...) in sample order, on the CPU
     if rank != 0:
@@ -980,8 +921,8 @@ def sample_cmd(cfg):
     save_samples(x, os.path.join(cfg.out, "samples.png"), c["dataset"])
     save_npz(x if x.dim() == 4 else x[:, None, None, :], os.path.join(cfg.out, "samples.npz"))
     noise = "sigma-hat" if cfg.sigma == "hat" else f"eta={cfg.eta}"
-    print(f"{cfg.n_samples} samples from a {c['dataset']} {c['script']} checkpoint, S={cfg.sample_steps} "
-          f"{noise} {cfg.skip}/{cfg.grid} clip={clip_for(cfg, c['dataset'])} in {time.time() - t0:.1f} s"
+    print(f"{cfg.n_samples} samples from a {c['dataset']} {c['script']} checkpoint, S={cfg.S} {noise} "
+          f"{cfg.skip}/{cfg.grid} clip={clip} in {time.time() - t0:.1f} s"
           + (f" on {world} processes" if world > 1 else "") + f" -> {cfg.out}/samples.png, samples.npz")
 
 
@@ -994,16 +935,16 @@ def encode_cmd(cfg):
     net, diffusion, c, device = load_for_sampling(cfg, device)
     data = load_data(c["dataset"], train=False, image_size=c.get("image_size") or None)
     x0 = data.x[:cfg.n_samples].to(device)
-    x_T = batched(lambda xb: diffusion.encode(net, xb, cfg.sample_steps, cfg.skip, cfg.grid), x0)
-    x_rec = batched(lambda xb: diffusion.decode(net, xb, cfg.sample_steps, cfg.skip, cfg.grid), x_T)
-    err = reconstruction_error(x0, x_rec)
+    chunk = lambda fn, x: torch.cat([fn(x[k:k + 256]) for k in range(0, len(x), 256)])  # noqa: E731
+    x_T = chunk(lambda xb: diffusion.encode(net, xb, cfg.S, cfg.skip, cfg.grid), x0)
+    x_rec = chunk(lambda xb: diffusion.decode(net, xb, cfg.S, cfg.skip, cfg.grid), x_T)
     path = os.path.join(cfg.out, "encode.png")
     if c["dataset"] in TOYS:
         save_scatter(x_rec, path, data=x0)
     else:  # rows of 8: originals, then their reconstructions below
         rows = [torch.cat([x0[k:k + 8], x_rec[k:k + 8]]) for k in range(0, len(x0), 8)]
         save_grid(torch.cat(rows), path, nrow=min(8, len(x0)))
-    print(f"encode->decode with S={cfg.sample_steps}: per-dim MSE (pixels in [0,1]) {err:.6f}; "
+    print(f"encode->decode with S={cfg.S}: per-dim MSE (pixels in [0,1]) {reconstruction_error(x0, x_rec):.6f}; "
           f"latent std {x_T.std().item():.3f} -> {path}")
 
 
@@ -1018,14 +959,14 @@ def interpolate_cmd(cfg):
     rows = min(cfg.n_samples, 8)
     x_T0 = torch.randn((rows, *c["data_shape"]), generator=g, device=device)
     x_T1 = torch.randn((rows, *c["data_shape"]), generator=g, device=device)
-    x = diffusion.interpolate(net, x_T0, x_T1, cfg.n_interp, cfg.sample_steps, cfg.skip, cfg.grid,
+    x = diffusion.interpolate(net, x_T0, x_T1, cfg.n_interp, cfg.S, cfg.skip, cfg.grid,
                               clip_for(cfg, c["dataset"]))  # (n, rows, ...)
     path = os.path.join(cfg.out, "interpolate.png")
     if c["dataset"] in TOYS:
         save_scatter(x.reshape(-1, 2), path)
     else:
         save_grid(x.transpose(0, 1).reshape(-1, *x.shape[2:]), path, nrow=cfg.n_interp)  # one strip per row
-    print(f"{rows} interpolation strips of {cfg.n_interp} points, S={cfg.sample_steps} -> {path}")
+    print(f"{rows} interpolation strips of {cfg.n_interp} points, S={cfg.S} -> {path}")
 
 
 # -----------------------------------------------------------------------------
@@ -1039,13 +980,13 @@ CHOICES = {"schedule": ("linear", "cosine"), "skip": ("uniform", "quad"), "grid"
 def validate(cfg, mode):
     """Raise ValueError naming the first flag that makes no sense."""
     check_common(cfg, ("steps", "batch_size", "T", "warmup", "ckpt_every", "sample_every", "log_every",
-                       "sample_steps", "n_samples", "n_interp", "lr", "grad_clip", "beta_1", "beta_T"))
+                       "S", "n_samples", "n_interp", "lr", "grad_clip", "beta_1", "beta_T"))
     if not (cfg.beta_1 <= cfg.beta_T < 1):
         raise ValueError(f"need 0 < --beta-1 <= --beta-T < 1, got {cfg.beta_1}, {cfg.beta_T}")
     if not (math.isfinite(cfg.eta) and cfg.eta >= 0):
         raise ValueError(f"--eta must be >= 0 (Eq. 16), got {cfg.eta}")
-    if mode == "train" and cfg.sample_steps > cfg.T:
-        raise ValueError(f"--sample-steps {cfg.sample_steps} exceeds T={cfg.T}")
+    if mode == "train" and cfg.S > cfg.T:
+        raise ValueError(f"--S {cfg.S} exceeds T={cfg.T}")
     if mode != "train" and not cfg.ckpt:
         raise ValueError(f"--{mode} needs --ckpt PATH (a ddim.py or ddpm.py checkpoint)")
 

@@ -3,8 +3,7 @@ NCSN: Noise Conditional Score Networks with annealed Langevin dynamics (and the 
 
 Song & Ermon (2019), "Generative Modeling by Estimating Gradients of the Data Distribution", arXiv 1907.05600.
 Song & Ermon (2020), "Improved Techniques for Training Score-Based Generative Models" (NCSNv2), arXiv 2006.09011.
-Official code (PyTorch): github.com/ermongroup/ncsn, github.com/ermongroup/ncsnv2. This file is a reading of
-both papers; it imports only common.py (the U-Net, the data loaders, the PNG writers).
+Official code (PyTorch): github.com/ermongroup/ncsn, github.com/ermongroup/ncsnv2.
 
 Commands
     python ncsn.py --train                                  # 8x8 digits on the CPU, ~6 CPU-min, runs/ncsn/
@@ -46,25 +45,20 @@ Symbols (paper -> code)
     D                         data dimension                               D
 
 Conventions (the same in all four scripts of this project)
-    Data are in [-1, 1] (common.py maps the K grey levels there before any noise is added). The papers'
-    sigma values are for pixels in [0, 1]: on [-1, 1] every distance doubles, so sigma doubles and eps
-    (which scales like sigma^2, since alpha_i = eps sigma_i^2 / sigma_L^2 must scale like a variance)
+    Data are in [-1, 1] (common.py maps them there before any noise is added). The papers' sigma values are
+    for pixels in [0, 1]: on [-1, 1] distances double, so sigma doubles and eps (a variance, like sigma^2)
     is multiplied by 4. The presets below give both values. Technique 1 is computed on the data as loaded.
     Noise levels: tensor index i = 0..L-1 is the paper's level i + 1 (sigma_1 = sigmas[0], the largest).
     Langevin step: this file uses the 2019 paper's form x <- x + (alpha/2) s + sqrt(alpha) z everywhere.
     CONVENTION TRAP: the official NCSN/NCSNv2 code (and NCSNv2's Algorithm 1 and Proposition 3) write
-    x <- x + alpha s + sqrt(2 alpha) z, so their step_lr is half of ours: eps_here = 2 * step_lr_there.
-    (NCSNv2's CIFAR-10 value 6.2e-6 is 1.24e-5 here on [0, 1] pixels, 4.96e-5 on [-1, 1].)
-    The 2019 paper itself has both: its Algorithm 1 is in the (alpha/2) form and its Sec. 5 gives eps = 2e-5,
-    but its official code (ermongroup/ncsn, runners/anneal_runner.py) ran step_lr = 2e-5 in the alpha form,
-    i.e. eps = 4e-5 in the paper's form, twice the text's step. The preset v1 follows the official run (the
-    one that made the paper's samples and scores): 4e-5 * 4 = 1.6e-4 on [-1, 1]; the text's value is 8e-5.
-    Devices: NCSN.sigmas is the float64 master table and stays on the CPU; sigmas_on(device, dtype) casts it
-    on the CPU first, then moves it, once per (device, dtype) (MPS has no float64; no per-step copies).
-    Network conditioning: the score is s(x, sigma) = net(x, t) / sigma (Technique 3) with the U-Net's
-    continuous time input t = 100 * log(sigma) (--cond both, the default); --cond divide passes t = 0
-    (NCSNv2 exactly: an unconditional net), --cond embed omits the division (closest to NCSN v1's
-    conditional network). The last sampling step can be noise-free: the Tweedie denoise of NCSNv2.
+    x <- x + alpha s + sqrt(2 alpha) z: the same chain with eps_here = 2 * step_lr_there (NCSNv2's CIFAR-10
+    6.2e-6 is 1.24e-5 here on [0, 1] pixels, 4.96e-5 on [-1, 1]). The 2019 paper's text gives eps = 2e-5 in
+    its own form, but its official run (ermongroup/ncsn, anneal_runner.py) used step_lr = 2e-5 in the code's
+    form, i.e. eps = 4e-5: preset v1 follows that run (it made the paper's samples and scores), 1.6e-4 on
+    [-1, 1]; the text's value would be 8e-5.
+    Devices: NCSN.sigmas, the float64 master table, stays on the CPU; sigmas_on casts it, then moves it, once.
+    The network is given sigma: s(x, sigma) = net(x, 100 log sigma) / sigma by default (ScoreNet, --cond).
+    The last sampling step can be noise-free: NCSNv2's Tweedie denoise (--denoise).
 
 Notation clashes
     The 2019 paper's alpha_i is a step size; DDPM's alpha_t is 1 - beta_t. NCSNv2's eps is half of the
@@ -128,16 +122,12 @@ class Config:
 # `--preset NAME`: the papers' settings, converted to data in [-1, 1]. Explicit flags override a preset.
 PRESET_CONFIGS = {
     "cpu": {},  # the CPU defaults above: Techniques 1, 2, 4, 5 computed for the data, T = 20
-    # 2019 Sec. 5: sigma 1 -> 0.01 on [0,1] (2 -> 0.02 here), L = 10, T = 100, uniform initial samples.
-    # eps: the official run (ermongroup/ncsn anneal_runner.py: step_lr 2e-5 in the x + a s + sqrt(2a) z form)
-    # = 4e-5 in the paper's form on [0,1] = 1.6e-4 here; the paper's text (2e-5 in its own form) would be 8e-5
-    # here, half the step. We keep the official run's: it produced the paper's samples and Inception score.
-    # Official configs/anneal.yml: Adam 1e-3, batch 128, 200k iterations; no EMA, no denoising step.
+    # 2019 Sec. 5: sigma 1 -> 0.01 on [0,1] (2 -> 0.02 here), L = 10, T = 100, uniform initial samples; eps of
+    # the official run, not the text (see the header). configs/anneal.yml: Adam 1e-3, 200k steps; no EMA, no denoise.
     "v1": dict(sigma_1=2.0, sigma_L=0.02, L=10, step_lr=1.6e-4, n_steps_each=100, denoise=False, cond="embed",
                lr=1e-3, ema_decay=0.0, steps=200_000, ckpt_every=5000, sample_every=5000, log_every=1000),
-    # NCSNv2 for any dataset: sigma_1 by Technique 1, L by Technique 2, eps by Technique 4 with T = 5,
-    # s = net(x)/sigma (Technique 3), EMA 0.999 (Technique 5); lr 1e-4, 300k steps, denoising step on
-    # (the official configs).
+    # NCSNv2 for any dataset: Techniques 1, 2, 4 (T = 5) for sigma_1, L, eps; s = net(x)/sigma (Technique 3),
+    # EMA 0.999 (Technique 5); the official configs' lr 1e-4, 300k steps, denoising step on.
     "v2": dict(sigma_1=0.0, sigma_L=0.02, L=0, step_lr=0.0, n_steps_each=5, denoise=True, cond="divide",
                lr=1e-4, ema_decay=0.999, steps=300_000, ckpt_every=5000, sample_every=5000, log_every=1000),
     # NCSNv2's CIFAR-10 run as published (configs/cifar10.yml): sigma 50 -> 0.01, L = 232, step_lr 6.2e-6,
@@ -155,10 +145,8 @@ LOG_SIGMA_SCALE = 100.0  # the U-Net's time input is t = 100 * log(sigma) (commo
 # Noise levels (float64) and the NCSNv2 rules that choose them
 
 def technique1_sigma_1(x, max_points=5000):
-    """NCSNv2 Technique 1: sigma_1 = the maximum Euclidean distance between two training points.
-
-    Exact for up to max_points points; larger data sets use the first max_points (a lower bound).
-    """
+    """NCSNv2 Technique 1: sigma_1 = the maximum Euclidean distance between two training points (exact for up to
+    max_points points; larger data sets use the first max_points: a lower bound)."""
     x = x[:max_points].flatten(1).double()  # (N, D)
     best = 0.0
     for start in range(0, len(x), 1000):  # blocks of rows keep the distance matrix small
@@ -167,7 +155,7 @@ def technique1_sigma_1(x, max_points=5000):
 
 
 def technique2_gamma(D):
-    """NCSNv2 Technique 2: the ratio gamma with Phi(sqrt(2D)(gamma-1) + 3 gamma) - Phi(sqrt(2D)(gamma-1) - 3 gamma) = 0.5."""
+    """NCSNv2 Technique 2: gamma with Phi(sqrt(2D)(gamma-1) + 3 gamma) - Phi(sqrt(2D)(gamma-1) - 3 gamma) = 0.5."""
     if 2 * D <= 9:  # sqrt(2D) <= 3: the left side tends to 1, never 0.5 (e.g. 2-D toys)
         raise ValueError(f"Technique 2 has no solution for data of dimension D={D} <= 4; give --L")
     Phi = lambda u: 0.5 * (1 + math.erf(u / math.sqrt(2)))
@@ -205,17 +193,15 @@ def technique4_step_lr(T, gamma, sigma_L):
     return 2 * r[ratio.argmin()].item() * sigma_L ** 2
 
 
-def resolve_levels(cfg, data_x, log=print):
-    """Fill in sigma_1, L and step_lr given as 0 with Techniques 1, 2 and 4; returns a new Config."""
-    sigma_1 = cfg.sigma_1 or technique1_sigma_1(data_x)
-    D = data_x[0].numel()
-    if cfg.L:
-        L = cfg.L
-    elif D <= 4:  # Technique 2 is undefined in 2-D: fall back to the 2019 paper's L, and say so
+def resolve_levels(cfg, data_x=None, log=print):
+    """Fill in sigma_1, L and step_lr given as 0 with Techniques 1, 2 and 4 (the first two need the training data
+    data_x); returns a new Config."""
+    sigma_1, L = cfg.sigma_1 or technique1_sigma_1(data_x), cfg.L
+    if not L and data_x[0].numel() <= 4:  # Technique 2 is undefined in 2-D: fall back to the 2019 paper's L, say so
         L = 10
-        log(f"note: Technique 2 has no solution for D={D}; using L=10 (2019 paper)", flush=True)
-    else:
-        L = technique2_L(D, sigma_1, cfg.sigma_L)
+        log(f"note: Technique 2 has no solution for D={data_x[0].numel()}; using L=10 (2019 paper)", flush=True)
+    elif not L:
+        L = technique2_L(data_x[0].numel(), sigma_1, cfg.sigma_L)
     if sigma_1 <= cfg.sigma_L:
         raise ValueError(f"need sigma_1 > sigma_L, got sigma_1={sigma_1:g} and sigma_L={cfg.sigma_L:g}")
     step_lr = cfg.step_lr
@@ -226,42 +212,41 @@ def resolve_levels(cfg, data_x, log=print):
     return dataclasses.replace(cfg, sigma_1=float(sigma_1), L=int(L), step_lr=float(step_lr))
 
 
-def expand(a, x):
-    """Broadcast a per-example (B,) tensor against x of shape (B, ...)."""
-    return a.reshape(-1, *([1] * (x.dim() - 1)))
+def wide(device):
+    """The widest float a device has: float64, except on MPS (no float64 there) float32."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def expand(v, x):
+    """A per-example (B,) tensor shaped (B, 1, ..., 1) to broadcast against x, in x's dtype."""
+    return v.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def low_discrepancy_uniform(B, device="cpu", generator=None):
-    """Kingma et al. (2021, VDM) App. I.1: u_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1) from generator
-    (None: the global RNG): exactly one u_i in each interval [k/B, (k+1)/B), each u_i alone uniform (so every loss
-    stays unbiased). Made on device (float64, or float32 on MPS, which has no float64): no host-to-device copy."""
-    dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
-    u_0 = torch.rand((), dtype=dtype, device=device, generator=generator)
-    return (u_0 + torch.arange(B, dtype=dtype, device=device) / B) % 1
+    """VDM App. I.1 (Kingma et al. 2021): u_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1): one u_i in each
+    interval [i/B, (i+1)/B), each alone uniform (every loss estimate stays unbiased). On device, in its widest float."""
+    dt = wide(device)
+    u_0 = torch.rand((), generator=generator, dtype=dt, device=device)
+    return (u_0 + torch.arange(B, dtype=dt, device=device) / B) % 1
 
 
 class NCSN:
-    """The noise levels of Song & Ermon (2019) and every objective and sampler built on them.
-
-    sigmas: the geometric sequence sigma_1 > ... > sigma_L (float64; 2019 Sec. 4.1). The methods take
-    the score model as a plain callable model(x, sigma) -> tensor shaped like x, sigma of shape (B,).
-    """
+    """The noise levels of Song & Ermon (2019) and every objective and sampler built on them; the methods take the
+    score model as a plain callable model(x, sigma) -> tensor shaped like x, sigma of shape (B,)."""
 
     def __init__(self, sigma_1=1.0, sigma_L=0.01, L=10, t_sampling="iid"):
-        if t_sampling not in ("iid", "low_discrepancy"):
-            raise ValueError(f"unknown t_sampling {t_sampling!r}; choose iid or low_discrepancy")
         self.t_sampling = t_sampling
         if not (isinstance(L, int) and L >= 1):
             raise ValueError(f"L must be an integer >= 1, got {L}")
         if not (0 < sigma_L < sigma_1 and math.isfinite(sigma_1)):
             raise ValueError(f"need 0 < sigma_L < sigma_1, got sigma_1={sigma_1} and sigma_L={sigma_L}")
         self.sigma_1, self.sigma_L, self.L = sigma_1, sigma_L, L
-        # Geometric sequence (2019 Sec. 4.1): log sigma evenly spaced; L = 1 is the single level sigma_1.
+        # 2019 Sec. 4.1: a geometric sequence sigma_1 > ... > sigma_L (float64; L = 1 is the single level sigma_1).
         self.sigmas = torch.exp(torch.linspace(math.log(sigma_1), math.log(sigma_L), L, dtype=torch.float64))
         self._sigmas_on = {}  # (device, dtype) -> the table cast and moved there (see sigmas_on)
 
     def sigmas_on(self, device, dtype=torch.float32):
-        """The float64 master table (CPU) as dtype on device: cast on the CPU, then moved, once per (device, dtype)."""
+        """The float64 CPU table as dtype on device: cast on the CPU, then moved, once per (device, dtype)."""
         key = (torch.device(device), dtype)
         if key not in self._sigmas_on:
             self._sigmas_on[key] = self.sigmas.to(dtype).to(key[0])
@@ -275,16 +260,14 @@ class NCSN:
     # Objectives
 
     def sample_levels(self, B, device, generator=None):
-        """Level indices (B,) for one minibatch: i.i.d. uniform on {0..L-1}, or low-discrepancy (Kingma et al.
-        2021, App. I.1): i = floor(L u_k), u_k = mod(u_0 + k/B, 1) with one u_0 ~ U(0, 1), so every stratum of
-        L/B levels gets one example; each i alone is still uniform, so Eq. 6's estimate stays unbiased.
-        generator: the training loop's data generator (None: the global RNG)."""
+        """Level indices (B,): i.i.d. uniform on {0..L-1}, or VDM App. I.1's low-discrepancy i = floor(L u_k) (one
+        per stratum of L/B levels, each still uniform: Eq. 6's estimate stays unbiased). generator: None = global."""
         if self.t_sampling == "iid":
             return torch.randint(self.L, (B,), device=device, generator=generator)
         return (low_discrepancy_uniform(B, device, generator) * self.L).long().clamp(max=self.L - 1)
 
     def perturb(self, x, i=None, z=None):
-        """Draw a level per example (uniform over 1..L: an unbiased estimate of Eq. 6's average) and x~ = x + sigma z."""
+        """A level per example (uniform over 1..L: an unbiased estimate of Eq. 6's average) and x~ = x + sigma z."""
         if i is None:
             i = self.sample_levels(x.shape[0], x.device)
         if z is None:
@@ -346,12 +329,9 @@ class NCSN:
     @torch.no_grad()
     def langevin(self, model, shape, sigma, n_steps, step_lr, generator=None, x=None, device="cpu",
                  dtype=torch.float32):
-        """Eq. 4 of Song & Ermon (2019): plain Langevin dynamics x <- x + (eps/2) s(x, sigma) + sqrt(eps) z at one level.
+        """Eq. 4 of Song & Ermon (2019): Langevin dynamics x <- x + (eps/2) s(x, sigma) + sqrt(eps) z at one level.
 
-        The paper's form, used by every sampler here. The official code (ermongroup/ncsn, ncsnv2) writes
-        x <- x + a s + sqrt(2a) z: the same chain with eps = 2a, so its step_lr converts as eps = 2 * step_lr.
-        The 2019 paper's eps = 2e-5 (Sec. 5, for Alg. 1) is in our form; its official run used step_lr 2e-5 in the
-        code's form (eps = 4e-5 here on [0, 1], 1.6e-4 on [-1, 1]): the preset v1 keeps the official run's.
+        The official code's x + a s + sqrt(2a) z is the same chain with eps = 2a (header: CONVENTION TRAP).
         """
         x = self.init(shape, generator, device, dtype) if x is None else x.clone()
         s_in = self.level_sigma(sigma, x)
@@ -365,9 +345,9 @@ class NCSN:
                device="cpu", dtype=torch.float32):
         """Algorithm 1 of Song & Ermon (2019): annealed Langevin dynamics (+ NCSNv2's final denoising step).
 
-        for i = 1..L: alpha_i = eps sigma_i^2 / sigma_L^2; T times: x <- x + (alpha_i/2) s(x, sigma_i) + sqrt(alpha_i) z.
-        step_lr is the paper's eps (twice the official code's step_lr; see langevin). x: optional initial samples.
-        denoise: return x + sigma_L^2 s(x, sigma_L), the posterior mean E[x_0 | x] (Tweedie), noise-free.
+        for i = 1..L: alpha_i = eps sigma_i^2 / sigma_L^2; T times x <- x + (alpha_i/2) s(x, sigma_i) + sqrt(alpha_i) z.
+        step_lr: the paper's eps (twice the official code's). x: optional initial samples. denoise: return
+        x + sigma_L^2 s(x, sigma_L), the posterior mean E[x_0 | x] (Tweedie), noise-free.
         """
         x = self.init(shape, generator, device, dtype) if x is None else x.clone()
         sigma_L = self.sigmas[-1].item()
@@ -385,10 +365,9 @@ class NCSN:
     def inpaint(self, model, x, mask, n_steps_each=100, step_lr=2e-5, generator=None, x_init=None):
         """Algorithm 2 of Song & Ermon (2019) (App. B.3): inpainting with annealed Langevin dynamics.
 
-        mask = 1 where x is known. At level i the known entries are y = x + sigma_i z~ (one draw per level);
-        each Langevin step of Algorithm 1 is followed by x~ <- x~ (1 - m) + y m, so only the unknown
-        entries evolve while the network sees a consistently noised image. Returns x~ with the known
-        entries set back to the clean x.
+        mask = 1 where x is known. At level i the known entries are y = x + sigma_i z~ (one draw per level); each
+        Langevin step of Algorithm 1 is followed by x~ <- x~ (1 - m) + y m: only the unknown entries evolve, the
+        network sees a consistently noised image. Returns x~ with the known entries set back to the clean x.
         """
         mask = mask.to(x.dtype).expand_as(x)
         x_t = self.init(x.shape, generator, x.device, x.dtype) if x_init is None else x_init.clone()
@@ -396,7 +375,7 @@ class NCSN:
         for sigma in self.sigmas.tolist():
             alpha = step_lr * sigma ** 2 / sigma_L ** 2
             s_in = self.level_sigma(sigma, x)
-            y = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # noised known pixels
+            y = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # noised known
             x_t = x_t * (1 - mask) + y * mask  # (the official code also imposes y before the level's first step)
             for _ in range(n_steps_each):
                 z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -422,7 +401,7 @@ class ScoreNet(torch.nn.Module):
 
     def forward(self, x, sigma):
         t = torch.zeros_like(sigma) if self.cond == "divide" else LOG_SIGMA_SCALE * torch.log(sigma)
-        out = self.net(x, t)
+        out = self.net(x, t).to(x.dtype)  # bf16 autocast: divide in x's float32, not in bfloat16
         return out if self.cond == "embed" else out / expand(sigma, out)
 
 
@@ -824,27 +803,16 @@ def write_samples(x, path_png, data=None):
         save_grid(x, path_png)
 
 
-def objective(ncsn, name):
-    return {"dsm": ncsn.loss, "ssm": ncsn.ssm_loss, "ism": ncsn.ism_loss}[name]
-
-
 def train(cfg):
-    """Training of Song & Ermon (2019) Sec. 4.2 (Eq. 6 by Adam) with NCSNv2's Techniques 1-5 where configured.
-
-    Under torchrun each rank computes the loss on its slice of the global batch (see setup_distributed)."""
+    """Song & Ermon (2019) Sec. 4.2 (Eq. 6 by Adam) with NCSNv2's Techniques 1-5; under torchrun a slice per rank."""
     rank, world, device = setup_distributed(pick_device(cfg.device))
     part = rank_slice(cfg.batch_size, rank, world)  # this rank's examples of every global batch
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
     resume = cfg.resume
-    # Before any CUDA work: --deterministic configures cuBLAS.
-    autocast = setup_precision(device, cfg.precision, cfg.deterministic)
+    autocast = setup_precision(device, cfg.precision, cfg.deterministic)  # before any CUDA work (cuBLAS settings)
     torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank
     data_gen = make_generator(cfg.seed, device)  # alike on every rank: data order, flips, levels, noise, v
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
-    is_toy = cfg.dataset in TOYS
-    if cfg.loss == "ism" and data.x[0].numel() > ISM_MAX_DIM:
-        raise ValueError(f"--loss ism takes the exact Jacobian trace (one backward pass per dimension); "
-                         f"{cfg.dataset} has D={data.x[0].numel()} > {ISM_MAX_DIM}: use --loss dsm or --loss ssm")
     cfg = resolve_levels(cfg, data.x, log)  # Techniques 1, 2, 4 for fields given as 0
     ncsn = NCSN(cfg.sigma_1, cfg.sigma_L, cfg.L, cfg.t_sampling)
     log(f"noise levels: sigma {cfg.sigma_1:.4g} -> {cfg.sigma_L:.4g}, L = {cfg.L}; sampling: T = "
@@ -860,15 +828,14 @@ def train(cfg):
         if list(ckpt["config"]["data_shape"]) != config["data_shape"]:
             raise DataError(f"{path}: data shape {ckpt['config']['data_shape']}, this run has {config['data_shape']}")
         if not isinstance(ckpt["rng"], dict) or "data" not in ckpt["rng"]:
-            raise DataError(f"{path}: written before the data generator (issue 16): it samples, but cannot resume")
+            raise DataError(f"{path}: written before the data generator's state was saved: it samples, cannot resume")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         restore_rng(ckpt["rng"], data_gen, rank)  # the data generator, and this rank's CPU and CUDA/MPS streams
         log(f"resumed from {path} at step {step}", flush=True)
     x_data = data.x.to(device)
-    n_grid = 1000 if is_toy else 64
-    grid_shape = (n_grid, *data.x.shape[1:])
-    loss_fn = objective(ncsn, cfg.loss)
+    grid_shape = (1000 if cfg.dataset in TOYS else 64, *data.x.shape[1:])
+    loss_fn = {"dsm": ncsn.loss, "ssm": ncsn.ssm_loss, "ism": ncsn.ism_loss}[cfg.loss]
     use_compile = cfg.compile and cfg.loss == "dsm"  # ssm / ism differentiate through the score: no compile
     if cfg.compile and not use_compile:
         log(f"note: --compile applies to sampling only with --loss {cfg.loss} (it needs double backward)", flush=True)
@@ -896,12 +863,6 @@ def train(cfg):
                                    "optimizer": opt.state_dict(), "rng": rng})
         except (OSError, RuntimeError) as e:  # disk full, folder removed: say so in one line
             raise DataError(f"{path}: cannot write the checkpoint ({str(e).splitlines()[0]})") from None
-
-    def sample_grid():
-        # Fixed noise (its own generator, so the training RNG is untouched): the grids differ only by the weights.
-        g = make_generator(cfg.seed + 1, device)
-        x = ncsn.sample(score_ema, grid_shape, cfg.n_steps_each, cfg.step_lr, cfg.denoise, generator=g, device=device)
-        write_samples(x, os.path.join(cfg.out, f"grid_{step:07d}.png"), data if is_toy else None)
 
     stop, t0, step0, stopping = StopFlag(), time.time(), step, False
     loss_sum, log_step = torch.zeros((), device=device), step  # loss summed on the device since step log_step
@@ -942,7 +903,10 @@ def train(cfg):
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
             checkpoint()
         if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
-            sample_grid()
+            # Fixed noise (its own generator, the training RNG untouched): the grids differ only by the weights.
+            x = ncsn.sample(score_ema, grid_shape, cfg.n_steps_each, cfg.step_lr, cfg.denoise,
+                            generator=make_generator(cfg.seed + 1, device), device=device)
+            write_samples(x, os.path.join(cfg.out, f"grid_{step:07d}.png"), data if cfg.dataset in TOYS else None)
     if stopping:
         log(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume", file=sys.stderr)
         sys.exit(130)
@@ -957,12 +921,9 @@ def load_for_inference(args, cfg_overrides):
     ckpt = read_ckpt(args.ckpt)
     fields = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
-    cfg = dataclasses.replace(cfg, **cfg_overrides)  # runtime settings given on the command line (see main)
+    cfg = resolve_levels(dataclasses.replace(cfg, **cfg_overrides))  # runtime flags (see main); --step-lr 0: Tech. 4
     rank, world, device = setup_distributed(pick_device(cfg.device))
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)
-    if cfg.step_lr == 0:  # --step-lr 0: Technique 4 again, for this --n-steps-each
-        cfg = dataclasses.replace(cfg, step_lr=technique4_step_lr(
-            cfg.n_steps_each, (cfg.sigma_1 / cfg.sigma_L) ** (1 / max(cfg.L - 1, 1)), cfg.sigma_L))
     ncsn = NCSN(cfg.sigma_1, cfg.sigma_L, cfg.L)
     net = make_model(ckpt["config"])
     try:
@@ -975,10 +936,8 @@ def load_for_inference(args, cfg_overrides):
 
 
 def run_sample(args, cfg_overrides):
-    """--sample: n images (or 2-D points) by Algorithm 1 from the EMA network -> samples.png and samples.npz.
-
-    Chunks of --batch-size samples, chunk k on rank k % world (torchrun), each from its own generator derived from
-    --seed and its first sample's index: the samples depend on --seed and --batch-size only, not on the ranks."""
+    """--sample: n images (or 2-D points) by Algorithm 1 from the EMA network -> samples.png and samples.npz. Chunks of
+    --batch-size, chunk k on rank k % world, each from chunk_generator(seed, start): the same for any ranks."""
     cfg, ckpt, ncsn, net, device, rank, world = load_for_inference(args, cfg_overrides)
     shape, chunks = tuple(ckpt["config"]["data_shape"]), []
     for start, n in my_chunks(args.n_samples, cfg.batch_size, rank, world):
@@ -991,11 +950,11 @@ def run_sample(args, cfg_overrides):
     if rank > 0:
         return
     os.makedirs(cfg.out, exist_ok=True)
-    if cfg.dataset in TOYS:  # 2-D points: scatter over the data; npz holds the raw float coordinates
-        write_samples(x, os.path.join(cfg.out, "samples.png"), load_data(cfg.dataset, train=False))
+    toy = cfg.dataset in TOYS  # 2-D points: scatter over the data; npz holds the raw float coordinates
+    write_samples(x, os.path.join(cfg.out, "samples.png"), load_data(cfg.dataset, train=False) if toy else None)
+    if toy:
         np.savez(os.path.join(cfg.out, "samples.npz"), arr_0=x.numpy())
     else:
-        write_samples(x, os.path.join(cfg.out, "samples.png"))
         save_npz(x, os.path.join(cfg.out, "samples.npz"))
     print(f"wrote {cfg.out}/samples.png and {cfg.out}/samples.npz ({len(x)} samples)")
 
@@ -1017,8 +976,7 @@ def known_mask(shape, unknown="right", device="cpu"):
 
 def run_inpaint(args, cfg_overrides):
     """--inpaint: the --mask part of held-out images is unknown -> inpaint.png, rows of original | masked | inpainted.
-
-    Split over the ranks like --sample: chunks of --batch-size images, each from chunk_generator(--seed, start)."""
+    Split over the ranks like --sample."""
     cfg, ckpt, ncsn, net, device, rank, world = load_for_inference(args, cfg_overrides)
     if cfg.dataset in TOYS:
         raise ValueError("--inpaint needs an image dataset (the checkpoint was trained on a 2-D toy)")
@@ -1033,8 +991,7 @@ def run_inpaint(args, cfg_overrides):
     x_hat = gather_chunks(chunks, world).to(device)  # (n, C, H, W) in image order, on every rank
     if rank > 0:
         return
-    masked = x * mask  # unknown pixels shown as mid-grey (0 in [-1, 1])
-    rows = torch.stack([x, masked, x_hat], 1).flatten(0, 1)  # (3n, C, H, W): original | masked | inpainted
+    rows = torch.stack([x, x * mask, x_hat], 1).flatten(0, 1)  # (3n, C, H, W): original | masked (grey) | inpainted
     os.makedirs(cfg.out, exist_ok=True)
     save_grid(rows.cpu(), os.path.join(cfg.out, "inpaint.png"), nrow=3)
     print(f"wrote {cfg.out}/inpaint.png ({len(x)} rows: original | masked | inpainted)")

@@ -452,7 +452,7 @@ def run(*args, cwd, timeout=240):
                           capture_output=True, text=True, timeout=timeout)
 
 
-TOY = ["--dataset", "moons", "--batch-size", "64", "--log-every", "10", "--sample-every", "1000", "--sample-steps", "5"]
+TOY = ["--dataset", "moons", "--batch-size", "64", "--log-every", "10", "--sample-every", "1000", "--S", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -466,21 +466,22 @@ def toy_run(tmp_path_factory, device):
 
 def test_cli_train_sample_encode_interpolate(toy_run, device):
     """Subprocess smoke of every sampling mode on a moons (MLP) checkpoint: --sample (eta = 1), --encode,
-    --interpolate, on the chosen device."""
+    --interpolate, on the chosen device. --S is the number of sampling steps; --steps (training steps) leaves it."""
     out = toy_run
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert set(ck) == {"script", "config", "step", "model", "ema", "optimizer", "rng"}
     assert ck["script"] == "ddim" and ck["step"] == 40 and ck["config"]["data_shape"] == [2]
     ck = str(out / "ckpt.pt")
-    runs = [["--sample", "--ckpt", ck, "--steps", "10", "--eta", "1", "--n-samples", "100", "--out", str(out / "s")],
-            ["--encode", "--ckpt", ck, "--steps", "5", "--n-samples", "16", "--out", str(out / "e")],
-            ["--interpolate", "--ckpt", ck, "--steps", "5", "--n-samples", "4", "--out", str(out / "e")]]
+    runs = [["--sample", "--ckpt", ck, "--S", "10", "--steps", "3", "--eta", "1", "--n-samples", "100", "--out",
+             str(out / "s")],
+            ["--encode", "--ckpt", ck, "--S", "5", "--n-samples", "16", "--out", str(out / "e")],
+            ["--interpolate", "--ckpt", ck, "--S", "5", "--n-samples", "4", "--out", str(out / "e")]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "ddim.py"), *a, *on(device)], cwd=out, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for a in runs]
-    for p in procs:
+    for p, word in zip(procs, ("S=10 ", "S=5:", "S=5 ")):
         stdout, stderr = p.communicate(timeout=240)
-        assert p.returncode == 0, stderr
+        assert p.returncode == 0 and word in stdout, (stdout, stderr)
     import numpy as np
     assert (out / "s" / "samples.png").exists()
     assert np.load(out / "s" / "samples.npz")["arr_0"].shape[0] == 100
@@ -493,7 +494,7 @@ def test_cli_every_mode_on_images(tmp_path, capsys, device):
     CUDA), --resume, then --sample (eta = 0.5), --encode and --interpolate of the checkpoint."""
     out = tmp_path / "run"
     args = ["--train", "--batch-size", "8", "--ckpt-every", "2", "--sample-every", "2", "--log-every", "2",
-            "--sample-steps", "3", "--out", str(out), *on(device)]
+            "--S", "3", "--out", str(out), *on(device)]
     r = main_inproc(capsys, *args, "--steps", "2", "--eta", "0.5")
     assert r.returncode == 0, r.stderr
     r = main_inproc(capsys, *args, "--steps", "4", "--sigma", "hat", "--resume")
@@ -502,7 +503,7 @@ def test_cli_every_mode_on_images(tmp_path, capsys, device):
     ck = str(out / "ckpt.pt")
     assert torch.load(ck, weights_only=True)["step"] == 4
     for mode, extra in (("--sample", ["--eta", "0.5"]), ("--encode", []), ("--interpolate", ["--n-interp", "3"])):
-        r = main_inproc(capsys, mode, "--ckpt", ck, "--steps", "3", "--n-samples", "4", "--out", str(tmp_path / "s"),
+        r = main_inproc(capsys, mode, "--ckpt", ck, "--S", "3", "--n-samples", "4", "--out", str(tmp_path / "s"),
                         *on(device), *extra)
         assert r.returncode == 0, (mode, r.stderr)
     for name in ("samples.png", "samples.npz", "encode.png", "interpolate.png"):
@@ -514,14 +515,14 @@ def test_cli_bf16_and_runtime_settings(tmp_path, capsys, device):
     setting: a bf16 checkpoint resumes under fp32 and samples under bf16, tf32 and the default."""
     out = tmp_path / "run"
     args = ["--train", "--dataset", "moons", "--batch-size", "16", "--T", "50", "--ckpt-every", "2",
-            "--sample-every", "2", "--log-every", "1", "--sample-steps", "3", "--out", str(out), *on(device)]
+            "--sample-every", "2", "--log-every", "1", "--S", "3", "--out", str(out), *on(device)]
     r = main_inproc(capsys, *args, "--steps", "2", "--precision", "bf16")
     assert r.returncode == 0 and "loss" in r.stdout, r.stderr
     assert torch.load(out / "ckpt.pt", weights_only=True)["config"]["precision"] == "bf16"
     r = main_inproc(capsys, *args, "--steps", "3", "--precision", "fp32", "--resume")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
     for precision in ("bf16", "tf32", "auto"):
-        r = main_inproc(capsys, "--sample", "--ckpt", str(out / "ckpt.pt"), "--steps", "3", "--n-samples", "8",
+        r = main_inproc(capsys, "--sample", "--ckpt", str(out / "ckpt.pt"), "--S", "3", "--n-samples", "8",
                         "--eta", "0.5", "--precision", precision, "--out", str(tmp_path / precision), *on(device))
         assert r.returncode == 0, (precision, r.stderr)
         assert (tmp_path / precision / "samples.npz").exists()
@@ -542,10 +543,10 @@ def test_cli_samples_a_ddpm_checkpoint(tmp_path, capsys, device):
 
     In-process through main() (the subprocess path is covered by the tests above and below)."""
     ddpm_like_checkpoint(tmp_path / "ddpm.pt")
-    r = main_inproc(capsys, "--sample", "--ckpt", str(tmp_path / "ddpm.pt"), "--steps", "5", "--n-samples", "12",
+    r = main_inproc(capsys, "--sample", "--ckpt", str(tmp_path / "ddpm.pt"), "--S", "5", "--n-samples", "12",
                     "--out", str(tmp_path), *on(device))
     assert r.returncode == 0, r.stderr
-    r = main_inproc(capsys, "--sample", "--ckpt", str(tmp_path / "ddpm.pt"), "--steps", "5", "--n-samples", "12",
+    r = main_inproc(capsys, "--sample", "--ckpt", str(tmp_path / "ddpm.pt"), "--S", "5", "--n-samples", "12",
                     "--sigma", "hat", "--out", str(tmp_path / "hat"), *on(device))
     assert r.returncode == 0 and "sigma-hat" in r.stdout, r.stderr
     assert "ddpm checkpoint" in r.stdout
@@ -561,12 +562,12 @@ def test_cli_samples_a_checkpoint_trained_by_ddpm_py(tmp_path, capsys, device):
                         "--steps", "5", "--batch-size", "16", "--T", "50", "--out", str(tmp_path / "ddpm"),
                         *on(device)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr
-    r = run("--sample", "--ckpt", str(tmp_path / "ddpm" / "ckpt.pt"), "--steps", "5", "--n-samples", "8",
+    r = run("--sample", "--ckpt", str(tmp_path / "ddpm" / "ckpt.pt"), "--S", "5", "--n-samples", "8",
             "--out", str(tmp_path / "s"), *on(device), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "ddpm checkpoint" in r.stdout
     # S is checked against the checkpoint's own T (50 here), not the default 1000.
-    one_line_error(main_inproc(capsys, "--sample", "--ckpt", str(tmp_path / "ddpm" / "ckpt.pt"), "--steps", "51",
+    one_line_error(main_inproc(capsys, "--sample", "--ckpt", str(tmp_path / "ddpm" / "ckpt.pt"), "--S", "51",
                                "--out", str(tmp_path / "s")), "1..T=50")
     assert (tmp_path / "s" / "samples.npz").exists()
 
@@ -602,16 +603,16 @@ def bad_flag_cases(tmp_path, ck):
     return [  # (argv, words the one-line message must contain)
         (["--sample", "--ckpt", ck, "--eta", "-0.5"], ["--eta"]),
         (["--sample", "--ckpt", ck, "--eta", "nan"], ["--eta"]),
-        (["--sample", "--ckpt", ck, "--steps", "0"], ["--sample-steps"]),
-        (["--sample", "--ckpt", ck, "--steps", "-3"], ["--sample-steps"]),
-        (["--sample", "--ckpt", ck, "--steps", "1001"], ["1..T=1000"]),
+        (["--sample", "--ckpt", ck, "--S", "0"], ["--S must be positive"]),
+        (["--sample", "--ckpt", ck, "--S", "-3"], ["--S"]),
+        (["--sample", "--ckpt", ck, "--S", "1001"], ["1..T=1000"]),
         (["--sample", "--ckpt", ck, "--n-samples", "0"], ["--n-samples"]),
         (["--train", "--steps", "0"], ["--steps"]),
         (["--train", "--batch-size", "0"], ["--batch-size"]),
         (["--train", "--lr", "-1e-3"], ["--lr"]),
         (["--train", "--lr", "0"], ["--lr"]),
         (["--train", "--T", "0"], ["--T"]),
-        (["--train", "--T", "10", "--sample-steps", "50"], ["exceeds T=10"]),
+        (["--train", "--T", "10", "--S", "50"], ["exceeds T=10"]),
         (["--train", "--beta-T", "1.5"], ["--beta-T"]),
         (["--train", "--ema-decay", "1"], ["--ema-decay"]),
         (["--train", "--image-size", "-8"], ["--image-size"]),
@@ -673,7 +674,7 @@ def test_resume_is_exact(tmp_path, capsys, device):
     Caught: not restoring the RNG state; restarting the warm-up counter at 0.
     """
     args = ["--train", "--batch-size", "8", "--ckpt-every", "100", "--sample-every", "1000", "--log-every", "1",
-            "--warmup", "4", "--sample-steps", "2", *on(device)]
+            "--warmup", "4", "--S", "2", *on(device)]
     a, b = tmp_path / "a", tmp_path / "b"
     assert main_inproc(capsys, *args, "--steps", "6", "--out", str(a)).returncode == 0
     assert main_inproc(capsys, *args, "--steps", "3", "--out", str(b)).returncode == 0
@@ -704,7 +705,7 @@ def test_deterministic_resume_is_bitwise(tmp_path, capsys, monkeypatch, device):
     tolerance there). On a GPU in subprocesses (the switch is process-wide and must come before cuBLAS starts);
     on the CPU in-process, the switch undone afterwards."""
     args = ["--train", "--batch-size", "8", "--ckpt-every", "100", "--sample-every", "1000", "--log-every", "2",
-            "--warmup", "4", "--sample-steps", "2", "--deterministic", *on(device)]
+            "--warmup", "4", "--S", "2", "--deterministic", *on(device)]
     a, b = tmp_path / "a", tmp_path / "b"
     if device.type == "cpu":
         monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # restored after the test, as the flags below
@@ -900,7 +901,7 @@ def test_low_discrepancy_t_sampling_and_resume(tmp_path, capsys, device):
     assert abs(first.mean().item() - 499.5) < 4 * 288.7 / math.sqrt(4000)
     assert abs(first.var().item() / (1000 ** 2 / 12) - 1) < 0.1
     args = ["--train", "--dataset", "moons", "--T", "50", "--batch-size", "16", "--ckpt-every", "100",
-            "--sample-every", "1000", "--log-every", "1", "--warmup", "2", "--sample-steps", "2", *on(device)]
+            "--sample-every", "1000", "--log-every", "1", "--warmup", "2", "--S", "2", *on(device)]
     runs = {n: tmp_path / n for n in ("ld", "split", "iid")}
     ld = ["--t-sampling", "low_discrepancy"]
     assert main_inproc(capsys, *args, "--steps", "4", "--out", str(runs["ld"]), *ld).returncode == 0
@@ -938,7 +939,7 @@ def torchrun(*args, cwd, wait=True, timeout=240):
 
 # The 2-D toy: the MLP has no dropout, so 2 processes compute the 1-process run's gradients (up to float order).
 DDP = ["--train", "--dataset", "moons", "--T", "50", "--batch-size", "16", "--warmup", "5", "--log-every", "1000",
-       "--sample-every", "100000", "--sample-steps", "2", "--device", "cpu"]
+       "--sample-every", "100000", "--S", "2", "--device", "cpu"]
 
 
 def assert_same_weights(a, b, rtol):
@@ -1001,7 +1002,7 @@ def test_torchrun_sample_equals_one_process(toy_run, tmp_path, capsys):
     exactly --n-samples samples, equal to the 1-process samples of the same seed; the chunks of 4, 4 and 2 samples
     (rank 0 makes the first and the last) draw different noise. Caught: chunk generators that ignore the chunk's
     start (repeated chunks); every rank making every chunk (twice the samples)."""
-    args = ["--sample", "--ckpt", str(toy_run / "ckpt.pt"), "--steps", "5", "--eta", "1", "--n-samples", "10",
+    args = ["--sample", "--ckpt", str(toy_run / "ckpt.pt"), "--S", "5", "--eta", "1", "--n-samples", "10",
             "--batch-size", "4", "--clip-denoised", "on", "--device", "cpu"]  # clipped: samples inside [-1, 1]
     r = torchrun(*args, "--out", str(tmp_path / "two"), cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.count("10 samples") == 1, r.stderr
@@ -1017,7 +1018,7 @@ def test_torchrun_sample_equals_one_process(toy_run, tmp_path, capsys):
 def test_torchrun_encode_and_interpolate_on_rank_0(toy_run, tmp_path):
     """Issue 16: --encode and --interpolate under torchrun: rank 0 does the work and writes, once."""
     ck = str(toy_run / "ckpt.pt")
-    procs = [torchrun(mode, "--ckpt", ck, "--steps", "5", "--n-samples", "8", "--out", str(tmp_path), "--device",
+    procs = [torchrun(mode, "--ckpt", ck, "--S", "5", "--n-samples", "8", "--out", str(tmp_path), "--device",
                       "cpu", cwd=tmp_path, wait=False) for mode in ("--encode", "--interpolate")]
     for q, word in zip(procs, ("encode->decode", "interpolation strips")):
         stdout, stderr = q.communicate(timeout=240)

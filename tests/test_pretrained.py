@@ -455,7 +455,7 @@ def small_folder(tmp_path_factory):
     return str(folder)
 
 
-@pytest.mark.parametrize("script, extra", [("ddim.py", ["--steps", "5"]), ("ddpm.py", [])])
+@pytest.mark.parametrize("script, extra", [("ddim.py", ["--S", "5"]), ("ddpm.py", [])])
 def test_cli_samples_a_released_model_folder(small_folder, tmp_path, device, script, extra):
     """`--sample --ckpt <folder>` loads a diffusers folder through common.load_pretrained and writes N samples of
     its shape; the schedule is the folder's (T = 50: DDIM refuses 60 steps, naming T = 50)."""
@@ -466,5 +466,5 @@ def test_cli_samples_a_released_model_folder(small_folder, tmp_path, device, scr
     with np.load(os.path.join(out, "samples.npz")) as f:
         assert f["arr_0"].shape == (3, 8, 8, 3) and f["arr_0"].dtype == np.uint8
     if script == "ddim.py":
-        r = run_cli(script, "--sample", "--ckpt", small_folder, "--steps", "60", "--out", out, "--device", device.type)
+        r = run_cli(script, "--sample", "--ckpt", small_folder, "--S", "60", "--out", out, "--device", device.type)
         assert r.returncode == 2 and "T=50" in r.stderr and "Traceback" not in r.stderr, r.stderr
