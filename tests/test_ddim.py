@@ -622,7 +622,7 @@ def bad_flag_cases(tmp_path, ck):
         (["--sample", "--ckpt", ck, "--grid", "middle"], ["grid"]),
         (["--sample"], ["--ckpt"]),
         (["--encode", "--resume", "--ckpt", ck], ["--resume"]),
-        (["--train", "--sample"], ["not allowed"]),
+        (["--train", "--sample"], ["choose exactly one of"]),
         (["--train", "--out", str(blocker / "sub")], ["--out"]),
         (["--sample", "--ckpt", str(tmp_path / "missing.pt")], ["no such checkpoint"]),
         (["--sample", "--ckpt", str(foreign)], ["ncsn", "ddpm.py"]),
