@@ -70,8 +70,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (MLP, PRESETS, TOYS, DataError, UNet, load_data, load_pretrained, save_grid, save_npz,
-                    save_scatter)
+from common import (MLP, PRESETS, TOYS, DataError, UNet, levels_to_unit, load_data, load_pretrained, save_grid,
+                    save_npz, save_scatter)
 
 SCRIPT = "ddim"  # the name written into every checkpoint
 EPS_SCRIPTS = ("ddim", "ddpm")  # checkpoints holding the same eps-network and schedule: both can be sampled
@@ -700,8 +700,9 @@ def check_common(cfg, positive):
             dev = torch.device(cfg.device)
         except RuntimeError:
             raise ValueError(f"--device {cfg.device!r} is not a torch device") from None
+        n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if dev.type not in ("cpu", "cuda", "mps") or (dev.type == "mps" and not torch.backends.mps.is_available()) or (
-                dev.type == "cuda" and (dev.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0)):
+                dev.type == "cuda" and (dev.index or 0) >= n_cuda):
             raise ValueError(f"--device {cfg.device!r} is not available on this machine")
     try:
         os.makedirs(cfg.out, exist_ok=True)
@@ -760,8 +761,8 @@ def train(cfg):
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
-    data_shape = list(data.x.shape[1:])
-    data_x = data.x.to(device)  # the training set lives on the device: minibatches are gathered there
+    data_shape = list(data.u.shape[1:])
+    data_u = data.u.to(device)  # the training set on the device (uint8 levels): minibatches are gathered there
     diffusion = DDIM(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T, cfg.t_sampling)
     config = {**dataclasses.asdict(cfg), "data_shape": data_shape}  # what ckpt.pt stores
     model = make_model(config).to(device)
@@ -790,7 +791,7 @@ def train(cfg):
         if rank == 0:
             print(f"resumed from {path} at step {step}")
     if rank == 0:
-        print(f"ddim: {cfg.dataset} {tuple(data.x.shape)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+        print(f"ddim: {cfg.dataset} {tuple(data.u.shape)}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
               f"parameters, T={cfg.T} {cfg.schedule}, {cfg.steps} steps on {device}"
               + (f" x {world} processes" if world > 1 else ""))
     eps_model = network(model, autocast, cfg.compile)  # what the loss calls: eps_theta in autocast, float32 out
@@ -804,12 +805,12 @@ def train(cfg):
     while step < cfg.steps and not stopping:
         model.train()
         # The global batch's randomness, in this order on every rank: i.i.d. example indices, flips, t, noise.
-        idx = torch.randint(len(data_x), (B,), device=device, generator=data_gen)
+        idx = torch.randint(len(data_u), (B,), device=device, generator=data_gen)
         flip = torch.rand(B, device=device, generator=data_gen) < 0.5 if data.flip else None  # DDPM App. B
         i = diffusion.sample_t(B, device, data_gen)
         eps = torch.randn((B, *data_shape), device=device, generator=data_gen)
         # This rank's slice of it.
-        x0 = data_x[idx[part]]
+        x0 = levels_to_unit(data_u[idx[part]], data.levels)  # to [-1, 1], float32, on the device
         if data.flip:  # random horizontal flips (DDPM App. B, CIFAR-10)
             x0 = torch.where(flip[part, None, None, None], x0.flip(-1), x0)
         loss = diffusion.loss(eps_model, x0, i[part], eps[part])  # the mean over this rank's slice

@@ -967,8 +967,9 @@ def check_common(cfg, positive):
             dev = torch.device(cfg.device)
         except RuntimeError:
             raise ValueError(f"--device {cfg.device!r} is not a torch device") from None
+        n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if dev.type not in ("cpu", "cuda", "mps") or (dev.type == "mps" and not torch.backends.mps.is_available()) or (
-                dev.type == "cuda" and (dev.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0)):
+                dev.type == "cuda" and (dev.index or 0) >= n_cuda):
             raise ValueError(f"--device {cfg.device!r} is not available on this machine")
     try:
         os.makedirs(cfg.out, exist_ok=True)

@@ -79,7 +79,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import MLP, PRESETS, TOYS, DataError, UNet, load_data, save_grid, save_npz, save_scatter
+from common import (MLP, PRESETS, TOYS, DataError, UNet, levels_to_unit, load_data, save_grid, save_npz,
+                    save_scatter)
 
 SCRIPT = "ncsn"  # the name written into every checkpoint
 
@@ -743,8 +744,9 @@ def check_common(cfg, positive):
             dev = torch.device(cfg.device)
         except RuntimeError:
             raise ValueError(f"--device {cfg.device!r} is not a torch device") from None
+        n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if dev.type not in ("cpu", "cuda", "mps") or (dev.type == "mps" and not torch.backends.mps.is_available()) or (
-                dev.type == "cuda" and (dev.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0)):
+                dev.type == "cuda" and (dev.index or 0) >= n_cuda):
             raise ValueError(f"--device {cfg.device!r} is not available on this machine")
     try:
         os.makedirs(cfg.out, exist_ok=True)
@@ -817,7 +819,7 @@ def train(cfg):
     ncsn = NCSN(cfg.sigma_1, cfg.sigma_L, cfg.L, cfg.t_sampling)
     log(f"noise levels: sigma {cfg.sigma_1:.4g} -> {cfg.sigma_L:.4g}, L = {cfg.L}; sampling: T = "
         f"{cfg.n_steps_each}, eps = {cfg.step_lr:.4g} (paper's form), denoise {cfg.denoise}", flush=True)
-    config = {**dataclasses.asdict(cfg), "data_shape": list(data.x.shape[1:])}
+    config = {**dataclasses.asdict(cfg), "data_shape": list(data.u.shape[1:])}
     model = make_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # Technique 5 (EMA of parameters; no buffers)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -833,8 +835,8 @@ def train(cfg):
         step = ckpt["step"]
         restore_rng(ckpt["rng"], data_gen, rank)  # the data generator, and this rank's CPU and CUDA/MPS streams
         log(f"resumed from {path} at step {step}", flush=True)
-    x_data = data.x.to(device)
-    grid_shape = (1000 if cfg.dataset in TOYS else 64, *data.x.shape[1:])
+    x_data = data.u.to(device)  # the training set lives on the device (uint8 levels for images)
+    grid_shape = (1000 if cfg.dataset in TOYS else 64, *data.u.shape[1:])
     loss_fn = {"dsm": ncsn.loss, "ssm": ncsn.ssm_loss, "ism": ncsn.ism_loss}[cfg.loss]
     use_compile = cfg.compile and cfg.loss == "dsm"  # ssm / ism differentiate through the score: no compile
     if cfg.compile and not use_compile:
@@ -866,7 +868,7 @@ def train(cfg):
 
     stop, t0, step0, stopping = StopFlag(), time.time(), step, False
     loss_sum, log_step = torch.zeros((), device=device), step  # loss summed on the device since step log_step
-    B, shape = cfg.batch_size, tuple(data.x.shape[1:])
+    B, shape = cfg.batch_size, tuple(data.u.shape[1:])
     model.train()
     while step < cfg.steps and not stopping:
         # The global batch's randomness, all from data_gen in a fixed order; this rank keeps part of each.
@@ -876,7 +878,7 @@ def train(cfg):
         i = ncsn.sample_levels(B, device, data_gen)  # (B,) level indices
         z = torch.randn((B, *shape), device=device, generator=data_gen)  # (B, ...) perturbation noise
         v = torch.randn((B, *shape), device=device, generator=data_gen) if cfg.loss == "ssm" else None  # SSM's v
-        x = x_data[idx[part]]
+        x = levels_to_unit(x_data[idx[part]], data.levels)  # to [-1, 1], float32, on the device
         if data.flip:
             x = torch.where(flip[part], x.flip(-1), x)
         extra = {"v": v[part]} if v is not None else {}
