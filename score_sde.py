@@ -6,25 +6,21 @@ Paper: Yang Song, Jascha Sohl-Dickstein, Diederik P. Kingma, Abhishek Kumar, Ste
 Equation, algorithm and appendix numbers below are those printed in the arXiv version.
 
 Commands (outputs under runs/score_sde):
-    python score_sde.py --train                          # VP SDE on the embedded 8x8 digits (~4-5 min, idle 2-core CPU)
-    python score_sde.py --train --sde subvp              # or ve (sigma_max from the data, NCSNv2 Technique 1)
-    python score_sde.py --sample --sampler pc            # predictor-corrector (reverse diffusion + Langevin)
-    python score_sde.py --sample --sampler ode           # probability-flow ODE, adaptive RK45, prints the NFE
-    python score_sde.py --sample --sampler em            # also: reverse, ancestral (predictor only)
+    python score_sde.py --train                     # VP SDE on the embedded 8x8 digits (~4-5 min, idle 2-core CPU)
+    python score_sde.py --train --sde subvp         # or ve (sigma_max from the data, NCSNv2 Technique 1)
+    python score_sde.py --sample --sampler pc       # predictor-corrector (reverse diffusion + Langevin)
+    python score_sde.py --sample --sampler ode      # probability-flow ODE, adaptive RK45; also em, reverse, ancestral
     python score_sde.py --sample --predictor euler_maruyama --corrector ald --snr 0.1 --n-steps 200
-    python score_sde.py --train --resume                 # continue an interrupted run exactly
-    python score_sde.py --train --dataset moons          # 2-D toy (MLP instead of the U-Net)
-    python score_sde.py --eval-nll --estimator rademacher  # bits/dim of held-out digits (also: gaussian, exact)
-    python score_sde.py --encode                         # held-out | code | decode(code)  -> encode.png
-    python score_sde.py --interpolate                    # slerp between two codes, decoded -> interpolate.png
-    python score_sde.py --inpaint                        # held-out | bottom half removed | completed -> inpaint.png
-    python score_sde.py --colorize                       # RGB data only (grey digits: explained, exit 2)
-    python score_sde.py --train-classifier               # time-dependent classifier p_t(y | x) -> classifier.pt
-    python score_sde.py --sample --class 3               # class-conditional samples (--class all: a row per class)
+    python score_sde.py --train --resume            # continue an interrupted run exactly
+    python score_sde.py --train --dataset moons     # 2-D toy (MLP instead of the U-Net)
+    python score_sde.py --eval-nll --estimator rademacher   # bits/dim of held-out digits (also gaussian, exact)
+    python score_sde.py --encode                    # held-out | code | decode(code) -> encode.png (also --interpolate)
+    python score_sde.py --inpaint                   # bottom half removed, then completed (--colorize: RGB data only)
+    python score_sde.py --train-classifier          # time-dependent classifier p_t(y | x) -> classifier.pt
+    python score_sde.py --sample --class 3          # class-conditional samples (--class all: a row per class)
     python score_sde.py --train --t-sampling low_discrepancy   # one training t per stratum of the batch
     python score_sde.py --train --device cuda --precision bf16 --compile   # GPU: bf16 autocast, torch.compile
     torchrun --nproc_per_node=8 score_sde.py --train --device cuda       # 8 GPUs; --batch-size stays the global batch
-    torchrun --nproc_per_node=8 score_sde.py --sample --n-samples 50000  # samples split over 8 (also --eval-nll)
 Under torchrun a training run equals the 1-process run with the same global batch, up to float reduction order and
 per-rank dropout; --sample (also --class) and --eval-nll give the same numbers for any number of processes;
 --encode / --interpolate / --inpaint / --colorize run on rank 0 alone. Multi-node is untested.
@@ -49,7 +45,7 @@ Map of the paper onto this file:
     Sec. 5, App. I.2  inpainting (known part replaced by its forward-noised copy) -> impose_known, inpaint
     App. I.3  colourisation in the orthogonal colour basis    -> COLOR_M, decouple, couple, colorize
     Sec. 5, App. I.1  conditional score grad log p_t(x) + grad log p_t(y | x), time-dependent classifier
-                                                              -> guided_score, class_sample, TimeClassifier, classifier_loss
+                                          -> guided_score, class_sample, TimeClassifier, classifier_loss
 
 Symbols (paper -> code):
     t in [eps, 1]  continuous time             t            (B,) float tensor
@@ -84,16 +80,14 @@ Conventions and notation clashes:
   * Langevin step: the paper's Alg. 4/5 form x + e s + sqrt(2 e) z; NCSN's x + (a/2) s + sqrt(a) z is the same
     with a = 2 e.
   * Devices and precision: every mode runs on --device (the rule is stated in the "Running it" block below).
-    Schedules, sampler and likelihood arithmetic run on the model's device in float64 (wide()), in float32 on
-    MPS, which has no float64; the ODE state too (the official code integrates in float64 with scipy). The
-    network runs under --precision (fp32 | tf32 | bf16 autocast; auto = tf32 on CUDA) and returns float32.
-    The fixed-step samplers make no host sync per step; RK45 reads its error norm once per step.
+    Schedules, sampler, ODE and likelihood arithmetic run on the model's device in float64 (wide(); float32 on MPS,
+    which has no float64; the official code integrates in float64 with scipy). The network runs under --precision
+    and returns float32. Fixed-step samplers make no host sync per step; RK45 reads its error norm once per step.
   * Last step is noise-free: pc_sample returns x_mean of its last predictor step, t = eps -> 0, which (reverse
-    diffusion, ancestral) is a Tweedie denoise x(0) ~ x + std^2 s; ode_sample ends with the same step (the
-    official noise_removal). From exact samples of p_eps of a point mass (exact score) this step leaves no
-    spread for VE, and for VP |2 - sqrt(1 - b) - b / std(eps)^2| std(eps) with b = beta(eps) eps (0.09 std(eps)
-    ~ 0.001 at eps = 1e-3); the official b = beta_min / N leaves 0.09 std(eps) at N = 1000 too, 0.82 std(eps) at
-    N = 500. sub-VP's chain is Euler-Maruyama: ~1.2 std(eps) ~ 1e-4 left (tests: test_point_mass_spread_*).
+    diffusion, ancestral) is a Tweedie denoise x(0) ~ x + std^2 s; ode_sample ends with the same step (the official
+    noise_removal). With the exact score of a point mass, it leaves no spread for VE; for VP |2 - sqrt(1 - b) -
+    b / std(eps)^2| std(eps), b = beta(eps) eps (0.09 std(eps) at eps = 1e-3; the official b = beta_min / N leaves
+    0.82 std(eps) at N = 500); sub-VP's Euler-Maruyama chain ~1.2 std(eps) ~ 1e-4 (tests: test_point_mass_spread_*).
 """
 import argparse
 import contextlib
@@ -156,7 +150,7 @@ class Config:
     # e.g. configs/vp/cifar10_ddpmpp_continuous.py; here --sampler em) or ancestral_sampling (discrete DDPM++,
     # configs/vp/cifar10_ddpmpp.py; --sampler ancestral).
     sampler: str = "pc"           # pc | ode | em | reverse | ancestral (the last three: predictor only)
-    predictor: str = "reverse_diffusion"  # for --sampler pc: euler_maruyama | reverse_diffusion | ancestral_sampling | none
+    predictor: str = "reverse_diffusion"  # --sampler pc: euler_maruyama | reverse_diffusion | ancestral_sampling | none
     corrector: str = "langevin"   # for --sampler pc: langevin | ald | none
     snr: float = 0.16             # App. G: r = 0.16 (VE, CIFAR-10; official default_cifar10_configs.py)
     n_steps: int = 500            # N discretisation steps (paper: 1000; CPU default halved)
@@ -166,9 +160,9 @@ class Config:
     atol: float = 1e-5
     n_samples: int = 64           # images written by --sample
     # evaluation and controllable generation (Sec. 4.3, Sec. 5, App. D.2, App. I)
-    estimator: str = "rademacher" # --eval-nll trace estimator: rademacher | gaussian (App. D.2) | exact (d backward passes)
+    estimator: str = "rademacher" # --eval-nll trace: rademacher | gaussian (App. D.2) | exact (d backward passes)
     n_eval: int = 64              # held-out images for --eval-nll / --encode / --interpolate / --inpaint / --colorize
-    classifier_steps: int = 800   # --train-classifier steps (paper's CIFAR-10 classifier: a WRN on noisy data, App. I.1)
+    classifier_steps: int = 800   # --train-classifier steps (paper, App. I.1: a WRN on noisy CIFAR-10)
     classifier_scale: float = 1.0 # weight of grad log p_t(y | x) in the conditional score (paper: 1)
     classifier_ckpt: str = ""     # classifier for --class ("" = <out>/classifier.pt)
 
@@ -438,7 +432,7 @@ def expand(v, x):
 
 
 def randn(x, generator=None):
-    """Standard normal noise like x (shape, dtype, device), from a generator that feeds x's device (or the global RNG)."""
+    """Standard normal noise like x (shape, dtype, device), from a generator feeding x's device (or the global RNG)."""
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
@@ -471,8 +465,8 @@ class SDE:
 
     def prior_logp(self, z):
         """log N(z; 0, prior_std^2 I) per sample, (B,): the prior term of the likelihood (App. D.2)."""
-        d = z[0].numel()
-        return -0.5 * d * math.log(2 * math.pi * self.prior_std ** 2) - z.flatten(1).pow(2).sum(1) / (2 * self.prior_std ** 2)
+        d, var = z[0].numel(), self.prior_std ** 2
+        return -0.5 * d * math.log(2 * math.pi * self.prior_std ** 2) - z.flatten(1).pow(2).sum(1) / (2 * var)
 
     def check_chain(self, N, eps):
         """Any N-step grid works for VE (the VP chain overrides this)."""
@@ -501,13 +495,12 @@ class VESDE(SDE):
         return torch.zeros_like(x), (self.sigma(t) * math.sqrt(2 * self.log_ratio)).to(x.dtype)
 
     def marginal_prob(self, x, t):
-        """App. B: p_0t = N(x(0), sigma(t)^2 I), taking x(0) as the data perturbed by sigma_min (as the official code)."""
+        """App. B: p_0t = N(x(0), sigma(t)^2 I), x(0) the data perturbed by sigma_min (as the official code)."""
         return x, self.sigma(t).to(x.dtype)
 
     def chain_sigma(self, t):
-        """sigma_i of the SMLD chain (Eq. 8) at time t: sigma(t), except sigma_0 = 0 at t = 0 (Eq. 8's x_0 is the
-        data; the official discretize: adjacent sigma 0 at the first index). The last predictor step, from
-        t = eps to t = 0, is then x + sigma(eps)^2 s(x, eps): Tweedie's denoise."""
+        """sigma_i of the SMLD chain (Eq. 8) at time t: sigma(t), but sigma_0 = 0 at t = 0 (x_0 is the data; official
+        discretize too), so the last predictor step, eps -> 0, is Tweedie's denoise x + sigma(eps)^2 s(x, eps)."""
         sigma = self.sigma(t)
         return torch.where(t > 0, sigma, torch.zeros_like(sigma))
 
@@ -534,15 +527,14 @@ class VPSDE(SDE):
         return self.beta_min * t + 0.5 * t ** 2 * (self.beta_max - self.beta_min)
 
     def beta_i(self, t, dt):
-        """beta_i = beta(t) dt of the DDPM chain (Eq. 10 with dt the grid step; official: beta(t) / N). The last
-        step, t = eps -> 0, has beta(eps) eps (official: beta_min / N; the same at N = 1 / eps up to beta(eps) vs
-        beta(0)). beta_i < 1 is checked once per sampler by check_chain, not here (no host sync per step)."""
+        """beta_i = beta(t) dt of the DDPM chain (Eq. 10, dt the grid step; official: beta(t) / N; last step eps -> 0:
+        beta(eps) eps, official beta_min / N). beta_i < 1 is checked once per sampler (check_chain), not per step."""
         return self.beta(t) * dt
 
     def check_chain(self, N, eps):
         """The DDPM chain of an N-step grid needs beta_i = beta(t) dt < 1 at every level (else sqrt(1 - beta_i)
         and the corrector's alpha_i = 1 - beta_i fail): ValueError naming --n-steps if not."""
-        b = max((self.beta_min + t * (self.beta_max - self.beta_min)) * (t - t_next) for t, t_next in time_grid(N, eps))
+        b = max((self.beta_min + t * (self.beta_max - self.beta_min)) * (t - tn) for t, tn in time_grid(N, eps))
         if b >= 1:
             raise ValueError(f"the VP chain needs beta(t) dt < 1 (got {b:.2f}): use more steps "
                              f"(--n-steps > beta_max + 1 = {self.beta_max + 1:g})")
@@ -623,8 +615,8 @@ def time_input(sde, t, dtype=None):
 
 
 def make_score_fn(net, sde):
-    """The score s_theta(x, t) read from a network as the official code does (models/utils.py get_score_fn):
-    VP / sub-VP networks predict the noise, s = -eps_hat / std_t; VE networks output sigma_t * score, s = net / sigma_t."""
+    """The score s_theta(x, t) read from a network as the official code (get_score_fn): -net / std_t (VP, sub-VP:
+    the net predicts the noise), net / sigma_t (VE: the net outputs sigma_t * score)."""
     def score_fn(x, t):
         std = sde.marginal_prob(x, t)[1]  # (B,)
         out = net(x.float(), time_input(sde, t, x.dtype)).to(x.dtype) / expand(std, x)
@@ -652,11 +644,9 @@ def loss(score_model, sde, x, likelihood_weighting=False, eps=1e-5, t_sampling="
     """Eq. 7 of Song et al. (2021): continuous-time denoising score matching.
 
     E_t E_x(0) E_x(t)|x(0) [ lambda(t) |s_theta(x(t), t) - grad log p_0t(x(t) | x(0))|^2 ],  t ~ U[eps, 1],
-    with grad log p_0t = -z / std_t for x(t) = mean_t + std_t z. Weighting: lambda(t) = std_t^2 (Sec. 3.3,
-    proportional to 1 / E|grad log p_0t|^2), giving |std_t s + z|^2; or the likelihood weighting lambda = g(t)^2
-    of Song, Durkan, Murray, Ermon (2021, arXiv 2101.09258), the official code's `likelihood_weighting` flag.
-    Averaged over dimensions (official reduce_mean=True). t (B,) and z (like x) may be given (the training loop
-    draws them for the global batch); else they are drawn from the global RNG.
+    grad log p_0t = -z / std_t for x(t) = mean_t + std_t z. lambda = std_t^2 (Sec. 3.3) gives |std_t s + z|^2;
+    likelihood_weighting: lambda = g(t)^2 (Song, Durkan, Murray, Ermon 2021, arXiv 2101.09258). Mean over dimensions
+    (official reduce_mean). t (B,) and z may be given (the training loop's); else drawn from the global RNG.
     """
     t = sample_t(len(x), eps, t_sampling, x.device) if t is None else t   # t ~ U[eps, 1]
     z = torch.randn_like(x) if z is None else z
@@ -742,10 +732,9 @@ PREDICTORS = {"euler_maruyama": euler_maruyama, "reverse_diffusion": reverse_dif
 def langevin(score_fn, sde, x, t, dt, snr, n_steps, generator=None):
     """Algorithms 4 (VE) and 5 (VP) of Song et al. (2021): Langevin corrector with step size from the snr r.
 
-    Repeat M times: g = s(x, t); z ~ N(0, I); e = 2 alpha (r |z| / |g|)^2; x = x + e g + sqrt(2 e) z,
-    with alpha = 1 (VE) or 1 - beta_i (VP, sub-VP). As in the official code, |z| and |g| are the batch
-    averages of the per-sample norms. A score that is exactly zero (an untrained network: its last layer
-    starts at zero) gives step 0 where the formula would give infinity.
+    Repeat M times: g = s(x, t); z ~ N(0, I); e = 2 alpha (r |z| / |g|)^2; x = x + e g + sqrt(2 e) z, alpha = 1 (VE)
+    or 1 - beta_i (VP, sub-VP); |z|, |g| batch means of per-sample norms (official code). A zero score (an untrained
+    network) gives step 0, not infinity.
     """
     tt = time_vector(x, t)
     alpha = sde.langevin_alpha(tt, dt)
@@ -786,17 +775,12 @@ def pc_sample(score_fn, sde, shape, predictor="reverse_diffusion", corrector="la
               dtype=torch.float32, device="cpu", known=None):
     """Algorithm 1 of Song et al. (2021): predictor-corrector sampling (Alg. 2 for VE, Alg. 3 for VP).
 
-    x_N ~ p_T; at each level t_k, k = N ... 1 (time_grid: t_N = 1, ..., t_1 = eps): M corrector steps targeting
-    p_{t_k}, then one predictor step of the reverse SDE from t_k to t_{k-1}. This is the official code's order;
-    Alg. 2/3 print the corrector after the predictor, which is the same chain except that it corrects at t = eps
-    instead of t = 1, and would make the last update a Langevin step. The last predictor step goes from t_1 = eps
-    to the data, t_0 = 0, as in the official code: reverse diffusion and ancestral sampling then end with a
-    Tweedie denoise (VE: sigma_0 = 0, x + sigma(eps)^2 s exactly; VP: beta(eps) eps against std(eps)^2 =
-    1 - exp(-int_0^eps beta), 1.09x at eps = 1e-3), Euler-Maruyama with an Euler step of length eps. With
-    denoise=True the result is x_mean of that last update (its noise left out). eps=None takes the paper's
-    per-SDE default (1e-3 VP / sub-VP, 1e-5 VE); n_steps=None takes sde.N; z (optional) is the starting x_N.
-    known(x, x_mean, t) -> (x, x_mean) (impose_known: inpainting, colourisation) runs on the start, t = 1, and
-    after every update, at the time the update arrives at.
+    x_N ~ p_T (or z); at each level t_k of time_grid: M corrector steps targeting p_{t_k}, then one predictor step
+    of the reverse SDE to t_{k-1}. This is the official code's order; Alg. 2/3 print the corrector after the
+    predictor (the same chain, but correcting at t = eps instead of t = 1, and ending on a Langevin step). The last
+    predictor step goes from eps to the data, t = 0 (header: a Tweedie denoise); denoise=True returns its x_mean.
+    eps=None: the SDE's sample_eps (1e-3 VP / sub-VP, 1e-5 VE); n_steps=None: sde.N. known(x, x_mean, t) ->
+    (x, x_mean) (impose_known) runs on the start (t = 1) and after every update, at the time it arrives at.
     """
     if predictor not in PREDICTORS or corrector not in CORRECTORS:
         raise ValueError(f"unknown predictor {predictor!r} or corrector {corrector!r}; choose from "
@@ -832,9 +816,8 @@ def rk45(f, y, t0, t1, rtol=1e-5, atol=1e-5, max_steps=100000):
     """Adaptive Dormand-Prince RK45 for dy/dt = f(t, y) from t0 to t1 (either direction); returns (y(t1), nfe).
 
     Error control as scipy's solve_ivp: err = RMS over all entries of (local error) / (atol + rtol max(|y|, |y_new|)),
-    accept when err <= 1, next step h * min(10, max(0.2, 0.9 err^(-1/5))), and, as scipy, no growth on the step
-    right after a rejection. The first stage of each step reuses the last stage of the previous one (FSAL), so
-    an accepted or rejected step costs 6 evaluations. Step-size control reads err on the host: one sync per step.
+    accept when err <= 1, next step h * min(10, max(0.2, 0.9 err^(-1/5))), no growth right after a rejection.
+    FSAL: a step costs 6 evaluations. Step-size control reads err on the host: one sync per step.
     """
     nfe = 0
 
@@ -891,12 +874,9 @@ def flow(score_fn, sde):
 
 def ode_sample(score_fn, sde, shape, rtol=1e-5, atol=1e-5, eps=None, z=None, generator=None,
                dtype=torch.float32, device="cpu", denoise=True):
-    """App. D.3 of Song et al. (2021): sample by solving the probability-flow ODE (Eq. 13) from t = 1 to eps
-    with adaptive RK45 (the whole batch as one state vector, as the official code does); returns (x, nfe).
-    denoise=True (the official sampling.noise_removal): then one reverse-diffusion predictor step without noise
-    from t = eps to the data (t = 0), a Tweedie denoise as at the end of pc_sample (one more evaluation).
-    The ODE state is integrated in float64 as in the official code (scipy), float32 on MPS; the network still
-    sees float32 (make_score_fn); the result is returned in dtype."""
+    """App. D.3 of Song et al. (2021): sample by solving the probability-flow ODE (Eq. 13) from t = 1 to eps with
+    adaptive RK45 (the batch as one state, in float64, as the official code); returns (x in dtype, nfe).
+    denoise=True (official noise_removal): then one noise-free reverse-diffusion step from eps to 0, as pc_sample."""
     eps = sde.sample_eps if eps is None else eps
     x = sde.prior_sampling(shape, generator, dtype, device) if z is None else z.to(dtype)
     with torch.no_grad():
@@ -955,14 +935,12 @@ def likelihood(score_fn, sde, x, estimator="rademacher", dequantize=True, eps=1e
                rtol=1e-5, atol=1e-5, generator=None):
     """App. D.2 of Song et al. (2021): bits/dim via the instantaneous change of variables along Eq. 13.
 
-    log p_eps(x(eps)) = log p_T(x(1)) + int_eps^1 div f_tilde(x(t), t) dt, with f_tilde the probability-flow
-    drift, solved forwards by RK45 on the joint state [x, int div]. The Hutchinson probe of each sample is drawn
-    once and kept along the path (as the official code). Returns (bits/dim (B,), nfe).
-    dequantize=False: -log p_eps(x) / (d ln 2) for x in the coordinates passed (no rescaling).
-    dequantize=True (x on `levels` grey levels in [-1, 1], bin width delta = 2 / (levels - 1)): x + delta (u - 1/2),
-    u ~ U[0, 1)^d, is scored, and bits/dim = -(log p(x + delta (u - 1/2)) + d log delta) / (d ln 2), an upper bound
-    on -log2 P(x) per dimension of the discrete data (Jensen). The official code skips dequantisation
-    (score_sde issue #24), which scores a density on a point set and understates bits/dim.
+    log p_eps(x(eps)) = log p_T(x(1)) + int_eps^1 div f_tilde(x(t), t) dt, f_tilde the probability-flow drift,
+    solved forwards by RK45 on [x, int div]; each sample's Hutchinson probe is kept along the path (as the official
+    code). Returns (bits/dim (B,), nfe). dequantize=False: -log p_eps(x) / (d ln 2). dequantize=True (x on `levels`
+    grey levels, bin width delta = 2 / (levels - 1)): -(log p(x + delta (u - 1/2)) + d log delta) / (d ln 2),
+    u ~ U[0, 1)^d, an upper bound on -log2 P(x) per dimension (Jensen); the official code does not dequantise
+    (yang-song/score_sde issue #24) and so understates bits/dim.
     """
     B, d = len(x), x[0].numel()
     x = x.to(wide(x.device))                                         # float64 (float32 on MPS), on x's device
@@ -1022,15 +1000,13 @@ def slerp(x0, x1, lam):
 # Controllable generation (Sec. 5, App. I): inpainting, colourisation, class-conditional sampling
 
 def impose_known(sde, known, mask, generator=None, couple=None, decouple=None):
-    """App. I.2 / I.3 of Song et al. (2021): pc_sample's known(x, x_mean, t) hook, the known part imposed.
+    """App. I.2 / I.3 of Song et al. (2021): pc_sample's known(x, x_mean, t) hook: the known part imposed.
 
-    Works in coordinates u = decouple(x) (identity for inpainting; the orthogonal colour transform for
-    colourisation), mask = 1 on the known coordinates. At time t the known coordinates are replaced by a fresh
-    forward-noised copy of the data, u_known(t) ~ p_0t(. | known) (perturb), the unknown ones keep what the sampler
-    produced; x_mean gets the noise-free mean m_t known. Ours on purpose, against the official pc_inpainter /
-    pc_colorizer: they re-noise the known part to the level t the predictor started from, we to the level it
-    arrives at (consistent with p_t'; the same as N -> inf); they start the known part clean, we noised to t = 1
-    like the rest; their eps is 1e-5 for every SDE, ours the SDE's (as pc_sample); their x_mean mixes in noisy x.
+    In coordinates u = decouple(x) (identity for inpainting, the colour transform for colourisation) the known ones
+    (mask = 1) are replaced at time t by a fresh forward-noised copy u_known(t) ~ p_0t(. | known) (perturb), in x_mean
+    by its mean. Ours on purpose, against the official pc_inpainter / pc_colorizer: they noise the known part to the
+    level the predictor started from, we to the level it arrives at (the same as N -> inf); they start it clean, we
+    noised to t = 1; their eps is 1e-5 for every SDE, ours the SDE's; their x_mean mixes in the noisy x.
     """
     couple = couple or (lambda u: u)
     decouple = decouple or (lambda u: u)
@@ -1106,10 +1082,9 @@ def class_sample(score_fn, log_prob_fn, sde, shape, y, scale=1.0, **pc_kwargs):
 
 
 class TimeClassifier(torch.nn.Module):
-    """App. I.1: a time-dependent classifier p_t(y | x(t)) for noisy images, built from common.py's U-Net pieces:
-    the downsampling half of a small U-Net (ResBlocks with the sinusoidal time embedding, average-pool
-    downsampling), then global average pooling and a linear layer to K logits. The paper uses a Wide-ResNet
-    conditioned on the noise level; this is a CPU-sized stand-in. Called as net(x, time_input(sde, t))."""
+    """App. I.1: a time-dependent classifier p_t(y | x(t)), net(x, time_input(sde, t)) -> (B, K) logits: the
+    downsampling half of a small U-Net from common.py's pieces, pooled, then linear (a CPU-sized stand-in for the
+    paper's Wide-ResNet conditioned on the noise level)."""
 
     def __init__(self, in_ch, n_classes, ch=32, emb_dim=128):
         super().__init__()
@@ -1171,10 +1146,9 @@ def finite_or_die(what, loss_sum, net, first, last, path):
     norms = torch.stack(torch._foreach_norm([p.detach() for p in net.parameters()]))
     ok = torch.stack([torch.isfinite(loss_sum), torch.isfinite(norms).all()]).tolist()
     steps = f"at step {first}" if first == last else f"in steps {first}-{last}"
-    if not ok[0]:
-        raise DataError(f"non-finite {what}loss {steps}; last good checkpoint kept in {path}")
-    if not ok[1]:
-        raise DataError(f"non-finite {what}weights {steps}; last good checkpoint kept in {path}")
+    if not all(ok):
+        bad = "weights" if ok[0] else "loss"
+        raise DataError(f"non-finite {what}{bad} {steps}; last good checkpoint kept in {path}")
 
 
 def start(cfg):
