@@ -729,42 +729,36 @@ PREDICTORS = {"euler_maruyama": euler_maruyama, "reverse_diffusion": reverse_dif
               "ancestral_sampling": ancestral_sampling, "none": None}   # none: corrector-only sampling
 
 
-def langevin(score_fn, sde, x, t, dt, snr, n_steps, generator=None):
+def langevin(score_fn, sde, x, t, dt, snr, n_steps, generator=None, ald=False):
     """Algorithms 4 (VE) and 5 (VP) of Song et al. (2021): Langevin corrector with step size from the snr r.
 
     Repeat M times: g = s(x, t); z ~ N(0, I); e = 2 alpha (r |z| / |g|)^2; x = x + e g + sqrt(2 e) z, alpha = 1 (VE)
-    or 1 - beta_i (VP, sub-VP); |z|, |g| batch means of per-sample norms (official code). A zero score (an untrained
-    network) gives step 0, not infinity.
+    or 1 - beta_i (VP, sub-VP); |z|, |g| batch means of per-sample norms (official code); a zero score (an
+    untrained network) gives step 0, not infinity. ald=True: NCSN's annealed Langevin dynamics (Song & Ermon 2019,
+    Alg. 1) in the official code's form, e = 2 alpha (r std_t)^2, proportional to the noise variance at t.
     """
     tt = time_vector(x, t)
     alpha = sde.langevin_alpha(tt, dt)
+    std = sde.marginal_prob(torch.ones_like(tt), tt)[1]            # std_t of p_0t (App. B)
     x_mean = x
     for _ in range(n_steps):
         grad = score_fn(x, tt)                                    # g = s(x, t)
         z = randn(x, generator)                                   # z ~ N(0, I)
-        grad_norm = grad.flatten(1).norm(dim=1).mean()            # |g|, batch mean of per-sample norms
-        noise_norm = z.flatten(1).norm(dim=1).mean()              # |z|, likewise
-        ratio = torch.where(grad_norm > 0, noise_norm / grad_norm, torch.zeros_like(grad_norm))
-        step = 2 * alpha * (snr * ratio) ** 2                     # e_i, (B,)
+        if ald:
+            step = 2 * alpha * (snr * std) ** 2                   # e_i, fixed per level
+        else:
+            grad_norm = grad.flatten(1).norm(dim=1).mean()        # |g|, batch mean of per-sample norms
+            noise_norm = z.flatten(1).norm(dim=1).mean()          # |z|, likewise
+            ratio = torch.where(grad_norm > 0, noise_norm / grad_norm, torch.zeros_like(grad_norm))
+            step = 2 * alpha * (snr * ratio) ** 2                 # e_i, (B,)
         x_mean = x + expand(step, x) * grad                       # Langevin drift
         x = x_mean + expand((2 * step).sqrt(), x) * z             # Langevin noise
     return x, x_mean
 
 
 def ald(score_fn, sde, x, t, dt, snr, n_steps, generator=None):
-    """Annealed Langevin dynamics as in NCSN (Song & Ermon 2019, Alg. 1), in the official code's form:
-    step e = 2 alpha (r std_t)^2, i.e. proportional to the noise variance at t, instead of the norm ratio."""
-    tt = time_vector(x, t)
-    alpha = sde.langevin_alpha(tt, dt)
-    std = sde.marginal_prob(torch.ones_like(tt), tt)[1]            # std_t of p_0t (App. B)
-    step = 2 * alpha * (snr * std) ** 2                              # fixed per level, proportional to std_t^2
-    x_mean = x
-    for _ in range(n_steps):
-        grad = score_fn(x, tt)                                       # s(x, t)
-        z = randn(x, generator)
-        x_mean = x + expand(step, x) * grad                          # Langevin drift
-        x = x_mean + expand((2 * step).sqrt(), x) * z                # Langevin noise
-    return x, x_mean
+    """Annealed Langevin dynamics as in NCSN (Song & Ermon 2019, Alg. 1): langevin with ald=True."""
+    return langevin(score_fn, sde, x, t, dt, snr, n_steps, generator, ald=True)
 
 
 CORRECTORS = {"langevin": langevin, "ald": ald, "none": None}   # none: predictor-only sampling
@@ -1151,17 +1145,25 @@ def finite_or_die(what, loss_sum, net, first, last, path):
         raise DataError(f"non-finite {what}{bad} {steps}; last good checkpoint kept in {path}")
 
 
-def start(cfg):
-    """What both training modes begin with: (rank, world, device, log, autocast, data_gen, data). The global RNG is
-    seeded alike on every rank (the initial weights); the data generator, alike on every rank too, draws all of the
-    global batch's randomness (indices, flips, t, noise), of which each rank keeps its slice (rank_slice)."""
+def start(cfg, labels=False):
+    """What both training modes begin with: (cfg, run, autocast, data, config, sde), run = (rank, world, device, log,
+    data_gen). The global RNG is seeded alike on every rank (the initial weights); the data generator, alike on every
+    rank too, draws all of the global batch's randomness (indices, flips, t, noise), of which each rank keeps its
+    slice. config: the checkpoint's (with n_classes for labels); VE sigma_max = 0: NCSNv2 Technique 1 on the data."""
     rank, world, device = setup_distributed(pick_device(cfg.device))
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank
     data_gen = make_generator(cfg.seed, device)
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
-    return rank, world, device, log, autocast, data_gen, data
+    if labels and (data.y is None or data.x.dim() != 4):
+        raise DataError(f"--train-classifier needs labelled image data; {cfg.dataset} has none")
+    if cfg.sde == "ve" and cfg.sigma_max == 0:
+        cfg = dataclasses.replace(cfg, sigma_max=sigma_max_technique1(data.x))
+        log(f"sigma_max = {cfg.sigma_max:.3f} (largest pairwise distance in the training data)")
+    config = {**{k: getattr(cfg, k) for k in MUST_MATCH + RECIPE}, "data_shape": list(data.x.shape[1:]),
+              **({"n_classes": int(data.y.max()) + 1} if labels else {})}
+    return cfg, (rank, world, device, log, data_gen), autocast, data, config, make_sde(config, cfg.n_steps)
 
 
 def fit(cfg, what, net, ema, opt, batch_loss, total, path, head, resume, run, lr, warmup=1, clip=None, grid=None):
@@ -1240,13 +1242,10 @@ def fit(cfg, what, net, ema, opt, batch_loss, total, path, head, resume, run, lr
 def train(cfg, resume=False):
     """Training by Eq. 7 (Adam, warm-up, clipping, EMA: App. H). Under torchrun each rank computes the loss on its
     slice of the global batch (see setup_distributed); rank 0 alone prints and writes."""
-    rank, world, device, log, autocast, data_gen, data = start(cfg)
+    cfg, run, autocast, data, config, sde = start(cfg)
+    rank, world, device, _, data_gen = run
     B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
-    if cfg.sde == "ve" and cfg.sigma_max == 0:
-        cfg = dataclasses.replace(cfg, sigma_max=sigma_max_technique1(data.x))  # NCSNv2 Technique 1
-        log(f"sigma_max = {cfg.sigma_max:.3f} (largest pairwise distance in the training data)")
-    config = {**{k: getattr(cfg, k) for k in MUST_MATCH + RECIPE}, "data_shape": list(data.x.shape[1:])}
-    sde, model = make_sde(config, cfg.n_steps), make_model(config).to(device)
+    model = make_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)  # EMA of parameters only (the nets have no buffers)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     torch.manual_seed(cfg.seed + rank)  # from here the global RNGs draw dropout only, one stream per rank
@@ -1276,8 +1275,7 @@ def train(cfg, resume=False):
 
     os.makedirs(cfg.out, exist_ok=True)
     fit(cfg, "score", model, ema, opt, batch_loss, cfg.steps, os.path.join(cfg.out, "ckpt.pt"),
-        {"script": SCRIPT, "config": config}, resume, (rank, world, device, log, data_gen), cfg.lr, cfg.warmup,
-        cfg.grad_clip, grid)
+        {"script": SCRIPT, "config": config}, resume, run, cfg.lr, cfg.warmup, cfg.grad_clip, grid)
 
 
 def train_classifier(cfg, resume=False):
@@ -1289,15 +1287,10 @@ def train_classifier(cfg, resume=False):
     if os.path.isfile(spath):                       # the score model's SDE, sigma_max and dataset win
         old = load_checkpoint(spath)["config"]
         cfg = dataclasses.replace(cfg, **{k: old[k] for k in MUST_MATCH if k in old})
-    rank, world, device, log, autocast, data_gen, data = start(cfg)
+    cfg, run, autocast, data, config, sde = start(cfg, labels=True)
+    rank, world, device, _, data_gen = run
     B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)
-    if data.y is None or data.x.dim() != 4:
-        raise DataError(f"--train-classifier needs labelled image data; {cfg.dataset} has none")
-    if cfg.sde == "ve" and cfg.sigma_max == 0:
-        cfg = dataclasses.replace(cfg, sigma_max=sigma_max_technique1(data.x))
-    K = int(data.y.max()) + 1
-    config = {**{k: getattr(cfg, k) for k in MUST_MATCH + RECIPE}, "data_shape": list(data.x.shape[1:]), "n_classes": K}
-    sde, net = make_sde(config, cfg.n_steps), TimeClassifier(data.x.shape[1], K).to(device)
+    net = TimeClassifier(data.x.shape[1], config["n_classes"]).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr * 5)
     torch.manual_seed(cfg.seed + rank)  # from here the global RNGs are per rank (the classifier has no dropout)
@@ -1313,8 +1306,7 @@ def train_classifier(cfg, resume=False):
 
     path = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt")
     fit(cfg, "classifier", net, ema, opt, batch_loss, cfg.classifier_steps, path,
-        {"script": SCRIPT, "kind": "classifier", "config": config}, resume, (rank, world, device, log, data_gen),
-        cfg.lr * 5)
+        {"script": SCRIPT, "kind": "classifier", "config": config}, resume, run, cfg.lr * 5)
     if rank > 0:
         return
     # Held-out accuracy at three noise levels, so a person can see what the guidance has to work with.

@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 import score_sde as S  # noqa: E402
 
 F64 = torch.float64
-# Deliberate breaks of score_sde.py and the tests that catch them: python tests/mutations.py sde (issue 13).
+# Deliberate breaks of score_sde.py and the tests that catch them: python tests/mutations.py sde.
 MUTATIONS = [
     {"name": "sde-prior-normaliser", "file": "score_sde.py",
      "find": "math.log(2 * math.pi * self.prior_std ** 2)",
@@ -94,7 +94,7 @@ MUTATIONS = [
      "find": "        if denoise:\n",
      "replace": "        if False:\n",
      "tests": ["tests/test_score_sde.py::test_point_mass_spread_after_pc_and_ode[ve]"]},
-    # torchrun / DDP (issue 16)
+    # torchrun / DDP
     {"name": "sde-ddp-no-average-gradients", "file": "score_sde.py",
      "find": "            average_gradients(net, world)  # the gradient",
      "replace": "            pass  # the gradient",
@@ -808,6 +808,16 @@ def test_encode_decode_round_trip(device, f64):
     torch.testing.assert_close(S.decode(mix_score(sde), sde, z, eps=1e-3), x, rtol=0, atol=2e-3)
 
 
+def test_slerp_parallel_and_orthogonal_codes():
+    """slerp (App. D.5, Eq. 67) per batch element: orthogonal unit codes stay on the unit circle at the angle lam
+    pi / 2; parallel codes (sin theta = 0) give the codes themselves, finite, not 0 / 0."""
+    a = torch.tensor([[1.0, 0.0], [2.0, 2.0]], dtype=F64)
+    b = torch.tensor([[0.0, 1.0], [2.0, 2.0]], dtype=F64)
+    out = S.slerp(a, b, 0.25)
+    torch.testing.assert_close(out[0], torch.tensor([math.cos(math.pi / 8), math.sin(math.pi / 8)], dtype=F64))
+    torch.testing.assert_close(out[1], a[1])
+
+
 # -----------------------------------------------------------------------------
 # 6. Controllable generation (Sec. 5, App. I)
 
@@ -943,6 +953,8 @@ def toy_ckpt(tmp_path_factory, device):
             "--device", device.type, *TOY])
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 10 and ckpt["config"]["sigma_max"] > 1 and ckpt["config"]["data_shape"] == [2]
+    # The checkpoint keeps what defines the model and the SDE (and the training recipe), not the run's settings.
+    assert not {"sampler", "n_samples", "out", "ckpt", "device", "precision", "compile"} & set(ckpt["config"])
     assert (out / "train_000010.png").exists()
     return out
 
@@ -975,7 +987,7 @@ def test_cli_digits_default_paths(tmp_path, device):
 
 @pytest.fixture(scope="module")
 def digits_ckpt(tmp_path_factory, device):
-    """A 2-step digits U-Net (VP, low-discrepancy t: the training-loop path of issue 8's option; its sample grid at
+    """A 2-step digits U-Net (VP, low-discrepancy t: the training-loop path of that option; its sample grid at
     the last step) and a 3-step time-dependent classifier next to it, both in-process on --device."""
     out = tmp_path_factory.mktemp("digits")
     S.main(["--train", "--steps", "2", "--n-steps", "25", "--n-samples", "4", "--t-sampling", "low_discrepancy",
@@ -1001,7 +1013,7 @@ FAST = ["--n-eval", "4", "--n-steps", "25", "--rtol", "1e-2", "--atol", "1e-2", 
     (["--sample", "--class", "all"], "class_all.png", "samples of class all"),
 ])
 def test_cli_modes_write_pngs(digits_ckpt, mode, png, words, capsys, device):
-    """Each issue-7 mode on the tiny digits checkpoint, on --device: runs, prints its summary, writes its PNG."""
+    """Each evaluation / controllable-generation mode on the tiny digits checkpoint, on --device: runs, prints its summary, writes its PNG."""
     S.main([*mode, "--out", str(digits_ckpt), "--device", device.type, *FAST])
     assert words in capsys.readouterr().out
     assert (digits_ckpt / png).exists()
@@ -1087,7 +1099,7 @@ def test_resume_is_exact(tmp_path, capsys, device):
     for key in ("model", "ema"):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
-    assert torch.equal(a["rng"]["data"], b["rng"]["data"])  # the data generator (issue 16)
+    assert torch.equal(a["rng"]["data"], b["rng"]["data"])  # the data generator
     ra, rb = a["rng"]["ranks"][0], b["rng"]["ranks"][0]      # the one rank's global streams
     assert torch.equal(ra["torch"], rb["torch"])
     for i, state in enumerate(ra.get("cuda", [])):
@@ -1247,7 +1259,7 @@ def test_bad_input_subprocess(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Several processes (issue 16): torchrun with gloo on the CPU
+# Several processes: torchrun with gloo on the CPU
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -1445,12 +1457,13 @@ def test_ddp_batch_not_divisible_is_one_line(mode, tmp_path):
 
 
 def test_old_checkpoint_is_refused_for_resume_but_samples(tmp_path, capsys, device):
-    """A checkpoint from before the data generator (rng = {"torch": ...}) cannot resume (one line, exit 2), but
-    --sample still reads it."""
+    """A checkpoint from before the data generator (rng = {"torch": ...}), its config with keys this script no longer
+    writes, cannot resume (one line, exit 2), but --sample still reads it."""
     S.main(["--train", "--dataset", "moons", "--steps", "2", "--batch-size", "8", "--sample-every", "1000",
             "--n-steps", "25", "--device", device.type, "--out", str(tmp_path)])
     ckpt = state(tmp_path / "ckpt.pt")
     ckpt["rng"] = {"torch": torch.get_rng_state()}
+    ckpt["config"].update(sampler="pc", out="runs/old", unknown_old_key=1)  # older checkpoints kept more keys
     torch.save(ckpt, tmp_path / "ckpt.pt")
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
