@@ -916,11 +916,9 @@ def divergence(f, x, estimator="rademacher", generator=None):
             div = sum(torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True)[0].flatten(1)[:, i]
                       for i in range(flat.shape[1]))
         else:
-            v = randn(x, generator)
+            v = randn(x, generator)                                  # gaussian probe; rademacher: its sign
             if estimator == "rademacher":
                 v = v.sign()
-            elif estimator != "gaussian":
-                raise ValueError(f"unknown estimator {estimator!r}; choose rademacher, gaussian or exact")
             div = (torch.autograd.grad((fx * v).sum(), x)[0] * v).flatten(1).sum(1)
     return fx.detach(), div.detach()
 
@@ -939,8 +937,6 @@ def likelihood(score_fn, sde, x, estimator="rademacher", dequantize=True, eps=1e
     B, d = len(x), x[0].numel()
     x = x.to(wide(x.device))                                         # float64 (float32 on MPS), on x's device
     if dequantize:
-        if not levels or levels < 2:
-            raise ValueError("dequantize=True needs the number of grey levels of the data (levels >= 2)")
         delta = 2.0 / (levels - 1)
         x = x + delta * (torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) - 0.5)
     seed = torch.randint(2 ** 31, (1,), generator=generator, device=x.device if generator is None else generator.device)
@@ -1146,10 +1142,9 @@ def finite_or_die(what, loss_sum, net, first, last, path):
 
 
 def start(cfg, labels=False):
-    """What both training modes begin with: (cfg, run, autocast, data, config, sde), run = (rank, world, device, log,
-    data_gen). The global RNG is seeded alike on every rank (the initial weights); the data generator, alike on every
-    rank too, draws all of the global batch's randomness (indices, flips, t, noise), of which each rank keeps its
-    slice. config: the checkpoint's (with n_classes for labels); VE sigma_max = 0: NCSNv2 Technique 1 on the data."""
+    """Both training modes' start: (cfg, run = (rank, world, device, log, data_gen), autocast, data, config, sde). The
+    data generator, alike on every rank, draws the global batch's randomness (indices, flips, t, noise); each rank
+    keeps its slice. config: the checkpoint's; VE with sigma_max 0: NCSNv2 Technique 1 on the data."""
     rank, world, device = setup_distributed(pick_device(cfg.device))
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)
@@ -1167,11 +1162,10 @@ def start(cfg, labels=False):
 
 
 def fit(cfg, what, net, ema, opt, batch_loss, total, path, head, resume, run, lr, warmup=1, clip=None, grid=None):
-    """The training loop of train (Eq. 7) and train_classifier (App. I.1): Adam with linear warm-up over `warmup`
-    steps (App. H), gradients averaged over the ranks, optional clipping, EMA. batch_loss(step) -> this rank's loss
-    on its slice of the global batch. Writes head + step, weights, optimizer and random streams to path every
-    --ckpt-every steps, at the end and on Ctrl-C / SIGTERM (exit 130); resume continues such a checkpoint exactly.
-    grid(step) (rank 0) every --sample-every steps."""
+    """The training loop of train (Eq. 7) and train_classifier (App. I.1): Adam, linear warm-up (App. H), gradients
+    averaged over the ranks, optional clipping, EMA; batch_loss(step): this rank's loss on its slice. Checkpoints
+    (head + state) every --ckpt-every steps, at the end and on Ctrl-C / SIGTERM (exit 130), resumed exactly;
+    grid(step) on rank 0 every --sample-every steps."""
     rank, world, device, log, data_gen = run
     prefix, label = ("", "loss") if what == "score" else (what + " ", "cross-entropy")
     step = 0
@@ -1324,9 +1318,8 @@ def train_classifier(cfg, resume=False):
 # CLI modes: the steps they share (model from --ckpt, held-out data, chunks over the ranks, PNGs), then one each
 
 def load_score_model(cfg):
-    """The EMA score network and SDE of --ckpt (default <out>/ckpt.pt), on --device with this command line's
-    --precision / --compile / --n-steps: (the checkpoint's config dict, score_fn, sde, device, rank, world); under
-    torchrun every rank loads it."""
+    """(config, score_fn, sde, device, rank, world) of --ckpt's EMA network (default <out>/ckpt.pt), with this command
+    line's --device / --precision / --compile / --n-steps; under torchrun on every rank."""
     rank, world, device = setup_distributed(pick_device(cfg.device))
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     path = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
