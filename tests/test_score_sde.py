@@ -703,7 +703,8 @@ def test_loss_is_minimised_by_the_true_score():
     for name in ("vp", "subvp", "ve"):
         sde = SDES[name]()
         x0 = torch.zeros(256, 2, dtype=F64)
-        exact = lambda x, t: -(x - sde.marginal_prob(torch.zeros_like(x), t)[0]) / S.expand(sde.marginal_prob(x, t)[1], x) ** 2
+        exact = lambda x, t: (-(x - sde.marginal_prob(torch.zeros_like(x), t)[0])
+                              / S.expand(sde.marginal_prob(x, t)[1], x) ** 2)
         torch.manual_seed(0)
         assert float(S.loss(exact, sde, x0)) < 1e-20
         assert float(S.loss(exact, sde, x0, likelihood_weighting=True)) < 1e-20
@@ -1013,7 +1014,8 @@ FAST = ["--n-eval", "4", "--n-steps", "25", "--rtol", "1e-2", "--atol", "1e-2", 
     (["--sample", "--class", "all"], "class_all.png", "samples of class all"),
 ])
 def test_cli_modes_write_pngs(digits_ckpt, mode, png, words, capsys, device):
-    """Each evaluation / controllable-generation mode on the tiny digits checkpoint, on --device: runs, prints its summary, writes its PNG."""
+    """Each evaluation / controllable-generation mode on the tiny digits checkpoint, on --device: runs, prints its
+    summary, writes its PNG."""
     S.main([*mode, "--out", str(digits_ckpt), "--device", device.type, *FAST])
     assert words in capsys.readouterr().out
     assert (digits_ckpt / png).exists()
