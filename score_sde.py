@@ -6,30 +6,24 @@ Paper: Yang Song, Jascha Sohl-Dickstein, Diederik P. Kingma, Abhishek Kumar, Ste
 Equation, algorithm and appendix numbers below are those printed in the arXiv version.
 
 Commands (outputs under runs/score_sde):
-    python score_sde.py --train                          # VP SDE on the embedded 8x8 digits (~4-5 min, idle 2-core CPU)
-    python score_sde.py --train --sde subvp              # or ve (sigma_max from the data, NCSNv2 Technique 1)
-    python score_sde.py --sample --sampler pc            # predictor-corrector (reverse diffusion + Langevin)
-    python score_sde.py --sample --sampler ode           # probability-flow ODE, adaptive RK45, prints the NFE
-    python score_sde.py --sample --sampler em            # also: reverse, ancestral (predictor only)
+    python score_sde.py --train                     # VP SDE on the embedded 8x8 digits (~4-5 min, idle 2-core CPU)
+    python score_sde.py --train --sde subvp         # or ve (sigma_max from the data, NCSNv2 Technique 1)
+    python score_sde.py --sample --sampler pc       # predictor-corrector (reverse diffusion + Langevin)
+    python score_sde.py --sample --sampler ode      # probability-flow ODE, adaptive RK45; also em, reverse, ancestral
     python score_sde.py --sample --predictor euler_maruyama --corrector ald --snr 0.1 --n-steps 200
-    python score_sde.py --train --resume                 # continue an interrupted run exactly
-    python score_sde.py --train --dataset moons          # 2-D toy (MLP instead of the U-Net)
-    python score_sde.py --eval-nll --estimator rademacher  # bits/dim of held-out digits (also: gaussian, exact)
-    python score_sde.py --encode                         # held-out | code | decode(code)  -> encode.png
-    python score_sde.py --interpolate                    # slerp between two codes, decoded -> interpolate.png
-    python score_sde.py --inpaint                        # held-out | bottom half removed | completed -> inpaint.png
-    python score_sde.py --colorize                       # RGB data only (grey digits: explained, exit 2)
-    python score_sde.py --train-classifier               # time-dependent classifier p_t(y | x) -> classifier.pt
-    python score_sde.py --sample --class 3               # class-conditional samples (--class all: a row per class)
+    python score_sde.py --train --resume            # continue an interrupted run exactly
+    python score_sde.py --train --dataset moons     # 2-D toy (MLP instead of the U-Net)
+    python score_sde.py --eval-nll --estimator rademacher   # bits/dim of held-out digits (also gaussian, exact)
+    python score_sde.py --encode                    # held-out | code | decode(code) -> encode.png (also --interpolate)
+    python score_sde.py --inpaint                   # bottom half removed, then completed (--colorize: RGB data only)
+    python score_sde.py --train-classifier          # time-dependent classifier p_t(y | x) -> classifier.pt
+    python score_sde.py --sample --class 3          # class-conditional samples (--class all: a row per class)
     python score_sde.py --train --t-sampling low_discrepancy   # one training t per stratum of the batch
     python score_sde.py --train --device cuda --precision bf16 --compile   # GPU: bf16 autocast, torch.compile
     torchrun --nproc_per_node=8 score_sde.py --train --device cuda       # 8 GPUs; --batch-size stays the global batch
-    torchrun --nproc_per_node=8 score_sde.py --sample --n-samples 50000  # samples split over 8 (also --eval-nll)
-Under torchrun (one process per GPU, NCCL; gloo on the CPU) a training run equals the 1-process run with the same
-global batch, up to float reduction order and per-rank dropout (the tiny U-Net's dropout 0.1; the MLP has none);
---sample (also --class), --eval-nll give the same numbers for any number of processes (chunks of --batch-size,
-each with its own generator); --encode / --interpolate / --inpaint / --colorize run on rank 0 alone.
-Multi-node (torchrun's --nnodes and rendezvous flags) is untested.
+Under torchrun a training run equals the 1-process run with the same global batch, up to float reduction order and
+per-rank dropout; --sample (also --class) and --eval-nll give the same numbers for any number of processes;
+--encode / --interpolate / --inpaint / --colorize run on rank 0 alone. Multi-node is untested.
 
 Map of the paper onto this file:
     Eq. 5   forward SDE  dx = f(x, t) dt + g(t) dw          -> VESDE / VPSDE / subVPSDE .sde()
@@ -40,7 +34,7 @@ Map of the paper onto this file:
     Eq. 12  sub-VP SDE                                        -> subVPSDE
     Eq. 13  probability-flow ODE  dx = [f - g^2/2 grad log p_t] dt   -> SDE.probability_flow, ode_sample
     Eq. 4   DDPM ancestral step in score form                 -> ancestral_sampling (VP)
-    App. B  perturbation kernels p_0t(x(t) | x(0))            -> .marginal_prob, .prior_sampling, .prior_logp
+    App. B  perturbation kernels p_0t(x(t) | x(0))            -> .marginal_prob, perturb, .prior_sampling, .prior_logp
     App. C  sigma_min / sigma_max / epsilon choices           -> Config, sigma_max_technique1
     App. D  probability-flow sampling with RK45 (rtol=atol=1e-5)  -> rk45, ode_sample
     App. E  reverse diffusion samplers                        -> reverse_diffusion, euler_maruyama
@@ -48,10 +42,10 @@ Map of the paper onto this file:
     App. G  Alg. 1 PC sampling; Alg. 2 / 3 PC for VE / VP; Alg. 4 / 5 correctors   -> pc_sample, langevin, ald
     Sec. 4.3, App. D.2  exact likelihood by the instantaneous change of variables, latent codes
                                                               -> likelihood (+ divergence), encode, decode
-    Sec. 5, App. I.2  inpainting (known part replaced by its forward-noised copy) -> pc_known, inpaint
+    Sec. 5, App. I.2  inpainting (known part replaced by its forward-noised copy) -> impose_known, inpaint
     App. I.3  colourisation in the orthogonal colour basis    -> COLOR_M, decouple, couple, colorize
     Sec. 5, App. I.1  conditional score grad log p_t(x) + grad log p_t(y | x), time-dependent classifier
-                                                              -> guided_score, class_sample, TimeClassifier, classifier_loss
+                                          -> guided_score, class_sample, TimeClassifier, classifier_loss
 
 Symbols (paper -> code):
     t in [eps, 1]  continuous time             t            (B,) float tensor
@@ -73,11 +67,11 @@ Conventions and notation clashes:
   * Two "eps": the paper's epsilon is the smallest time (1e-5 in training, 1e-3 (VP, sub-VP) or 1e-5 (VE) when
     sampling); the noise predicted by a DDPM-style network is eps_hat. "alpha" is the corrector's 1 - beta_i
     (Alg. 5), not DDPM's alpha_bar.
-  * The network: common.UNet (or common.MLP for 2-D toys) gets continuous time as 999 t for VP / sub-VP, as the
-    official code does, and for VE the input 999 log(sigma / sigma_min) / log(sigma_max / sigma_min), derived
-    from sigma (for the geometric VE schedule this number equals 999 t). The score is read from the network as
-    in the official code (models/utils.py get_score_fn): VP / sub-VP predict the noise, s = -eps_hat / std_t;
-    VE networks output sigma * score (NCSN++ scale_by_sigma), s = net / sigma_t.
+  * The network (common.UNet, or common.MLP for 2-D toys) gets time_input(t): 999 t for VP / sub-VP, as the
+    official code, and for VE 999 log(sigma / sigma_min) / log(sigma_max / sigma_min), derived from sigma (for the
+    geometric VE schedule this number equals 999 t). The score is read from it as in the official code
+    (models/utils.py get_score_fn): VP / sub-VP predict the noise, s = -eps_hat / std_t; VE networks output
+    sigma * score (NCSN++ scale_by_sigma), s = net / sigma_t.
   * Time grid (as the official code's linspace(1, eps, N)): a sampler with N steps visits the N levels
     t_N = 1 > ... > t_1 = eps, t_k = eps + (1 - eps) (k - 1) / (N - 1), and its last predictor step goes on to the
     data, t_0 = 0; built once as (t, t_next) pairs. Each predictor step goes from t to t_next (the chain index
@@ -86,17 +80,14 @@ Conventions and notation clashes:
   * Langevin step: the paper's Alg. 4/5 form x + e s + sqrt(2 e) z; NCSN's x + (a/2) s + sqrt(a) z is the same
     with a = 2 e.
   * Devices and precision: every mode runs on --device (the rule is stated in the "Running it" block below).
-    Schedules, sampler and likelihood arithmetic run on the model's device in float64 (wide()), in float32 on
-    MPS, which has no float64; the ODE state too (the official code integrates in float64 with scipy). The
-    network runs under --precision (fp32 | tf32 | bf16 autocast; auto = tf32 on CUDA) and returns float32.
-    The fixed-step samplers make no host sync per step; RK45 reads its error norm once per step (step-size
-    control needs it on the host).
+    Schedules, sampler, ODE and likelihood arithmetic run on the model's device in float64 (wide(); float32 on MPS,
+    which has no float64; the official code integrates in float64 with scipy). The network runs under --precision
+    and returns float32. Fixed-step samplers make no host sync per step; RK45 reads its error norm once per step.
   * Last step is noise-free: pc_sample returns x_mean of its last predictor step, t = eps -> 0, which (reverse
-    diffusion, ancestral) is a Tweedie denoise x(0) ~ x + std^2 s; ode_sample ends with the same step (the
-    official noise_removal). From exact samples of p_eps of a point mass (exact score) this step leaves no
-    spread for VE, and for VP |2 - sqrt(1 - b) - b / std(eps)^2| std(eps) with b = beta(eps) eps (0.09 std(eps)
-    ~ 0.001 at eps = 1e-3); the official b = beta_min / N leaves 0.09 std(eps) at N = 1000 too, 0.82 std(eps) at
-    N = 500. sub-VP's chain is Euler-Maruyama: ~1.2 std(eps) ~ 1e-4 left (tests: test_point_mass_spread_*).
+    diffusion, ancestral) is a Tweedie denoise x(0) ~ x + std^2 s; ode_sample ends with the same step (the official
+    noise_removal). With the exact score of a point mass, it leaves no spread for VE; for VP |2 - sqrt(1 - b) -
+    b / std(eps)^2| std(eps), b = beta(eps) eps (0.09 std(eps) at eps = 1e-3; the official b = beta_min / N leaves
+    0.82 std(eps) at N = 500); sub-VP's Euler-Maruyama chain ~1.2 std(eps) ~ 1e-4 (tests: test_point_mass_spread_*).
 """
 import argparse
 import contextlib
@@ -137,7 +128,7 @@ class Config:
     # training (Sec. 3.3, Eq. 7; App. H)
     likelihood_weighting: bool = False  # lambda = g^2 (Song, Durkan, Murray, Ermon 2021); default lambda = std_t^2
     train_eps: float = 1e-5       # App. C: t ~ U[1e-5, 1] while training
-    t_sampling: str = "iid"       # iid (paper) | low_discrepancy (one t per stratum of the batch; VDM, issue 8)
+    t_sampling: str = "iid"       # iid (paper) | low_discrepancy (one t per stratum of the batch; VDM App. I.1)
     steps: int = 1600             # total optimisation steps of the run (paper: 1.3 M; CPU default shortened)
     batch_size: int = 128         # the global batch (torchrun: split over the ranks); paper: 128
     lr: float = 2e-4              # paper: Adam 2e-4
@@ -160,7 +151,7 @@ class Config:
     # e.g. configs/vp/cifar10_ddpmpp_continuous.py; here --sampler em) or ancestral_sampling (discrete DDPM++,
     # configs/vp/cifar10_ddpmpp.py; --sampler ancestral).
     sampler: str = "pc"           # pc | ode | em | reverse | ancestral (the last three: predictor only)
-    predictor: str = "reverse_diffusion"  # for --sampler pc: euler_maruyama | reverse_diffusion | ancestral_sampling | none
+    predictor: str = "reverse_diffusion"  # --sampler pc: euler_maruyama | reverse_diffusion | ancestral_sampling | none
     corrector: str = "langevin"   # for --sampler pc: langevin | ald | none
     snr: float = 0.16             # App. G: r = 0.16 (VE, CIFAR-10; official default_cifar10_configs.py)
     n_steps: int = 500            # N discretisation steps (paper: 1000; CPU default halved)
@@ -170,9 +161,9 @@ class Config:
     atol: float = 1e-5
     n_samples: int = 64           # images written by --sample
     # evaluation and controllable generation (Sec. 4.3, Sec. 5, App. D.2, App. I)
-    estimator: str = "rademacher" # --eval-nll trace estimator: rademacher | gaussian (App. D.2) | exact (d backward passes)
+    estimator: str = "rademacher" # --eval-nll trace: rademacher | gaussian (App. D.2) | exact (d backward passes)
     n_eval: int = 64              # held-out images for --eval-nll / --encode / --interpolate / --inpaint / --colorize
-    classifier_steps: int = 800   # --train-classifier steps (paper's CIFAR-10 classifier: a WRN on noisy data, App. I.1)
+    classifier_steps: int = 800   # --train-classifier steps (paper, App. I.1: a WRN on noisy CIFAR-10)
     classifier_scale: float = 1.0 # weight of grad log p_t(y | x) in the conditional score (paper: 1)
     classifier_ckpt: str = ""     # classifier for --class ("" = <out>/classifier.pt)
 
@@ -180,27 +171,24 @@ class Config:
 # -----------------------------------------------------------------------------
 # Noise schedules: the three SDEs (Sec. 3.4, App. B)
 
-def bc(a, x):
-    """Broadcast a per-sample (B,) tensor against x (B, ...), in x's dtype."""
-    return a.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+def wide(device):
+    """The widest float a device has: float64, except on MPS (no float64 there) float32."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def expand(v, x):
+    """A per-example (B,) tensor shaped (B, 1, ..., 1) to broadcast against x, in x's dtype."""
+    return v.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def randn(x, generator=None):
-    """Standard normal noise shaped like x, on x's device, optionally from a torch.Generator that feeds that
-    device (make_generator(seed, device): reproducible sampling)."""
+    """Standard normal noise like x (shape, dtype, device), from a generator feeding x's device (or the global RNG)."""
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-
-
-def wide(t):
-    """t in the schedules' precision, on its own device: float64 on CPU and CUDA, float32 on MPS (no float64)."""
-    return t.to(torch.float32 if t.device.type == "mps" else torch.float64)
 
 
 class SDE:
     """What the three SDEs share: Eq. 6, Eq. 13, an Euler-Maruyama chain and the Gaussian prior's log-density.
-
-    Schedules are computed on t's device in float64 (float32 on MPS: wide(t)) and returned in x's dtype.
-    """
+    Schedules are computed on t's device in its widest float (wide) and returned in x's dtype."""
     N = 1000          # default number of discretisation steps for samplers
     prior_std = 1.0   # std of the prior p_T = N(0, prior_std^2 I)
     sample_eps = 1e-3 # App. C: smallest sampling time (VP, sub-VP)
@@ -209,12 +197,12 @@ class SDE:
     def reverse_sde(self, x, t, score):
         """Eq. 6: the reverse-time SDE dx = [f(x, t) - g(t)^2 score] dt + g(t) dw_bar; returns (drift, g)."""
         drift, g = self.sde(x, t)
-        return drift - bc(g ** 2, x) * score, g
+        return drift - expand(g ** 2, x) * score, g
 
     def probability_flow(self, x, t, score):
         """Eq. 13: the probability-flow ODE dx/dt = f(x, t) - g(t)^2 score / 2 (same marginals as Eq. 5)."""
         drift, g = self.sde(x, t)
-        return drift - 0.5 * bc(g ** 2, x) * score
+        return drift - 0.5 * expand(g ** 2, x) * score
 
     def discretize(self, x, t, dt):
         """App. E: a Markov chain x_{i+1} = x_i + f_i + G_i z from Euler-Maruyama, f_i = f dt, G_i = g sqrt(dt)."""
@@ -227,15 +215,15 @@ class SDE:
 
     def prior_logp(self, z):
         """log N(z; 0, prior_std^2 I) per sample, (B,): the prior term of the likelihood (App. D.2)."""
-        d = z[0].numel()
-        return -0.5 * d * math.log(2 * math.pi * self.prior_std ** 2) - z.flatten(1).pow(2).sum(1) / (2 * self.prior_std ** 2)
+        d, var = z[0].numel(), self.prior_std ** 2
+        return -0.5 * d * math.log(2 * math.pi * self.prior_std ** 2) - z.flatten(1).pow(2).sum(1) / (2 * var)
 
     def check_chain(self, N, eps):
         """Any N-step grid works for VE (the VP chain overrides this)."""
 
     def langevin_alpha(self, t, dt):
         """Alg. 4 / 5: the corrector's step-size factor alpha_i (1 for VE)."""
-        return torch.ones_like(wide(t))
+        return torch.ones_like(t, dtype=wide(t.device))
 
 
 class VESDE(SDE):
@@ -250,20 +238,19 @@ class VESDE(SDE):
 
     def sigma(self, t):
         """App. C: sigma(t) = sigma_min (sigma_max / sigma_min)^t, a geometric sequence in t."""
-        return self.sigma_min * torch.exp(wide(t) * self.log_ratio)
+        return self.sigma_min * torch.exp(t.to(wide(t.device)) * self.log_ratio)
 
     def sde(self, x, t):
         """f = 0, g(t) = sigma(t) sqrt(2 log(sigma_max / sigma_min)) = sqrt(d[sigma^2]/dt)."""
         return torch.zeros_like(x), (self.sigma(t) * math.sqrt(2 * self.log_ratio)).to(x.dtype)
 
     def marginal_prob(self, x, t):
-        """App. B: p_0t = N(x(0), sigma(t)^2 I), taking x(0) as the data perturbed by sigma_min (as the official code)."""
+        """App. B: p_0t = N(x(0), sigma(t)^2 I), x(0) the data perturbed by sigma_min (as the official code)."""
         return x, self.sigma(t).to(x.dtype)
 
     def chain_sigma(self, t):
-        """sigma_i of the SMLD chain (Eq. 8) at time t: sigma(t), except sigma_0 = 0 at t = 0 (Eq. 8's x_0 is the
-        data; the official discretize: adjacent sigma 0 at the first index). The last predictor step, from
-        t = eps to t = 0, is then x + sigma(eps)^2 s(x, eps): Tweedie's denoise."""
+        """sigma_i of the SMLD chain (Eq. 8) at time t: sigma(t), but sigma_0 = 0 at t = 0 (x_0 is the data; official
+        discretize too), so the last predictor step, eps -> 0, is Tweedie's denoise x + sigma(eps)^2 s(x, eps)."""
         sigma = self.sigma(t)
         return torch.where(t > 0, sigma, torch.zeros_like(sigma))
 
@@ -282,23 +269,22 @@ class VPSDE(SDE):
 
     def beta(self, t):
         """App. B: beta(t) = beta_min + t (beta_max - beta_min) (DDPM's linear beta_i = beta(i/N) / N)."""
-        return self.beta_min + wide(t) * (self.beta_max - self.beta_min)
+        return self.beta_min + t.to(wide(t.device)) * (self.beta_max - self.beta_min)
 
     def int_beta(self, t):
         """Integral of beta from 0 to t: beta_min t + t^2 (beta_max - beta_min) / 2."""
-        t = wide(t)
+        t = t.to(wide(t.device))
         return self.beta_min * t + 0.5 * t ** 2 * (self.beta_max - self.beta_min)
 
     def beta_i(self, t, dt):
-        """beta_i = beta(t) dt of the DDPM chain (Eq. 10 with dt the grid step; official: beta(t) / N). The last
-        step, t = eps -> 0, has beta(eps) eps (official: beta_min / N; the same at N = 1 / eps up to beta(eps) vs
-        beta(0)). beta_i < 1 is checked once per sampler by check_chain, not here (no host sync per step)."""
+        """beta_i = beta(t) dt of the DDPM chain (Eq. 10, dt the grid step; official: beta(t) / N; last step eps -> 0:
+        beta(eps) eps, official beta_min / N). beta_i < 1 is checked once per sampler (check_chain), not per step."""
         return self.beta(t) * dt
 
     def check_chain(self, N, eps):
         """The DDPM chain of an N-step grid needs beta_i = beta(t) dt < 1 at every level (else sqrt(1 - beta_i)
         and the corrector's alpha_i = 1 - beta_i fail): ValueError naming --n-steps if not."""
-        b = max((self.beta_min + t * (self.beta_max - self.beta_min)) * (t - t_next) for t, t_next in time_grid(N, eps))
+        b = max((self.beta_min + t * (self.beta_max - self.beta_min)) * (t - tn) for t, tn in time_grid(N, eps))
         if b >= 1:
             raise ValueError(f"the VP chain needs beta(t) dt < 1 (got {b:.2f}): use more steps "
                              f"(--n-steps > beta_max + 1 = {self.beta_max + 1:g})")
@@ -306,17 +292,17 @@ class VPSDE(SDE):
     def sde(self, x, t):
         """f = -beta(t) x / 2, g = sqrt(beta(t))."""
         beta = self.beta(t)
-        return -0.5 * bc(beta, x) * x, beta.sqrt().to(x.dtype)
+        return -0.5 * expand(beta, x) * x, beta.sqrt().to(x.dtype)
 
     def marginal_prob(self, x, t):
         """App. B: p_0t = N(x(0) exp(-int beta / 2), (1 - exp(-int beta)) I)."""
         B = self.int_beta(t)
-        return bc(torch.exp(-0.5 * B), x) * x, (-torch.expm1(-B)).sqrt().to(x.dtype)
+        return expand(torch.exp(-0.5 * B), x) * x, (-torch.expm1(-B)).sqrt().to(x.dtype)
 
     def discretize(self, x, t, dt):
         """Eq. 10, the DDPM chain: x_i = sqrt(1 - beta_i) x_{i-1} + sqrt(beta_i) z with beta_i = beta(t) dt."""
         beta_i = self.beta_i(t, dt)
-        return bc((1 - beta_i).sqrt(), x) * x - x, beta_i.sqrt().to(x.dtype)
+        return expand((1 - beta_i).sqrt(), x) * x - x, beta_i.sqrt().to(x.dtype)
 
     def langevin_alpha(self, t, dt):
         """Alg. 5: alpha_i = 1 - beta_i, the VP corrector's step-size factor."""
@@ -333,21 +319,19 @@ class subVPSDE(VPSDE):
     def sde(self, x, t):
         """f = -beta(t) x / 2, g = sqrt(beta(t) (1 - exp(-2 int_0^t beta)))."""
         beta = self.beta(t)
-        return -0.5 * bc(beta, x) * x, (beta * -torch.expm1(-2 * self.int_beta(t))).sqrt().to(x.dtype)
+        return -0.5 * expand(beta, x) * x, (beta * -torch.expm1(-2 * self.int_beta(t))).sqrt().to(x.dtype)
 
     def marginal_prob(self, x, t):
         """App. B: p_0t = N(x(0) exp(-int beta / 2), (1 - exp(-int beta))^2 I)."""
         B = self.int_beta(t)
-        return bc(torch.exp(-0.5 * B), x) * x, (-torch.expm1(-B)).to(x.dtype)
+        return expand(torch.exp(-0.5 * B), x) * x, (-torch.expm1(-B)).to(x.dtype)
 
 
-def make_sde(name, beta_min=0.1, beta_max=20.0, sigma_min=0.02, sigma_max=50.0, N=1000):
-    """The SDE object for a --sde name."""
-    if name == "ve":
-        return VESDE(sigma_min, sigma_max, N)
-    if name in ("vp", "subvp"):
-        return (VPSDE if name == "vp" else subVPSDE)(beta_min, beta_max, N)
-    raise ValueError(f"unknown SDE {name!r}; choose vp, subvp or ve")
+def make_sde(config, N=1000):
+    """The SDE of a config dict with "sde" (vp | subvp | ve), "beta_min", "beta_max", "sigma_min", "sigma_max"."""
+    if config["sde"] == "ve":
+        return VESDE(config["sigma_min"], config["sigma_max"], N)
+    return (VPSDE if config["sde"] == "vp" else subVPSDE)(config["beta_min"], config["beta_max"], N)
 
 
 def sigma_max_technique1(x, n_max=5000):
@@ -362,60 +346,67 @@ def sigma_max_technique1(x, n_max=5000):
 # -----------------------------------------------------------------------------
 # Forward process and loss (Sec. 3.3, Eq. 7)
 
-def ve_noise_input(sde, sigma):
-    """The VE network's noise input: 999 log(sigma / sigma_min) / log(sigma_max / sigma_min), in [0, 999]."""
-    return 999 * torch.log(wide(sigma) / sde.sigma_min) / sde.log_ratio
+def perturb(sde, x0, t, z):
+    """App. B: x(t) = mean_t + std_t z, the sample of p_0t(x(t) | x(0)) for noise z ~ N(0, I); returns
+    (x(t), mean_t, std_t (B,)). At t = 0 it is the data itself, std 0 (VE's marginal_prob says sigma_min there)."""
+    mean, std = sde.marginal_prob(x0, t)
+    std = std * (t > 0)
+    return mean + expand(std, x0) * z, mean, std
+
+
+def time_input(sde, t, dtype=None):
+    """The networks' time input (B,), float32, for continuous t (B,), as the official code: 999 t (VP, sub-VP); VE:
+    999 log(sigma_t / sigma_min) / log(sigma_max / sigma_min) (= 999 t), from sigma_t rounded to dtype (default t's).
+    Score network and time-dependent classifier both take it."""
+    if isinstance(sde, VESDE):
+        sigma = sde.sigma(t).to(dtype or t.dtype)
+        return (999 * torch.log(sigma.to(wide(t.device)) / sde.sigma_min) / sde.log_ratio).float()
+    return (999 * t).float()
 
 
 def make_score_fn(net, sde):
-    """The score s_theta(x, t) read from a network as the official code does (models/utils.py get_score_fn).
-
-    VP / sub-VP: the network predicts the noise from (x, 999 t), and s = -eps_hat / std_t (std_t from App. B).
-    VE: the network sees a sigma-derived input and outputs sigma_t * score, so s = net / sigma_t.
-    """
+    """The score s_theta(x, t) read from a network as the official code (get_score_fn): -net / std_t (VP, sub-VP:
+    the net predicts the noise), net / sigma_t (VE: the net outputs sigma_t * score)."""
     def score_fn(x, t):
         std = sde.marginal_prob(x, t)[1]  # (B,)
-        if isinstance(sde, VESDE):
-            out = net(x.float(), ve_noise_input(sde, std).float()).to(x.dtype)
-            return out / bc(std, x)
-        return -net(x.float(), (999 * t).float()).to(x.dtype) / bc(std, x)
+        out = net(x.float(), time_input(sde, t, x.dtype)).to(x.dtype) / expand(std, x)
+        return out if isinstance(sde, VESDE) else -out
     return score_fn
 
 
+def low_discrepancy_uniform(B, device="cpu", generator=None):
+    """VDM App. I.1 (Kingma et al. 2021): u_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1): one u_i in each
+    interval [i/B, (i+1)/B), each alone uniform (every loss estimate stays unbiased). On device, in its widest float."""
+    dt = wide(device)
+    u_0 = torch.rand((), generator=generator, dtype=dt, device=device)
+    return (u_0 + torch.arange(B, dtype=dt, device=device) / B) % 1
+
+
 def sample_t(B, eps, t_sampling="iid", device="cpu", generator=None):
-    """Training times t in [eps, 1], (B,). iid: t ~ U[eps, 1]. low_discrepancy (Kingma, Salimans, Poole, Ho 2021,
-    Variational Diffusion Models, arXiv 2107.00630; issue 8): one uniform u_0 per batch, t_i = eps + (1 - eps) mod(u_0 + i / B, 1), one t in each of B strata:
-    each t_i is still U[eps, 1], so the loss stays unbiased, with lower variance across the batch.
-    generator: a torch.Generator feeding device (None: the global RNG)."""
-    if t_sampling == "iid":
-        return torch.rand(B, device=device, generator=generator) * (1 - eps) + eps
+    """Training times t in [eps, 1], (B,): iid t ~ U[eps, 1] (the paper), or low_discrepancy, t_i = eps + (1 - eps) u_i
+    with low_discrepancy_uniform's u_i (one t per stratum of the batch: lower variance, still unbiased)."""
     if t_sampling == "low_discrepancy":
-        u0 = torch.rand(1, device=device, generator=generator)
-        return eps + (1 - eps) * torch.remainder(u0 + torch.arange(B, device=device) / B, 1.0)
-    raise ValueError(f"unknown t sampling {t_sampling!r}; choose iid or low_discrepancy")
+        return eps + (1 - eps) * low_discrepancy_uniform(B, device, generator)
+    return torch.rand(B, device=device, generator=generator) * (1 - eps) + eps
 
 
 def loss(score_model, sde, x, likelihood_weighting=False, eps=1e-5, t_sampling="iid", t=None, z=None):
     """Eq. 7 of Song et al. (2021): continuous-time denoising score matching.
 
     E_t E_x(0) E_x(t)|x(0) [ lambda(t) |s_theta(x(t), t) - grad log p_0t(x(t) | x(0))|^2 ],  t ~ U[eps, 1],
-    with grad log p_0t = -z / std_t for x(t) = mean_t + std_t z. Weighting: lambda(t) = std_t^2 (Sec. 3.3,
-    proportional to 1 / E|grad log p_0t|^2), giving |std_t s + z|^2; or the likelihood weighting lambda = g(t)^2
-    of Song, Durkan, Murray, Ermon (2021, arXiv 2101.09258), the official code's `likelihood_weighting` flag.
-    Averaged over dimensions (official reduce_mean=True; the other choice, a half-sum, only rescales it).
-    t (B,) and z (like x) may be given (the training loop draws them for the global batch); else they are drawn
-    from the global RNG.
+    grad log p_0t = -z / std_t for x(t) = mean_t + std_t z. lambda = std_t^2 (Sec. 3.3) gives |std_t s + z|^2;
+    likelihood_weighting: lambda = g(t)^2 (Song, Durkan, Murray, Ermon 2021, arXiv 2101.09258). Mean over dimensions
+    (official reduce_mean). t (B,) and z may be given (the training loop's); else drawn from the global RNG.
     """
     t = sample_t(len(x), eps, t_sampling, x.device) if t is None else t   # t ~ U[eps, 1]
     z = torch.randn_like(x) if z is None else z
-    mean, std = sde.marginal_prob(x, t)
-    x_t = mean + bc(std, x) * z                                  # a sample of p_0t(x(t) | x(0)) (App. B)
+    x_t, _, std = perturb(sde, x, t, z)
     score = score_model(x_t, t)
     if not likelihood_weighting:
-        losses = (score * bc(std, x) + z) ** 2                   # lambda = std_t^2
+        losses = (score * expand(std, x) + z) ** 2                   # lambda = std_t^2
     else:
         g2 = sde.sde(torch.zeros_like(x), t)[1] ** 2
-        losses = (score + z / bc(std, x)) ** 2 * bc(g2, x)       # lambda = g(t)^2
+        losses = (score + z / expand(std, x)) ** 2 * expand(g2, x)   # lambda = g(t)^2
     return losses.flatten(1).mean(1).mean()
 
 
@@ -430,28 +421,29 @@ def time_grid(N, eps):
     return list(zip(ts, ts[1:] + [0.0]))
 
 
-def full(x, t):
-    """A time t (float) as the (B,) tensor the score function takes, on x's device (float64; float32 on MPS)."""
-    return torch.full((len(x),), t, dtype=torch.float32 if x.device.type == "mps" else torch.float64, device=x.device)
+def time_vector(x, t):
+    """A time t (float) as the (B,) tensor the score function takes, on x's device in its widest float."""
+    return torch.full((len(x),), t, dtype=wide(x.device), device=x.device)
 
 
 def euler_maruyama(score_fn, sde, x, t, t_next, generator=None):
     """App. E (and D.3): one Euler-Maruyama step of the reverse SDE (Eq. 6) from t to t_next < t."""
-    dt = t - t_next
-    drift, g = sde.reverse_sde(x, full(x, t), score_fn(x, full(x, t)))
+    dt, tt = t - t_next, time_vector(x, t)
+    drift, g = sde.reverse_sde(x, tt, score_fn(x, tt))
     x_mean = x - drift * dt                                   # deterministic part (time runs backwards)
-    return x_mean + bc(g, x) * math.sqrt(dt) * randn(x, generator), x_mean
+    return x_mean + expand(g, x) * math.sqrt(dt) * randn(x, generator), x_mean
 
 
 def reverse_diffusion(score_fn, sde, x, t, t_next, generator=None, noise=True):
     """App. E: the reverse-diffusion predictor, the forward chain run backwards in the same discretisation:
     x_i = x_{i+1} - f_{i+1}(x_{i+1}) + G_{i+1}^2 s(x_{i+1}, t_{i+1}) + G_{i+1} z.  noise=False: x_mean only
     (returned twice; no noise is drawn)."""
-    f, G = sde.discretize(x, full(x, t), t - t_next)
-    x_mean = x - f + bc(G ** 2, x) * score_fn(x, full(x, t))
+    tt = time_vector(x, t)
+    f, G = sde.discretize(x, tt, t - t_next)
+    x_mean = x - f + expand(G ** 2, x) * score_fn(x, tt)
     if not noise:
         return x_mean, x_mean
-    return x_mean + bc(G, x) * randn(x, generator), x_mean
+    return x_mean + expand(G, x) * randn(x, generator), x_mean
 
 
 def ancestral_sampling(score_fn, sde, x, t, t_next, generator=None):
@@ -462,115 +454,93 @@ def ancestral_sampling(score_fn, sde, x, t, t_next, generator=None):
     sub-VP (not in the paper; ours): the posterior q(x_{t_next} | x_t, x0_hat) of the Gaussian chain that has
     sub-VP's marginals, with x0_hat = (x + std_t^2 s) / mean_coef_t (Tweedie). For VE it reduces to App. F.
     """
-    tt = full(x, t)
+    tt, tt_next = time_vector(x, t), time_vector(x, t_next)
     score = score_fn(x, tt)
     if isinstance(sde, VESDE):
-        s2, s2_next = sde.sigma(tt) ** 2, sde.chain_sigma(full(x, t_next)) ** 2  # sigma_0 = 0 at t_next = 0
-        x_mean = x + bc(s2 - s2_next, x) * score
+        s2, s2_next = sde.sigma(tt) ** 2, sde.chain_sigma(tt_next) ** 2  # sigma_0 = 0 at t_next = 0
+        x_mean = x + expand(s2 - s2_next, x) * score
         std = (s2_next * (s2 - s2_next) / s2).sqrt()
     elif isinstance(sde, subVPSDE):
         m, s = sde.marginal_prob(torch.ones_like(tt), tt)      # mean coefficient and std at t
-        m_next, s_next = sde.marginal_prob(torch.ones_like(tt), full(x, t_next))
+        m_next, s_next = sde.marginal_prob(torch.ones_like(tt), tt_next)
         a = m / m_next                                          # x_t = a x_next + b z in the chain
         b2 = s ** 2 - a ** 2 * s_next ** 2
-        x0_hat = (x + bc(s ** 2, x) * score) / bc(m, x)         # Tweedie's estimate of x(0)
-        x_mean = (bc(a * s_next ** 2, x) * x + bc(b2 * m_next, x) * x0_hat) / bc(s ** 2, x)
+        x0_hat = (x + expand(s ** 2, x) * score) / expand(m, x)         # Tweedie's estimate of x(0)
+        x_mean = (expand(a * s_next ** 2, x) * x + expand(b2 * m_next, x) * x0_hat) / expand(s ** 2, x)
         std = s_next * b2.sqrt() / s
     else:
         beta = sde.beta_i(tt, t - t_next)                       # beta_i of the DDPM chain (Eq. 10)
-        x_mean = (x + bc(beta, x) * score) / bc((1 - beta).sqrt(), x)
+        x_mean = (x + expand(beta, x) * score) / expand((1 - beta).sqrt(), x)
         std = beta.sqrt()
-    return x_mean + bc(std, x) * randn(x, generator), x_mean
-
-
-def no_predictor(score_fn, sde, x, t, t_next, generator=None):
-    """The empty predictor: corrector-only sampling (annealed Langevin dynamics over the grid)."""
-    return x, x
+    return x_mean + expand(std, x) * randn(x, generator), x_mean
 
 
 PREDICTORS = {"euler_maruyama": euler_maruyama, "reverse_diffusion": reverse_diffusion,
-              "ancestral_sampling": ancestral_sampling, "none": no_predictor}
+              "ancestral_sampling": ancestral_sampling, "none": None}   # none: corrector-only sampling
 
 
-def langevin(score_fn, sde, x, t, dt, snr, n_steps, generator=None):
+def langevin(score_fn, sde, x, t, dt, snr, n_steps, generator=None, ald=False):
     """Algorithms 4 (VE) and 5 (VP) of Song et al. (2021): Langevin corrector with step size from the snr r.
 
-    Repeat M times: g = s(x, t); z ~ N(0, I); e = 2 alpha (r |z| / |g|)^2; x = x + e g + sqrt(2 e) z,
-    with alpha = 1 (VE) or 1 - beta_i (VP, sub-VP). As in the official code, |z| and |g| are the batch
-    averages of the per-sample norms. A score that is exactly zero (an untrained network: its last layer
-    starts at zero) gives step 0 where the formula would give infinity.
+    Repeat M times: g = s(x, t); z ~ N(0, I); e = 2 alpha (r |z| / |g|)^2; x = x + e g + sqrt(2 e) z, alpha = 1 (VE)
+    or 1 - beta_i (VP, sub-VP); |z|, |g| batch means of per-sample norms (official code); a zero score (an
+    untrained network) gives step 0, not infinity. ald=True: NCSN's annealed Langevin dynamics (Song & Ermon 2019,
+    Alg. 1) in the official code's form, e = 2 alpha (r std_t)^2, proportional to the noise variance at t.
     """
-    tt = full(x, t)
+    tt = time_vector(x, t)
     alpha = sde.langevin_alpha(tt, dt)
+    std = sde.marginal_prob(torch.ones_like(tt), tt)[1]            # std_t of p_0t (App. B)
     x_mean = x
     for _ in range(n_steps):
         grad = score_fn(x, tt)                                    # g = s(x, t)
         z = randn(x, generator)                                   # z ~ N(0, I)
-        grad_norm = grad.flatten(1).norm(dim=1).mean()            # |g|, batch mean of per-sample norms
-        noise_norm = z.flatten(1).norm(dim=1).mean()              # |z|, likewise
-        ratio = torch.where(grad_norm > 0, noise_norm / grad_norm, torch.zeros_like(grad_norm))
-        step = 2 * alpha * (snr * ratio) ** 2                     # e_i, (B,)
-        x_mean = x + bc(step, x) * grad                         # Langevin drift
-        x = x_mean + bc((2 * step).sqrt(), x) * z               # Langevin noise
+        if ald:
+            step = 2 * alpha * (snr * std) ** 2                   # e_i, fixed per level
+        else:
+            grad_norm = grad.flatten(1).norm(dim=1).mean()        # |g|, batch mean of per-sample norms
+            noise_norm = z.flatten(1).norm(dim=1).mean()          # |z|, likewise
+            ratio = torch.where(grad_norm > 0, noise_norm / grad_norm, torch.zeros_like(grad_norm))
+            step = 2 * alpha * (snr * ratio) ** 2                 # e_i, (B,)
+        x_mean = x + expand(step, x) * grad                       # Langevin drift
+        x = x_mean + expand((2 * step).sqrt(), x) * z             # Langevin noise
     return x, x_mean
 
 
 def ald(score_fn, sde, x, t, dt, snr, n_steps, generator=None):
-    """Annealed Langevin dynamics as in NCSN (Song & Ermon 2019, Alg. 1), in the official code's form:
-    step e = 2 alpha (r std_t)^2, i.e. proportional to the noise variance at t, instead of the norm ratio."""
-    tt = full(x, t)
-    alpha = sde.langevin_alpha(tt, dt)
-    std = wide(sde.marginal_prob(torch.ones_like(tt), tt)[1])      # std_t of p_0t (App. B)
-    step = 2 * alpha * (snr * std) ** 2                              # fixed per level, proportional to std_t^2
-    x_mean = x
-    for _ in range(n_steps):
-        grad = score_fn(x, tt)                                       # s(x, t)
-        z = randn(x, generator)
-        x_mean = x + bc(step, x) * grad                              # Langevin drift
-        x = x_mean + bc((2 * step).sqrt(), x) * z                    # Langevin noise
-    return x, x_mean
+    """Annealed Langevin dynamics as in NCSN (Song & Ermon 2019, Alg. 1): langevin with ald=True."""
+    return langevin(score_fn, sde, x, t, dt, snr, n_steps, generator, ald=True)
 
 
-def no_corrector(score_fn, sde, x, t, dt, snr, n_steps, generator=None):
-    """The empty corrector: predictor-only sampling."""
-    return x, x
-
-
-CORRECTORS = {"langevin": langevin, "ald": ald, "none": no_corrector}
+CORRECTORS = {"langevin": langevin, "ald": ald, "none": None}   # none: predictor-only sampling
 
 
 def pc_sample(score_fn, sde, shape, predictor="reverse_diffusion", corrector="langevin", snr=0.16,
               n_corrector_steps=1, eps=None, denoise=True, generator=None, n_steps=None, z=None,
-              dtype=torch.float32, device="cpu"):
+              dtype=torch.float32, device="cpu", known=None):
     """Algorithm 1 of Song et al. (2021): predictor-corrector sampling (Alg. 2 for VE, Alg. 3 for VP).
 
-    x_N ~ p_T; at each level t_k, k = N ... 1 (time_grid: t_N = 1, ..., t_1 = eps): M corrector steps targeting
-    p_{t_k}, then one predictor step of the reverse SDE from t_k to t_{k-1}. This is the official code's order;
-    Alg. 2/3 print the corrector after the predictor, which is the same chain except that it corrects at t = eps
-    instead of t = 1, and would make the last update a Langevin step. The last predictor step goes from t_1 = eps
-    to the data, t_0 = 0, as in the official code: reverse diffusion and ancestral sampling then end with a
-    Tweedie denoise (VE: sigma_0 = 0, x + sigma(eps)^2 s exactly; VP: beta(eps) eps against std(eps)^2 =
-    1 - exp(-int_0^eps beta), 1.09x at eps = 1e-3), Euler-Maruyama with an Euler step of length eps. With
-    denoise=True the result is x_mean of that last update (its noise left out). eps=None takes the paper's
-    per-SDE default (1e-3 VP / sub-VP, 1e-5 VE); n_steps=None takes sde.N; z (optional) is the starting x_N.
+    x_N ~ p_T (or z); at each level t_k of time_grid: M corrector steps targeting p_{t_k}, then one predictor step
+    of the reverse SDE to t_{k-1}. This is the official code's order; Alg. 2/3 print the corrector after the
+    predictor (the same chain, but correcting at t = eps instead of t = 1, and ending on a Langevin step). The last
+    predictor step goes from eps to the data, t = 0 (header: a Tweedie denoise); denoise=True returns its x_mean.
+    eps=None: the SDE's sample_eps (1e-3 VP / sub-VP, 1e-5 VE); n_steps=None: sde.N. known(x, x_mean, t) ->
+    (x, x_mean) (impose_known) runs on the start (t = 1) and after every update, at the time it arrives at.
     """
-    if predictor not in PREDICTORS:
-        raise ValueError(f"unknown predictor {predictor!r}; choose from {', '.join(PREDICTORS)}")
-    if corrector not in CORRECTORS:
-        raise ValueError(f"unknown corrector {corrector!r}; choose from {', '.join(CORRECTORS)}")
+    if predictor not in PREDICTORS or corrector not in CORRECTORS:
+        raise ValueError(f"unknown predictor {predictor!r} or corrector {corrector!r}; choose from "
+                         f"{', '.join(PREDICTORS)} / {', '.join(CORRECTORS)}")
+    predict, correct, known = PREDICTORS[predictor], CORRECTORS[corrector], known or (lambda x, x_mean, t: (x, x_mean))
     eps = sde.sample_eps if eps is None else eps
     N = n_steps or sde.N
     sde.check_chain(N, eps)
     x = sde.prior_sampling(shape, generator, dtype, device) if z is None else z.to(dtype)
-    x_mean = x
+    x, x_mean = known(x, x, 1.0)
     with torch.no_grad():
         for t, t_next in time_grid(N, eps):
-            # Corrector: M Langevin steps targeting p_t.
-            if corrector != "none":
-                x, x_mean = CORRECTORS[corrector](score_fn, sde, x, t, t - t_next, snr, n_corrector_steps, generator)
-            # Predictor: one step of the reverse-time SDE from t to t_next.
-            if predictor != "none":
-                x, x_mean = PREDICTORS[predictor](score_fn, sde, x, t, t_next, generator)
+            if correct:  # Corrector: M Langevin steps targeting p_t.
+                x, x_mean = known(*correct(score_fn, sde, x, t, t - t_next, snr, n_corrector_steps, generator), t)
+            if predict:  # Predictor: one step of the reverse-time SDE from t to t_next.
+                x, x_mean = known(*predict(score_fn, sde, x, t, t_next, generator), t_next)
     return x_mean if denoise else x
 
 
@@ -590,10 +560,8 @@ def rk45(f, y, t0, t1, rtol=1e-5, atol=1e-5, max_steps=100000):
     """Adaptive Dormand-Prince RK45 for dy/dt = f(t, y) from t0 to t1 (either direction); returns (y(t1), nfe).
 
     Error control as scipy's solve_ivp: err = RMS over all entries of (local error) / (atol + rtol max(|y|, |y_new|)),
-    accept when err <= 1, next step h * min(10, max(0.2, 0.9 err^(-1/5))), and, as scipy, no growth on the step
-    right after a rejection. The first stage of each step reuses the last stage of the previous one (FSAL), so
-    an accepted or rejected step costs 6 evaluations. The step-size control reads err on the host: one sync per
-    step, inherent to an adaptive solver (the fixed-step samplers make none).
+    accept when err <= 1, next step h * min(10, max(0.2, 0.9 err^(-1/5))), no growth right after a rejection.
+    FSAL: a step costs 6 evaluations. Step-size control reads err on the host: one sync per step.
     """
     nfe = 0
 
@@ -640,42 +608,47 @@ def rk45(f, y, t0, t1, rtol=1e-5, atol=1e-5, max_steps=100000):
     raise RuntimeError(f"rk45: no convergence in {max_steps} steps")
 
 
+def flow(score_fn, sde):
+    """Eq. 13's right-hand side as the f(t, y) of rk45, t a float."""
+    def f(t, y):
+        tt = time_vector(y, t)
+        return sde.probability_flow(y, tt, score_fn(y, tt))
+    return f
+
+
 def ode_sample(score_fn, sde, shape, rtol=1e-5, atol=1e-5, eps=None, z=None, generator=None,
                dtype=torch.float32, device="cpu", denoise=True):
-    """App. D.3 of Song et al. (2021): sample by solving the probability-flow ODE (Eq. 13) from t = 1 to eps
-    with adaptive RK45 (the whole batch as one state vector, as the official code does); returns (x, nfe).
-    denoise=True (the official sampling.noise_removal): then one reverse-diffusion predictor step without noise
-    from t = eps to the data (t = 0), a Tweedie denoise as at the end of pc_sample (one more evaluation).
-    The ODE state is integrated in float64 as in the official code (scipy), float32 on MPS; the network still
-    sees float32 (make_score_fn); the result is returned in dtype."""
+    """App. D.3 of Song et al. (2021): sample by solving the probability-flow ODE (Eq. 13) from t = 1 to eps with
+    adaptive RK45 (the batch as one state, in float64, as the official code); returns (x in dtype, nfe).
+    denoise=True (official noise_removal): then one noise-free reverse-diffusion step from eps to 0, as pc_sample."""
     eps = sde.sample_eps if eps is None else eps
-    x = wide(sde.prior_sampling(shape, generator, dtype, device) if z is None else z.to(dtype))
-
-    def f(t, y):
-        tt = full(y, t)
-        return sde.probability_flow(y, tt, score_fn(y, tt))
-
+    x = sde.prior_sampling(shape, generator, dtype, device) if z is None else z.to(dtype)
     with torch.no_grad():
-        x, nfe = rk45(f, x, 1.0, eps, rtol, atol)
+        x, nfe = rk45(flow(score_fn, sde), x.to(wide(x.device)), 1.0, eps, rtol, atol)
         if denoise:
             x, nfe = reverse_diffusion(score_fn, sde, x, eps, 0.0, noise=False)[0], nfe + 1
     return x.to(dtype), nfe
 
 
-SAMPLERS = {"pc": None, "ode": None, "em": ("euler_maruyama", "none"),
-            "reverse": ("reverse_diffusion", "none"), "ancestral": ("ancestral_sampling", "none")}
+PREDICTOR_ONLY = {"em": "euler_maruyama", "reverse": "reverse_diffusion", "ancestral": "ancestral_sampling"}
+SAMPLERS = ("pc", "ode", *PREDICTOR_ONLY)  # --sampler: pc takes --predictor / --corrector; em, ...: no corrector
+
+
+def pc_options(cfg, sampler="pc"):
+    """pc_sample's keyword arguments from the command line; sampler em / reverse / ancestral: its predictor alone."""
+    pred, corr = (cfg.predictor, cfg.corrector) if sampler == "pc" else (PREDICTOR_ONLY[sampler], "none")
+    return dict(predictor=pred, corrector=corr, snr=cfg.snr, n_corrector_steps=cfg.n_corrector_steps,
+                eps=cfg.sample_eps or None, n_steps=cfg.n_steps)
 
 
 def sample(score_fn, sde, cfg, shape, generator=None, device="cpu"):
     """Run the sampler named in cfg (--sampler, --predictor, --corrector, ...); returns (x, nfe)."""
-    eps = cfg.sample_eps or sde.sample_eps
     if cfg.sampler == "ode":
+        eps = cfg.sample_eps or sde.sample_eps
         return ode_sample(score_fn, sde, shape, cfg.rtol, cfg.atol, eps, generator=generator, device=device)
-    pred, corr = (cfg.predictor, cfg.corrector) if cfg.sampler == "pc" else SAMPLERS[cfg.sampler]
-    x = pc_sample(score_fn, sde, shape, pred, corr, cfg.snr, cfg.n_corrector_steps, eps,
-                  generator=generator, n_steps=cfg.n_steps, device=device)
-    nfe = cfg.n_steps * ((pred != "none") + (corr != "none") * cfg.n_corrector_steps)
-    return x, nfe
+    opt = pc_options(cfg, cfg.sampler)
+    x = pc_sample(score_fn, sde, shape, generator=generator, device=device, **opt)
+    return x, cfg.n_steps * ((opt["predictor"] != "none") + (opt["corrector"] != "none") * cfg.n_corrector_steps)
 
 
 # -----------------------------------------------------------------------------
@@ -693,11 +666,9 @@ def divergence(f, x, estimator="rademacher", generator=None):
             div = sum(torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True)[0].flatten(1)[:, i]
                       for i in range(flat.shape[1]))
         else:
-            v = randn(x, generator)
+            v = randn(x, generator)                                  # gaussian probe; rademacher: its sign
             if estimator == "rademacher":
                 v = v.sign()
-            elif estimator != "gaussian":
-                raise ValueError(f"unknown estimator {estimator!r}; choose rademacher, gaussian or exact")
             div = (torch.autograd.grad((fx * v).sum(), x)[0] * v).flatten(1).sum(1)
     return fx.detach(), div.detach()
 
@@ -706,31 +677,26 @@ def likelihood(score_fn, sde, x, estimator="rademacher", dequantize=True, eps=1e
                rtol=1e-5, atol=1e-5, generator=None):
     """App. D.2 of Song et al. (2021): bits/dim via the instantaneous change of variables along Eq. 13.
 
-    log p_eps(x(eps)) = log p_T(x(1)) + int_eps^1 div f_tilde(x(t), t) dt, with f_tilde the probability-flow
-    drift, solved forwards by RK45 on the joint state [x, int div]. The Hutchinson probe of each sample is drawn
-    once and kept along the path (as the official code). Returns (bits/dim (B,), nfe).
-    dequantize=False: -log p_eps(x) / (d ln 2) for x in the coordinates passed (no rescaling).
-    dequantize=True (x on `levels` grey levels in [-1, 1], bin width delta = 2 / (levels - 1)): x + delta (u - 1/2),
-    u ~ U[0, 1)^d, is scored, and bits/dim = -(log p(x + delta (u - 1/2)) + d log delta) / (d ln 2), an upper bound
-    on -log2 P(x) per dimension of the discrete data (Jensen). The official code skips dequantisation
-    (score_sde issue #24), which scores a density on a point set and understates bits/dim.
+    log p_eps(x(eps)) = log p_T(x(1)) + int_eps^1 div f_tilde(x(t), t) dt, f_tilde the probability-flow drift,
+    solved forwards by RK45 on [x, int div]; each sample's Hutchinson probe is kept along the path (as the official
+    code). Returns (bits/dim (B,), nfe). dequantize=False: -log p_eps(x) / (d ln 2). dequantize=True (x on `levels`
+    grey levels, bin width delta = 2 / (levels - 1)): -(log p(x + delta (u - 1/2)) + d log delta) / (d ln 2),
+    u ~ U[0, 1)^d, an upper bound on -log2 P(x) per dimension (Jensen); the official code does not dequantise
+    (yang-song/score_sde issue #24) and so understates bits/dim.
     """
     B, d = len(x), x[0].numel()
-    x = wide(x)                                                      # float64 (float32 on MPS), on x's device
+    x = x.to(wide(x.device))                                         # float64 (float32 on MPS), on x's device
     if dequantize:
-        if not levels or levels < 2:
-            raise ValueError("dequantize=True needs the number of grey levels of the data (levels >= 2)")
         delta = 2.0 / (levels - 1)
         x = x + delta * (torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) - 0.5)
     seed = torch.randint(2 ** 31, (1,), generator=generator, device=x.device if generator is None else generator.device)
     probe = make_generator(int(seed), x.device)                      # one host read per call, not per step
+    drift = flow(score_fn, sde)
 
     def f(t, y):
-        xt = y[:, :d].reshape(x.shape)
-        tt = full(xt, t)
         probe.manual_seed(probe.initial_seed())                      # the same probe v at every t
-        drift, div = divergence(lambda z: sde.probability_flow(z, tt, score_fn(z, tt)), xt, estimator, probe)
-        return torch.cat([drift.flatten(1), div[:, None]], 1)
+        fx, div = divergence(lambda z: drift(t, z), y[:, :d].reshape(x.shape), estimator, probe)
+        return torch.cat([fx.flatten(1), div[:, None]], 1)
 
     y0 = torch.cat([x.flatten(1), torch.zeros(B, 1, dtype=x.dtype, device=x.device)], 1)
     y1, nfe = rk45(f, y0, eps, 1.0, rtol, atol)
@@ -746,8 +712,7 @@ def encode(score_fn, sde, x, eps=1e-5, rtol=1e-5, atol=1e-5):
     """Sec. 4.3: the latent code z = x(1) of data x(eps) under the probability-flow ODE (uniquely identifiable);
     integrated in float64 (float32 on MPS), returned in x's dtype."""
     with torch.no_grad():
-        f = lambda t, y: sde.probability_flow(y, full(y, t), score_fn(y, full(y, t)))
-        return rk45(f, wide(x), eps, 1.0, rtol, atol)[0].to(x.dtype)
+        return rk45(flow(score_fn, sde), x.to(wide(x.device)), eps, 1.0, rtol, atol)[0].to(x.dtype)
 
 
 def decode(score_fn, sde, z, eps=1e-5, rtol=1e-5, atol=1e-5):
@@ -755,68 +720,54 @@ def decode(score_fn, sde, z, eps=1e-5, rtol=1e-5, atol=1e-5):
     return ode_sample(score_fn, sde, z.shape, rtol, atol, eps, z=z, dtype=z.dtype, device=z.device, denoise=False)[0]
 
 
+def slerp(x0, x1, lam):
+    """App. D.5, Eq. 67 of Song et al. (2021): spherical interpolation (Shoemake 1985), per batch element.
+
+    theta = arccos(<x0, x1> / (|x0| |x1|)),  x = sin((1 - lam) theta)/sin(theta) x0 + sin(lam theta)/sin(theta) x1.
+    Computed on the latents' device in float64 (float32 on MPS, which has no float64).
+    """
+    f = wide(x0.device)
+    a, b = x0.flatten(1).to(f), x1.flatten(1).to(f)
+    cos = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).clamp(-1, 1)
+    theta = torch.acos(cos)[:, None]                               # (B, 1)
+    sin = torch.sin(theta).clamp(min=1e-12)                        # parallel latents: fall back to a lerp below
+    w0 = torch.where(theta > 1e-6, torch.sin((1 - lam) * theta) / sin, torch.full_like(theta, 1 - lam))
+    w1 = torch.where(theta > 1e-6, torch.sin(lam * theta) / sin, torch.full_like(theta, lam))
+    return (w0 * a + w1 * b).to(x0.dtype).reshape(x0.shape)
+
+
 # -----------------------------------------------------------------------------
 # Controllable generation (Sec. 5, App. I): inpainting, colourisation, class-conditional sampling
 
-def check_mask(x, mask):
-    """The mask must have the data's shape (B, ...) or one sample's shape (...); 1 = known, 0 = to fill in."""
-    if tuple(mask.shape) not in (tuple(x.shape), tuple(x.shape[1:])):
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match data of shape {tuple(x.shape)} "
-                         f"(give one sample's shape {tuple(x.shape[1:])} or the batch's)")
-    return mask.to(x.dtype).expand_as(x)
+def impose_known(sde, known, mask, generator=None, couple=None, decouple=None):
+    """App. I.2 / I.3 of Song et al. (2021): pc_sample's known(x, x_mean, t) hook: the known part imposed.
 
-
-def pc_known(score_fn, sde, known, mask, couple=None, decouple=None, predictor="reverse_diffusion",
-             corrector="langevin", snr=0.16, n_corrector_steps=1, eps=None, n_steps=None, generator=None):
-    """App. I.2 / I.3 of Song et al. (2021): PC sampling of the unknown part with the known part imposed.
-
-    Works in coordinates u = decouple(x) (identity for inpainting; the orthogonal colour transform for
-    colourisation). After every corrector and predictor update at time t -> t', the known coordinates are
-    replaced by a fresh forward-noised copy of the data, u_known(t') ~ p_0t'(. | known) (App. B), while the
-    unknown ones keep what the sampler produced; x_mean gets the noise-free mean m_t' known. The official code
-    (controllable_generation.py) re-noises the known part to the level t the predictor started from; we noise
-    it to the level t' it arrives at, so the state is consistent with p_t' (identical in the limit N -> inf).
-    Two more differences from the official pc_inpainter / pc_colorizer, both ours on purpose: they start from
-    the known part clean (data * mask + prior * (1 - mask), noised only after the first update) where we start
-    it noised to t = 1 like the rest; and their eps defaults to 1e-5 for every SDE, where eps=None here takes
-    the SDE's sampling eps (1e-3 VP / sub-VP, 1e-5 VE), as pc_sample does. (Their x_mean also mixes in the
-    noisy x; ours keeps the update's x_mean.)
+    In coordinates u = decouple(x) (identity for inpainting, the colour transform for colourisation) the known ones
+    (mask = 1) are replaced at time t by a fresh forward-noised copy u_known(t) ~ p_0t(. | known) (perturb), in x_mean
+    by its mean. Ours on purpose, against the official pc_inpainter / pc_colorizer: they noise the known part to the
+    level the predictor started from, we to the level it arrives at (the same as N -> inf); they start it clean, we
+    noised to t = 1; their eps is 1e-5 for every SDE, ours the SDE's; their x_mean mixes in the noisy x.
     """
     couple = couple or (lambda u: u)
     decouple = decouple or (lambda u: u)
-    eps = sde.sample_eps if eps is None else eps
-    N = n_steps or sde.N
-    sde.check_chain(N, eps)
     u_known = decouple(known)
 
     def impose(x, x_mean, t):
-        mean, std = sde.marginal_prob(u_known, full(x, t))             # p_0t(u(t) | u_known)
-        std = std * (t > 0)                                            # t = 0 is the data itself (VE: sigma_0 = 0)
-        noisy = mean + bc(std, x) * randn(x, generator)
-        x = couple(decouple(x) * (1 - mask) + noisy * mask)
-        x_mean = couple(decouple(x_mean) * (1 - mask) + mean * mask)
-        return x, x_mean
-
-    prior = sde.prior_sampling(known.shape, generator, known.dtype, known.device)
-    x, x_mean = impose(prior, prior, 1.0)                              # start: prior noise, known part noised to t=1
-    with torch.no_grad():
-        for t, t_next in time_grid(N, eps):
-            if corrector != "none":
-                x, x_mean = CORRECTORS[corrector](score_fn, sde, x, t, t - t_next, snr, n_corrector_steps, generator)
-                x, x_mean = impose(x, x_mean, t)
-            if predictor != "none":
-                x, x_mean = PREDICTORS[predictor](score_fn, sde, x, t, t_next, generator)
-                x, x_mean = impose(x, x_mean, t_next)
-    return x_mean
+        noisy, mean, _ = perturb(sde, u_known, time_vector(x, t), randn(x, generator))
+        return (couple(decouple(x) * (1 - mask) + noisy * mask),
+                couple(decouple(x_mean) * (1 - mask) + mean * mask))
+    return impose
 
 
-def inpaint(score_fn, sde, x, mask, predictor="reverse_diffusion", corrector="langevin", snr=0.16,
-            n_corrector_steps=1, eps=None, n_steps=None, generator=None):
-    """App. I.2 of Song et al. (2021): inpainting. mask = 1 where x is known; returns the completed x
-    (known entries equal to x, up to the last step's m_eps factor: exactly x(eps)'s mean)."""
-    mask = check_mask(x, mask)
-    return pc_known(score_fn, sde, x, mask, predictor=predictor, corrector=corrector, snr=snr,
-                    n_corrector_steps=n_corrector_steps, eps=eps, n_steps=n_steps, generator=generator)
+def inpaint(score_fn, sde, x, mask, generator=None, **pc_kwargs):
+    """App. I.2 of Song et al. (2021): inpainting. mask = 1 where x is known, of the data's shape (B, ...) or one
+    sample's; returns the completed x (known entries equal to x, up to the last step's m_eps factor)."""
+    if tuple(mask.shape) not in (tuple(x.shape), tuple(x.shape[1:])):
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match data of shape {tuple(x.shape)} "
+                         f"(give one sample's shape {tuple(x.shape[1:])} or the batch's)")
+    known = impose_known(sde, x, mask.to(x.dtype).expand_as(x), generator)
+    return pc_sample(score_fn, sde, x.shape, generator=generator, dtype=x.dtype, device=x.device, known=known,
+                     **pc_kwargs)
 
 
 # App. I.3: the orthogonal colour transform of the official code (first column = (1, 1, 1) / sqrt(3), so the
@@ -836,8 +787,7 @@ def couple(u):
     return torch.einsum("bjhw,ji->bihw", u, torch.linalg.inv(COLOR_M).to(u.dtype).to(u.device))
 
 
-def colorize(score_fn, sde, x_grey, predictor="reverse_diffusion", corrector="langevin", snr=0.16,
-             n_corrector_steps=1, eps=None, n_steps=None, generator=None):
+def colorize(score_fn, sde, x_grey, generator=None, **pc_kwargs):
     """App. I.3 of Song et al. (2021): colourisation. x_grey (B, 3, H, W): an RGB image whose channel mean is the
     grey value (a colour image is reduced to it first). In the decoupled coordinates of COLOR_M the grey channel
     is known and the two colour channels are inpainted; returns RGB images with the same grey channel."""
@@ -847,8 +797,9 @@ def colorize(score_fn, sde, x_grey, predictor="reverse_diffusion", corrector="la
     grey = x_grey.mean(1, keepdim=True).expand_as(x_grey)
     mask = torch.zeros_like(grey)
     mask[:, 0] = 1                                                     # decoupled channel 0 (grey) is known
-    return pc_known(score_fn, sde, grey, mask, couple, decouple, predictor, corrector, snr, n_corrector_steps,
-                    eps, n_steps, generator)
+    known = impose_known(sde, grey, mask, generator, couple, decouple)
+    return pc_sample(score_fn, sde, grey.shape, generator=generator, dtype=grey.dtype, device=grey.device,
+                     known=known, **pc_kwargs)
 
 
 def guided_score(score_fn, log_prob_fn, y, scale=1.0):
@@ -871,11 +822,9 @@ def class_sample(score_fn, log_prob_fn, sde, shape, y, scale=1.0, **pc_kwargs):
 
 
 class TimeClassifier(torch.nn.Module):
-    """App. I.1: a time-dependent classifier p_t(y | x(t)) for noisy images, built from common.py's U-Net pieces:
-    the downsampling half of a small U-Net (ResBlocks with the sinusoidal time embedding, average-pool
-    downsampling), then global average pooling and a linear layer to K logits. The paper uses a Wide-ResNet
-    conditioned on the noise level; this is a CPU-sized stand-in. Called as net(x, t_in) with the score net's
-    time input (999 t; VE: the sigma-derived input), so it shares make_score_fn's convention."""
+    """App. I.1: a time-dependent classifier p_t(y | x(t)), net(x, time_input(sde, t)) -> (B, K) logits: the
+    downsampling half of a small U-Net from common.py's pieces, pooled, then linear (a CPU-sized stand-in for the
+    paper's Wide-ResNet conditioned on the noise level)."""
 
     def __init__(self, in_ch, n_classes, ch=32, emb_dim=128):
         super().__init__()
@@ -893,26 +842,14 @@ class TimeClassifier(torch.nn.Module):
         return self.out(self.head(h).mean((2, 3)))                                        # (B, K) logits
 
 
-def net_time(sde, t):
-    """The networks' time input for continuous t (B,): 999 t (VP, sub-VP), the sigma-derived input (VE)."""
-    if isinstance(sde, VESDE):
-        return ve_noise_input(sde, sde.marginal_prob(torch.ones_like(t), t)[1])
-    return 999 * t
-
-
 def make_log_prob_fn(classifier, sde):
     """log p_t(. | x) (B, K) from the time-dependent classifier, for guided_score."""
-    return lambda x, t: torch.log_softmax(classifier(x.float(), net_time(sde, t).float()), 1).to(x.dtype)
+    return lambda x, t: torch.log_softmax(classifier(x.float(), time_input(sde, t)), 1).to(x.dtype)
 
 
-def classifier_loss(classifier, sde, x, y, eps=1e-5, t=None, z=None):
-    """App. I.1: cross-entropy of the classifier on x(t) ~ p_0t(x(t) | x(0)), t ~ U[eps, 1] (noisy training data).
-    t and z (the noise) may be given, as in loss; else drawn from the global RNG."""
-    t = sample_t(len(x), eps, "iid", x.device) if t is None else t
-    z = torch.randn_like(x) if z is None else z
-    mean, std = sde.marginal_prob(x, t)
-    x_t = (mean + bc(std, x) * z).float()
-    return torch.nn.functional.cross_entropy(classifier(x_t, net_time(sde, t).float()), y)
+def classifier_loss(classifier, sde, x, y, t, z):
+    """App. I.1: cross-entropy of the classifier on x(t) = perturb(x(0), t, z), t ~ U[eps, 1] (noisy training data)."""
+    return torch.nn.functional.cross_entropy(classifier(perturb(sde, x, t, z)[0].float(), time_input(sde, t)), y)
 
 
 # ==== Running it (not in the paper; identical in all four scripts) ====================================
@@ -1269,262 +1206,202 @@ def one_line_errors():
 # -----------------------------------------------------------------------------
 # Training loop
 
-def make_model(cfg, data_shape):
-    """common.MLP for 2-D toys, else common.UNet with the preset; data_shape = one sample's shape."""
-    if cfg.dataset in TOYS:
-        return MLP(dim=data_shape[0])
-    return UNet(in_ch=data_shape[0], image_size=data_shape[-1], **PRESETS[cfg.model])
+# A checkpoint's "config": what defines the model and the SDE (must match on --resume), one sample's shape, and the
+# training recipe; not the sampler, paths, device or precision of the run (a reader ignores any key it does not use).
+MUST_MATCH = ("dataset", "image_size", "model", "sde", "beta_min", "beta_max", "sigma_min", "sigma_max")
+RECIPE = ("likelihood_weighting", "train_eps", "t_sampling", "steps", "classifier_steps", "batch_size", "lr", "warmup",
+          "grad_clip", "ema_decay", "seed")
 
 
-def save_samples(x, path, cfg, data=None):
+def make_model(config):
+    """The score network of a checkpoint config (a dict with "dataset", "model", "data_shape"), on the CPU:
+    common.MLP for 2-D toys, else common.UNet with the preset."""
+    shape = config["data_shape"]
+    if config["dataset"] in TOYS:
+        return MLP(dim=shape[0])
+    return UNet(in_ch=shape[0], image_size=shape[-1], **PRESETS[config["model"]])
+
+
+def save_samples(x, path, dataset, data=None):
     """A grid PNG of images, or a scatter PNG over the data for 2-D toys."""
-    if cfg.dataset in TOYS:
+    if dataset in TOYS:
         save_scatter(x, path, data)
     else:
         save_grid(x, path)
 
 
-MUST_MATCH = ("dataset", "image_size", "model", "sde", "beta_min", "beta_max", "sigma_min", "sigma_max")
-
-
 def finite_or_die(what, loss_sum, net, first, last, path):
-    """The finiteness check of the training loops, at log / checkpoint / sample steps only (one host sync for
+    """The finiteness check of the training loop, at log / checkpoint / sample steps only (one host sync for
     the window of steps first..last): the loss accumulated on the device and the weights must be finite, else
     DataError naming the window, so that a NaN never reaches a checkpoint."""
     norms = torch.stack(torch._foreach_norm([p.detach() for p in net.parameters()]))
     ok = torch.stack([torch.isfinite(loss_sum), torch.isfinite(norms).all()]).tolist()
     steps = f"at step {first}" if first == last else f"in steps {first}-{last}"
-    if not ok[0]:
-        raise DataError(f"non-finite {what}loss {steps}; last good checkpoint kept in {path}")
-    if not ok[1]:
-        raise DataError(f"non-finite {what}weights {steps}; last good checkpoint kept in {path}")
+    if not all(ok):
+        bad = "weights" if ok[0] else "loss"
+        raise DataError(f"non-finite {what}{bad} {steps}; last good checkpoint kept in {path}")
 
 
-def train(cfg, resume=False):
-    """Training by Eq. 7 (Adam, warm-up, clipping, EMA: App. H). Under torchrun each rank computes the loss on its
-    slice of the global batch (see setup_distributed); rank 0 alone prints and writes."""
+def start(cfg, labels=False):
+    """Both training modes' start: (cfg, run = (rank, world, device, log, data_gen), autocast, data, config, sde). The
+    data generator, alike on every rank, draws the global batch's randomness (indices, flips, t, noise); each rank
+    keeps its slice. config: the checkpoint's; VE with sigma_max 0: NCSNv2 Technique 1 on the data."""
     rank, world, device = setup_distributed(pick_device(cfg.device))
-    B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank
-    # The data generator, alike on every rank, draws all of the global batch's randomness (indices, flips, t, noise).
     data_gen = make_generator(cfg.seed, device)
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
+    if labels and (data.y is None or data.x.dim() != 4):
+        raise DataError(f"--train-classifier needs labelled image data; {cfg.dataset} has none")
     if cfg.sde == "ve" and cfg.sigma_max == 0:
-        cfg = dataclasses.replace(cfg, sigma_max=sigma_max_technique1(data.x))  # NCSNv2 Technique 1
+        cfg = dataclasses.replace(cfg, sigma_max=sigma_max_technique1(data.x))
         log(f"sigma_max = {cfg.sigma_max:.3f} (largest pairwise distance in the training data)")
-    data_shape = list(data.x.shape[1:])
-    sde = make_sde(cfg.sde, cfg.beta_min, cfg.beta_max, cfg.sigma_min, cfg.sigma_max, cfg.n_steps)
-    model = make_model(cfg, data_shape).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)  # EMA of parameters only (the nets have no buffers)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    torch.manual_seed(cfg.seed + rank)  # from here the global RNGs draw dropout only, one stream per rank
-    score_fn = make_score_fn(network(model, autocast, cfg.compile), sde)
-    ema_score_fn = make_score_fn(network(ema, autocast, cfg.compile), sde)   # for the sample grids
-    os.makedirs(cfg.out, exist_ok=True)
-    path, step = os.path.join(cfg.out, "ckpt.pt"), 0
+    config = {**{k: getattr(cfg, k) for k in MUST_MATCH + RECIPE}, "data_shape": list(data.x.shape[1:]),
+              **({"n_classes": int(data.y.max()) + 1} if labels else {})}
+    return cfg, (rank, world, device, log, data_gen), autocast, data, config, make_sde(config, cfg.n_steps)
+
+
+def fit(cfg, what, net, ema, opt, batch_loss, total, path, head, resume, run, lr, warmup=1, clip=None, grid=None):
+    """The training loop of train (Eq. 7) and train_classifier (App. I.1): Adam, linear warm-up (App. H), gradients
+    averaged over the ranks, optional clipping, EMA; batch_loss(step): this rank's loss on its slice. Checkpoints
+    (head + state) every --ckpt-every steps, at the end and on Ctrl-C / SIGTERM (exit 130), resumed exactly;
+    grid(step) on rank 0 every --sample-every steps."""
+    rank, world, device, log, data_gen = run
+    prefix, label = ("", "loss") if what == "score" else (what + " ", "cross-entropy")
+    step = 0
     if resume:  # every rank reads the same checkpoint
         ckpt = load_checkpoint(path)
-        old = ckpt["config"]
-        if cfg.sde == "ve" and old.get("sde") == "ve":
-            cfg = dataclasses.replace(cfg, sigma_max=old["sigma_max"])  # Technique 1 was run once, at the start
-        for k in MUST_MATCH + ("data_shape",):
-            mine = data_shape if k == "data_shape" else getattr(cfg, k)
-            if old.get(k) != mine:
-                raise DataError(f"{path}: checkpoint has {k}={old.get(k)!r}, this run has {mine!r}; "
-                                f"use another --out or the same settings")
+        if ckpt.get("kind") != head.get("kind"):
+            raise DataError(f"{path}: not a {what} checkpoint: cannot resume")
+        for k in MUST_MATCH + ("data_shape", "n_classes"):
+            if ckpt["config"].get(k) != head["config"].get(k):
+                raise DataError(f"{path}: checkpoint has {k}={ckpt['config'].get(k)!r}, this run has "
+                                f"{head['config'].get(k)!r}; use another --out or the same settings")
         if not isinstance(ckpt.get("rng"), dict) or "data" not in ckpt["rng"]:
-            raise DataError(f"{path}: written before the data generator (issue 16): it samples, but cannot resume")
-        model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+            raise DataError(f"{path}: written before checkpoints carried the data generator: it samples, but cannot "
+                            f"resume")
+        net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         restore_rng(ckpt["rng"], data_gen, rank)  # the data generator, and this rank's CPU and CUDA/MPS streams
         log(f"resumed from {path} at step {step}")
-    fixed = make_generator(cfg.seed + 1, device)  # fixed noise for the progress grids
-    grid_shape = (min(cfg.n_samples, 64) if cfg.dataset not in TOYS else 2000, *data_shape)
-    x_data = data.x.to(device)
-
-    def checkpoint():
-        rng = rng_checkpoint(data_gen, world)  # a collective: every rank takes part, rank 0 writes
-        if rank == 0:
-            save_checkpoint(path, {"script": SCRIPT, "config": {**dataclasses.asdict(cfg), "data_shape": data_shape},
-                                   "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                                   "optimizer": opt.state_dict(), "rng": rng})
-
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     stop, t0, step0, stopping = StopFlag(), time.time(), step, False
     # No host sync per step: the loss is summed on the device and read, with the finiteness check, only at
     # log / checkpoint / sample steps (finite_or_die names the window since the last check). The check reads the
     # mean over the ranks (and the weights, alike on every rank), so every rank takes the same decision.
     loss_sum, n_sum, checked = torch.zeros((), device=device), 0, step
-    model.train()
+    net.train()
     try:
-        while step < cfg.steps and not stopping:
-            # The global batch's randomness from data_gen, in this order on every rank: i.i.d. example indices
-            # (exact resume), flips, t, noise; this rank keeps its slice of each.
-            idx = torch.randint(len(x_data), (B,), device=device, generator=data_gen)
-            if data.flip:
-                flip = torch.rand(B, 1, 1, 1, device=device, generator=data_gen) < 0.5
-            t = sample_t(B, cfg.train_eps, cfg.t_sampling, device, data_gen)  # (B,)
-            z = torch.randn((B, *data_shape), device=device, generator=data_gen)  # (B, ...)
-            x0 = x_data[idx[part]]
-            if data.flip:
-                x0 = torch.where(flip[part], x0.flip(-1), x0)
-            L = loss(score_fn, sde, x0, cfg.likelihood_weighting, cfg.train_eps, t=t[part], z=z[part])
+        while step < total and not stopping:
+            L = batch_loss(step)
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)  # linear warm-up (App. H)
+                g["lr"] = lr * min(1.0, (step + 1) / warmup)  # linear warm-up (App. H)
             opt.zero_grad(set_to_none=True)
             L.backward()
-            average_gradients(model, world)  # the gradient of the global batch's mean loss, on every rank
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            average_gradients(net, world)  # the gradient of the global batch's mean loss, on every rank
+            if clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
             opt.step()
-            ema_update(ema, model, cfg.ema_decay)
+            ema_update(ema, net, cfg.ema_decay)
             loss_sum, n_sum, step = loss_sum + L.detach(), n_sum + 1, step + 1
             stopping = any_rank(stop.set, world, device)  # Ctrl-C / SIGTERM on any rank stops all at this step
-            is_log = step % cfg.log_every == 0 or step == cfg.steps
-            save = step % cfg.ckpt_every == 0 or step == cfg.steps or stopping
-            grid = step % cfg.sample_every == 0 or step == cfg.steps
-            if is_log or save or grid:
+            is_log = step % cfg.log_every == 0 or step == total
+            save = step % cfg.ckpt_every == 0 or step == total or stopping
+            is_grid = grid is not None and (step % cfg.sample_every == 0 or step == total)
+            if is_log or save or is_grid:
                 loss_sum = mean_over_ranks(loss_sum, world)  # the global batch's loss, alike on every rank
-                finite_or_die("", loss_sum, model, checked + 1, step, path)
+                finite_or_die(prefix, loss_sum, net, checked + 1, step, path)
                 checked = step
             if is_log:
                 rate = (step - step0) / (time.time() - t0)
-                log(f"step {step}/{cfg.steps}  loss {float(loss_sum) / n_sum:.4f}  {rate:.2f} it/s  "
-                    f"ETA {(cfg.steps - step) / rate / 60:.1f} min", flush=True)
+                log(f"{prefix}step {step}/{total}  {label} {float(loss_sum) / n_sum:.4f}  {rate:.2f} it/s  "
+                    f"ETA {(total - step) / rate / 60:.1f} min", flush=True)
                 loss_sum, n_sum = torch.zeros((), device=device), 0
             if save:
-                checkpoint()
-            if grid and rank == 0:
-                ema.eval()
-                x, _ = sample(ema_score_fn, sde, cfg, grid_shape, fixed.manual_seed(cfg.seed + 1), device)
-                save_samples(x, os.path.join(cfg.out, f"train_{step:06d}.png"), cfg, data.x)
+                rng = rng_checkpoint(data_gen, world)  # a collective: every rank takes part, rank 0 writes
+                if rank == 0:
+                    save_checkpoint(path, {**head, "step": step, "model": net.state_dict(), "ema": ema.state_dict(),
+                                           "optimizer": opt.state_dict(), "rng": rng})
+            if is_grid and rank == 0:
+                grid(step)
         if stopping:
             if rank == 0:  # one write: the lines of several processes never interleave
-                sys.stderr.write(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume\n")
+                sys.stderr.write(f"stopped at step {step}; {what} checkpoint saved to {path}; continue with --resume\n")
             sys.exit(130)
         log(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; checkpoint {path}")
     finally:
         signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
 
 
-def run_sample(cfg):
-    """--sample: rebuild the network and SDE from the checkpoint's config (its --sde, --dataset, ... win over
-    the command line's), sample with the EMA weights using this command line's sampler flags.
+def train(cfg, resume=False):
+    """Training by Eq. 7 (Adam, warm-up, clipping, EMA: App. H). Under torchrun each rank computes the loss on its
+    slice of the global batch (see setup_distributed); rank 0 alone prints and writes."""
+    cfg, run, autocast, data, config, sde = start(cfg)
+    rank, world, device, _, data_gen = run
+    B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
+    model = make_model(config).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)  # EMA of parameters only (the nets have no buffers)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    torch.manual_seed(cfg.seed + rank)  # from here the global RNGs draw dropout only, one stream per rank
+    score_fn = make_score_fn(network(model, autocast, cfg.compile), sde)
+    ema_score_fn = make_score_fn(network(ema, autocast, cfg.compile), sde)   # for the sample grids
+    fixed = make_generator(cfg.seed + 1, device)  # fixed noise for the progress grids
+    grid_shape = (min(cfg.n_samples, 64) if cfg.dataset not in TOYS else 2000, *config["data_shape"])
+    x_data = data.x.to(device)
 
-    Chunks of --batch-size samples, chunk k on rank k % world (torchrun), each from its own generator derived from
-    --seed and its first sample's index: the samples depend on --seed and --batch-size only, not on the ranks
-    (the Langevin corrector's step and RK45's step sizes are shared by a chunk, so the chunk size matters)."""
-    saved, data_shape, score_fn, sde, device, rank, world = load_score_model(cfg)
-    t0, chunks, nfes = time.time(), [], []
-    for start, n in my_chunks(cfg.n_samples, cfg.batch_size, rank, world):
-        x, nfe = sample(score_fn, sde, cfg, (n, *data_shape), chunk_generator(cfg.seed, start, device), device)
-        chunks.append((start, x.cpu()))
-        nfes.append(nfe)
-    x = gather_chunks(chunks, world)  # (n_samples, ...) in sample order, on every rank
-    nfe = max(sum(gather_objects(nfes, world), []))
-    if not torch.isfinite(x).all():  # the same gathered x, so the same decision, on every rank
-        raise DataError(f"sampling produced non-finite values (try smaller --snr or more --n-steps)")
-    if rank > 0:
-        return
+    def batch_loss(step):
+        # The global batch's randomness from data_gen, in this order on every rank: i.i.d. example indices
+        # (exact resume), flips, t, noise; this rank keeps its slice of each.
+        idx = torch.randint(len(x_data), (B,), device=device, generator=data_gen)
+        if data.flip:
+            flip = torch.rand(B, 1, 1, 1, device=device, generator=data_gen) < 0.5
+        t = sample_t(B, cfg.train_eps, cfg.t_sampling, device, data_gen)  # (B,)
+        z = torch.randn((B, *x_data.shape[1:]), device=device, generator=data_gen)  # (B, ...)
+        x0 = x_data[idx[part]]
+        if data.flip:
+            x0 = torch.where(flip[part], x0.flip(-1), x0)
+        return loss(score_fn, sde, x0, cfg.likelihood_weighting, cfg.train_eps, t=t[part], z=z[part])
+
+    def grid(step):
+        ema.eval()
+        x, _ = sample(ema_score_fn, sde, cfg, grid_shape, fixed.manual_seed(cfg.seed + 1), device)
+        save_samples(x, os.path.join(cfg.out, f"train_{step:06d}.png"), cfg.dataset, data.x)
+
     os.makedirs(cfg.out, exist_ok=True)
-    png = os.path.join(cfg.out, "samples.png")
-    save_samples(x, png, saved, load_data(saved.dataset, train=False).x if saved.dataset in TOYS else None)
-    if saved.dataset in TOYS:  # 2-D points are not images: keep them as float32 (N, 2)
-        np.savez(os.path.join(cfg.out, "samples.npz"), arr_0=x.float().numpy())
-    else:
-        save_npz(x, os.path.join(cfg.out, "samples.npz"))
-    chunked = f" per chunk of {cfg.batch_size}" if cfg.n_samples > cfg.batch_size else ""
-    print(f"{cfg.n_samples} samples ({saved.sde} SDE, {cfg.sampler} sampler, {nfe} score evaluations{chunked}, "
-          f"{time.time() - t0:.1f} s" + (f", {world} processes" if world > 1 else "")
-          + f") -> {png}, {os.path.join(cfg.out, 'samples.npz')}")
+    fit(cfg, "score", model, ema, opt, batch_loss, cfg.steps, os.path.join(cfg.out, "ckpt.pt"),
+        {"script": SCRIPT, "config": config}, resume, run, cfg.lr, cfg.warmup, cfg.grad_clip, grid)
 
 
 def train_classifier(cfg, resume=False):
     """--train-classifier: fit TimeClassifier on noisy labelled training data (App. I.1) for the SDE of the
     score checkpoint (--ckpt, so the two share the schedule), or of --sde when there is none; writes
-    <out>/classifier.pt (EMA weights used for guidance) every --ckpt-every steps, at the end, and on Ctrl-C /
-    SIGTERM; --resume continues it. Under torchrun the global batch is split as in train."""
-    rank, world, device = setup_distributed(pick_device(cfg.device))
-    B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
-    log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
-    autocast = setup_precision(device, cfg.precision, cfg.deterministic)
-    torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank
-    data_gen = make_generator(cfg.seed, device)  # alike on every rank: the global batch's indices, t, noise
+    <out>/classifier.pt (EMA weights used for guidance) as train writes ckpt.pt; --resume continues it. Adam at 5x
+    the score net's --lr (a classifier tolerates it), no warm-up, no clipping."""
     spath = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
     if os.path.isfile(spath):                       # the score model's SDE, sigma_max and dataset win
         old = load_checkpoint(spath)["config"]
         cfg = dataclasses.replace(cfg, **{k: old[k] for k in MUST_MATCH if k in old})
-    data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
-    if data.y is None or data.x.dim() != 4:
-        raise DataError(f"--train-classifier needs labelled image data; {cfg.dataset} has none")
-    if cfg.sde == "ve" and cfg.sigma_max == 0:
-        cfg = dataclasses.replace(cfg, sigma_max=sigma_max_technique1(data.x))
-    sde = make_sde(cfg.sde, cfg.beta_min, cfg.beta_max, cfg.sigma_min, cfg.sigma_max, cfg.n_steps)
-    K = int(data.y.max()) + 1
-    net = TimeClassifier(data.x.shape[1], K).to(device)
+    cfg, run, autocast, data, config, sde = start(cfg, labels=True)
+    rank, world, device, _, data_gen = run
+    B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)
+    net = TimeClassifier(data.x.shape[1], config["n_classes"]).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr * 5)   # a classifier tolerates a larger step than the score net
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr * 5)
     torch.manual_seed(cfg.seed + rank)  # from here the global RNGs are per rank (the classifier has no dropout)
     net_fn, ema_fn = network(net, autocast, cfg.compile), network(ema, autocast, cfg.compile)
-    path, step = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt"), 0
-    config = {**dataclasses.asdict(cfg), "data_shape": list(data.x.shape[1:]), "n_classes": K}
-    if resume:  # every rank reads the same checkpoint
-        ckpt = load_checkpoint(path)
-        if ckpt.get("kind") != "classifier" or not isinstance(ckpt.get("rng"), dict) or "data" not in ckpt["rng"]:
-            raise DataError(f"{path}: not a classifier checkpoint written with its data generator: cannot resume")
-        for k in MUST_MATCH + ("data_shape", "n_classes"):
-            if ckpt["config"].get(k) != config[k]:
-                raise DataError(f"{path}: classifier has {k}={ckpt['config'].get(k)!r}, this run {config[k]!r}")
-        net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        restore_rng(ckpt["rng"], data_gen, rank)
-        log(f"resumed from {path} at step {step}")
     x_data, y_data = data.x.to(device), data.y.to(device)
 
-    def checkpoint():
-        rng = rng_checkpoint(data_gen, world)  # a collective: every rank takes part, rank 0 writes
-        if rank == 0:
-            save_checkpoint(path, {"script": SCRIPT, "kind": "classifier", "config": config, "step": step,
-                                   "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                                   "rng": rng})
+    def batch_loss(step):
+        # The global batch's indices, t and noise from data_gen on every rank; this rank keeps its slice.
+        idx = torch.randint(len(x_data), (B,), device=device, generator=data_gen)
+        t = sample_t(B, cfg.train_eps, "iid", device, data_gen)
+        z = torch.randn((B, *x_data.shape[1:]), device=device, generator=data_gen)
+        return classifier_loss(net_fn, sde, x_data[idx[part]], y_data[idx[part]], t[part], z[part])
 
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    stop, stopping, step0 = StopFlag(), False, step
-    t0, loss_sum, n_sum, checked = time.time(), torch.zeros((), device=device), 0, step
-    try:
-        while step < cfg.classifier_steps and not stopping:
-            # The global batch's indices, t and noise from data_gen on every rank; this rank keeps its slice.
-            idx = torch.randint(len(x_data), (B,), device=device, generator=data_gen)
-            t = sample_t(B, cfg.train_eps, "iid", device, data_gen)
-            z = torch.randn((B, *x_data.shape[1:]), device=device, generator=data_gen)
-            L = classifier_loss(net_fn, sde, x_data[idx[part]], y_data[idx[part]], cfg.train_eps, t=t[part],
-                                z=z[part])
-            opt.zero_grad(set_to_none=True)
-            L.backward()
-            average_gradients(net, world)  # the gradient of the global batch's mean cross-entropy, on every rank
-            opt.step()
-            ema_update(ema, net, cfg.ema_decay)
-            loss_sum, n_sum, step = loss_sum + L.detach(), n_sum + 1, step + 1  # read at log steps only
-            stopping = any_rank(stop.set, world, device)  # Ctrl-C / SIGTERM on any rank stops all at this step
-            is_log = step % cfg.log_every == 0 or step == cfg.classifier_steps
-            save = step % cfg.ckpt_every == 0 or step == cfg.classifier_steps or stopping
-            if is_log or save:
-                loss_sum = mean_over_ranks(loss_sum, world)  # alike on every rank: the same decision everywhere
-                finite_or_die("classifier ", loss_sum, net, checked + 1, step, path)
-                checked = step
-            if is_log:
-                log(f"classifier step {step}/{cfg.classifier_steps}  cross-entropy {float(loss_sum) / n_sum:.4f}  "
-                    f"{(step - step0) / (time.time() - t0):.2f} it/s", flush=True)
-                loss_sum, n_sum = torch.zeros((), device=device), 0
-            if save:
-                checkpoint()
-        if stopping:
-            if rank == 0:  # one write: the lines of several processes never interleave
-                sys.stderr.write(f"stopped at step {step}; classifier saved to {path}; continue with --resume\n")
-            sys.exit(130)
-    finally:
-        signal.signal(signal.SIGINT, handlers[0]), signal.signal(signal.SIGTERM, handlers[1])
+    path = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt")
+    fit(cfg, "classifier", net, ema, opt, batch_loss, cfg.classifier_steps, path,
+        {"script": SCRIPT, "kind": "classifier", "config": config}, resume, run, cfg.lr * 5)
     if rank > 0:
         return
     # Held-out accuracy at three noise levels, so a person can see what the guidance has to work with.
@@ -1533,17 +1410,17 @@ def train_classifier(cfg, resume=False):
     with torch.no_grad():
         for t in (0.1, 0.5, 0.9):
             tt = torch.full((len(tx),), t, device=device)
-            mean, std = sde.marginal_prob(tx, tt)
-            xt = (mean + bc(std, tx) * torch.randn_like(tx)).float()
-            acc = float((ema_fn(xt, net_time(sde, tt).float()).argmax(1) == ty).float().mean())
-            print(f"held-out accuracy at t = {t}: {acc:.3f}")
+            acc = (ema_fn(perturb(sde, tx, tt, torch.randn_like(tx))[0].float(), time_input(sde, tt)).argmax(1) == ty)
+            print(f"held-out accuracy at t = {t}: {float(acc.float().mean()):.3f}")
     print(f"classifier -> {path}")
 
 
+# -----------------------------------------------------------------------------
+# CLI modes: the steps they share (model from --ckpt, held-out data, chunks over the ranks, PNGs), then one each
+
 def load_score_model(cfg):
-    """The EMA score network and SDE of --ckpt (default <out>/ckpt.pt), on --device with this command line's
-    --precision / --compile: (saved config, data_shape, score_fn, sde, device, rank, world); under torchrun
-    every rank loads it (rank and world from setup_distributed)."""
+    """(config, score_fn, sde, device, rank, world) of --ckpt's EMA network (default <out>/ckpt.pt), with this command
+    line's --device / --precision / --compile / --n-steps; under torchrun on every rank."""
     rank, world, device = setup_distributed(pick_device(cfg.device))
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     path = cfg.ckpt or os.path.join(cfg.out, "ckpt.pt")
@@ -1551,88 +1428,109 @@ def load_score_model(cfg):
     try:
         if ckpt.get("kind") == "classifier":
             raise KeyError("kind")
-        saved = Config(**{k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__})
-        data_shape = ckpt["config"]["data_shape"]
-        model = make_model(saved, data_shape)
+        saved = ckpt["config"]
+        model, sde = make_model(saved), make_sde(saved, cfg.n_steps)
         model.load_state_dict(ckpt["ema"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise DataError(f"{path}: checkpoint does not match this script's network ({type(e).__name__})") from None
-    model.to(device).eval()
-    sde = make_sde(saved.sde, saved.beta_min, saved.beta_max, saved.sigma_min, saved.sigma_max, cfg.n_steps)
-    return saved, data_shape, make_score_fn(network(model, autocast, cfg.compile), sde), sde, device, rank, world
+    return saved, make_score_fn(network(model.to(device).eval(), autocast, cfg.compile), sde), sde, device, rank, world
 
 
 def held_out(saved, cfg, what, device):
-    """The first --n-eval held-out images of the checkpoint's dataset on device, float64 (float32 on MPS);
-    image modes refuse 2-D toys."""
-    if saved.dataset in TOYS and what != "--eval-nll":
-        raise ValueError(f"{what} needs image data; the checkpoint was trained on the 2-D toy {saved.dataset}")
-    data = load_data(saved.dataset, train=False, image_size=saved.image_size or None)
-    return data, wide(data.x[:cfg.n_eval].to(device))
+    """(held-out data, its first --n-eval examples on device in its widest float) of the checkpoint's dataset;
+    the image modes (what) refuse 2-D toys."""
+    if saved["dataset"] in TOYS and what != "--eval-nll":
+        raise ValueError(f"{what} needs image data; the checkpoint was trained on the 2-D toy {saved['dataset']}")
+    data = load_data(saved["dataset"], train=False, image_size=saved["image_size"] or None)
+    return data, data.x[:cfg.n_eval].to(device).to(wide(device))
+
+
+def in_chunks(cfg, n, rank, world, device, make):
+    """make(start, count, generator) -> (tensor, nfe) for each chunk of --batch-size of n items that this rank makes
+    (chunk k on rank k % world, drawing from chunk_generator(--seed, start)), so that the result does not depend on
+    the number of processes; returns (the n items in order, on every rank, on the CPU; the largest nfe)."""
+    chunks, nfes = [], []
+    for start, m in my_chunks(n, cfg.batch_size, rank, world):
+        x, nfe = make(start, m, chunk_generator(cfg.seed, start, device))
+        chunks.append((start, x.cpu()))
+        nfes.append(nfe)
+    return gather_chunks(chunks, world), max(sum(gather_objects(nfes, world), []))
+
+
+def write_png(cfg, name, x, nrow=None):
+    """A grid of images x as <out>/name; returns the path."""
+    os.makedirs(cfg.out, exist_ok=True)
+    path = os.path.join(cfg.out, name)
+    save_grid(x.float(), path, nrow=nrow)
+    return path
+
+
+def run_sample(cfg):
+    """--sample: rebuild the network and SDE from the checkpoint's config (its --sde, --dataset, ... win over
+    the command line's), sample with the EMA weights using this command line's sampler flags. In chunks of
+    --batch-size (in_chunks): the samples depend on --seed and --batch-size only (the Langevin corrector's step and
+    RK45's step sizes are shared by a chunk, so the chunk size matters)."""
+    saved, score_fn, sde, device, rank, world = load_score_model(cfg)
+    t0, shape, toy = time.time(), saved["data_shape"], saved["dataset"] in TOYS
+    x, nfe = in_chunks(cfg, cfg.n_samples, rank, world, device,
+                       lambda start, n, gen: sample(score_fn, sde, cfg, (n, *shape), gen, device))
+    if not torch.isfinite(x).all():  # the same gathered x, so the same decision, on every rank
+        raise DataError("sampling produced non-finite values (try smaller --snr or more --n-steps)")
+    if rank > 0:
+        return
+    os.makedirs(cfg.out, exist_ok=True)
+    png, npz = os.path.join(cfg.out, "samples.png"), os.path.join(cfg.out, "samples.npz")
+    save_samples(x, png, saved["dataset"], load_data(saved["dataset"], train=False).x if toy else None)
+    if toy:  # 2-D points are not images: keep them as float32 (N, 2)
+        np.savez(npz, arr_0=x.float().numpy())
+    else:
+        save_npz(x, npz)
+    chunked = f" per chunk of {cfg.batch_size}" if cfg.n_samples > cfg.batch_size else ""
+    print(f"{cfg.n_samples} samples ({saved['sde']} SDE, {cfg.sampler} sampler, {nfe} score evaluations{chunked}, "
+          f"{time.time() - t0:.1f} s" + (f", {world} processes" if world > 1 else "") + f") -> {png}, {npz}")
 
 
 def run_eval_nll(cfg):
-    """--eval-nll: bits/dim (App. D.2) of --n-eval held-out points with --estimator, mean +- standard error.
-
-    Chunks of --batch-size points, chunk k on rank k % world (torchrun); each chunk's dequantisation noise and
-    Hutchinson probes come from chunk_generator(--seed, start), so the per-point values, gathered on rank 0, do
-    not depend on the number of processes."""
-    saved, _, score_fn, sde, device, rank, world = load_score_model(cfg)
+    """--eval-nll: bits/dim (App. D.2) of --n-eval held-out points with --estimator, mean +- standard error, in
+    chunks (in_chunks: the dequantisation noise and the probes do not depend on the number of processes)."""
+    saved, score_fn, sde, device, rank, world = load_score_model(cfg)
     data, x = held_out(saved, cfg, "--eval-nll", device)
-    t0, chunks, nfes = time.time(), [], []
-    for start, n in my_chunks(len(x), cfg.batch_size, rank, world):
-        bpd, nfe = likelihood(score_fn, sde, x[start:start + n], cfg.estimator, dequantize=data.levels is not None,
-                              levels=data.levels, rtol=cfg.rtol, atol=cfg.atol,
-                              generator=chunk_generator(cfg.seed, start, device))
-        chunks.append((start, bpd.cpu()))
-        nfes.append(nfe)
-    bpd = gather_chunks(chunks, world)  # (n_eval,) in held-out order, on every rank
-    nfe = max(sum(gather_objects(nfes, world), []))
-    se = float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
+    t0 = time.time()
+    bpd, nfe = in_chunks(cfg, len(x), rank, world, device, lambda start, n, gen: likelihood(
+        score_fn, sde, x[start:start + n], cfg.estimator, dequantize=data.levels is not None, levels=data.levels,
+        rtol=cfg.rtol, atol=cfg.atol, generator=gen))
     if rank > 0:
-        return float(bpd.mean()), se, nfe
+        return
+    se = float(bpd.std() / math.sqrt(len(bpd))) if len(bpd) > 1 else float("nan")
     unit = "bits/dim (dequantised, %d levels)" % data.levels if data.levels else "bits/dim (continuous)"
     chunked = f" per chunk of {cfg.batch_size}" if len(x) > cfg.batch_size else ""
-    print(f"{float(bpd.mean()):.4f} +- {se:.4f} {unit} on {len(x)} held-out points ({saved.sde} SDE, "
+    print(f"{float(bpd.mean()):.4f} +- {se:.4f} {unit} on {len(x)} held-out points ({saved['sde']} SDE, "
           f"{cfg.estimator} trace, NFE {nfe}{chunked}, {time.time() - t0:.1f} s"
           + (f", {world} processes" if world > 1 else "") + ")")
-    os.makedirs(cfg.out, exist_ok=True)
-    if saved.dataset not in TOYS:  # held-out images from most to least likely under the model
-        png = os.path.join(cfg.out, "nll_sorted.png")
-        save_grid(x[bpd.argsort().to(x.device)].float(), png)
+    if saved["dataset"] not in TOYS:  # held-out images from most to least likely under the model
+        png = write_png(cfg, "nll_sorted.png", x[bpd.argsort().to(x.device)])
         print(f"images sorted by bits/dim (lowest first) -> {png}")
-    return float(bpd.mean()), se, nfe
-
-
-def slerp(z0, z1, lam):
-    """Spherical interpolation of Gaussian codes (keeps the norm typical of N(0, I))."""
-    a, b = z0.flatten(), z1.flatten()
-    omega = torch.arccos((a @ b / (a.norm() * b.norm())).clamp(-1, 1))
-    return (torch.sin((1 - lam) * omega) * z0 + torch.sin(lam * omega) * z1) / torch.sin(omega)
 
 
 def run_encode(cfg, interpolate=False):
     """--encode: rows of held-out images | their codes z = x(1) | decode(z) (Sec. 4.3).
     --interpolate: 8 rows, each decoding slerp(z_a, z_b, lambda) for 9 lambdas between two encoded images.
     Under torchrun rank 0 does it all (at most 16 held-out images); the other ranks return."""
-    saved, _, score_fn, sde, device, rank, world = load_score_model(cfg)
+    saved, score_fn, sde, device, rank, world = load_score_model(cfg)
     _, x = held_out(saved, cfg, "--interpolate" if interpolate else "--encode", device)
     if rank > 0:  # after the checks above, so that every rank reports a bad input alike
         return
-    x = x[:16 if interpolate else 8]
-    eps = cfg.sample_eps or 1e-5
+    x, eps = x[:16 if interpolate else 8], cfg.sample_eps or 1e-5
     z = encode(score_fn, sde, x, eps, cfg.rtol, cfg.atol)
-    os.makedirs(cfg.out, exist_ok=True)
     if interpolate:
-        lams = torch.linspace(0, 1, 9, dtype=z.dtype, device=z.device)
-        zs = torch.cat([torch.stack([slerp(z[2 * i], z[2 * i + 1], l) for l in lams]) for i in range(len(z) // 2)])
-        out, png = decode(score_fn, sde, zs, eps, cfg.rtol, cfg.atol), os.path.join(cfg.out, "interpolate.png")
-        save_grid(out.float(), png, nrow=9)
-        print(f"{len(z) // 2} interpolations (9 steps, ends = decoded codes of two held-out images) -> {png}")
+        P = len(z) // 2                                                  # pairs (z_0, z_1), (z_2, z_3), ...
+        lams = torch.linspace(0, 1, 9, dtype=torch.float64).tolist()
+        zs = torch.stack([slerp(z[0:2 * P:2], z[1:2 * P:2], lam) for lam in lams], 1).flatten(0, 1)  # a row per pair
+        png = write_png(cfg, "interpolate.png", decode(score_fn, sde, zs, eps, cfg.rtol, cfg.atol), nrow=9)
+        print(f"{P} interpolations (9 steps, ends = decoded codes of two held-out images) -> {png}")
         return
     rec = decode(score_fn, sde, z, eps, cfg.rtol, cfg.atol)
-    png = os.path.join(cfg.out, "encode.png")
-    save_grid(torch.cat([x, (z / 3).clamp(-1, 1), rec]).float(), png, nrow=len(x))
+    png = write_png(cfg, "encode.png", torch.cat([x, (z / 3).clamp(-1, 1), rec]), nrow=len(x))
     print(f"rows: held-out | code / 3 | decoded; max |decode(encode(x)) - x| = {float((rec - x).abs().max()):.4f}, "
           f"code std {float(z.std()):.3f} (N(0, I) would be 1) -> {png}")
 
@@ -1641,45 +1539,39 @@ def run_inpaint(cfg, colour=False):
     """--inpaint: rows originals | masked (bottom half removed) | completed (App. I.2).
     --colorize: rows originals | grey | colourised (App. I.3); grey data -> a one-line explanation.
     Under torchrun rank 0 does it all (at most 16 held-out images); the other ranks return."""
-    saved, data_shape, score_fn, sde, device, rank, world = load_score_model(cfg)
-    if colour and data_shape[0] != 3:
-        raise ValueError(f"--colorize needs RGB data; {saved.dataset} has {data_shape[0]} channel(s), so there is "
-                         f"no colour to restore (App. I.3 works on 3-channel images)")
+    saved, score_fn, sde, device, rank, world = load_score_model(cfg)
+    if colour and saved["data_shape"][0] != 3:
+        raise ValueError(f"--colorize needs RGB data; {saved['dataset']} has {saved['data_shape'][0]} channel(s), so "
+                         f"there is no colour to restore (App. I.3 works on 3-channel images)")
     _, x = held_out(saved, cfg, "--colorize" if colour else "--inpaint", device)
     if rank > 0:  # after the checks above, so that every rank reports a bad input alike
         return
-    x = x[:16]
-    gen = make_generator(cfg.seed, device)
-    kw = dict(predictor=cfg.predictor, corrector=cfg.corrector, snr=cfg.snr, n_corrector_steps=cfg.n_corrector_steps,
-              eps=cfg.sample_eps or None, n_steps=cfg.n_steps, generator=gen)
+    x, gen = x[:16], make_generator(cfg.seed, device)
     if colour:
         shown = x.mean(1, keepdim=True).expand_as(x)
-        out, png = colorize(score_fn, sde, shown, **kw), os.path.join(cfg.out, "colorize.png")
+        out = colorize(score_fn, sde, shown, gen, **pc_options(cfg))
     else:
         mask = torch.ones(x.shape[1:], dtype=x.dtype, device=x.device)
         mask[..., x.shape[-2] // 2:, :] = 0                              # bottom half unknown
         shown = x * mask - (1 - mask)                                    # masked part drawn black
-        out, png = inpaint(score_fn, sde, x, mask, **kw), os.path.join(cfg.out, "inpaint.png")
-    os.makedirs(cfg.out, exist_ok=True)
-    save_grid(torch.cat([x, shown, out]).float(), png, nrow=len(x))
+        out = inpaint(score_fn, sde, x, mask, gen, **pc_options(cfg))
+    png = write_png(cfg, "colorize.png" if colour else "inpaint.png", torch.cat([x, shown, out]), nrow=len(x))
     print(f"rows: held-out | {'grey' if colour else 'bottom half removed'} | "
           f"{'colourised' if colour else 'completed'} -> {png}")
 
 
 def run_class(cfg, label):
     """--sample --class K: class-conditional PC samples (Sec. 5) with the time-dependent classifier of
-    --classifier-ckpt; --class all: one row per class. Split over the ranks like --sample: chunks of --batch-size
-    samples (labels in order), each from chunk_generator(--seed, start)."""
-    saved, data_shape, score_fn, sde, device, rank, world = load_score_model(cfg)
+    --classifier-ckpt; --class all: one row per class. In chunks like --sample (labels in order)."""
+    saved, score_fn, sde, device, rank, world = load_score_model(cfg)
     path = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt")
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") != "classifier":
         raise DataError(f"{path}: not a classifier checkpoint (train one with --train-classifier)")
-    cc = ckpt["config"]
     for k in ("sde", "beta_min", "beta_max", "sigma_min", "sigma_max", "dataset"):
-        if cc.get(k) != getattr(saved, k):
-            raise DataError(f"{path}: classifier has {k}={cc.get(k)!r}, the score model {getattr(saved, k)!r}")
-    K = cc["n_classes"]
+        if ckpt["config"].get(k) != saved.get(k):
+            raise DataError(f"{path}: classifier has {k}={ckpt['config'].get(k)!r}, the score model {saved.get(k)!r}")
+    K = ckpt["config"]["n_classes"]
     if label == "all":
         n = max(1, cfg.n_samples // K)
         y = torch.arange(K, device=device).repeat_interleave(n)
@@ -1691,29 +1583,22 @@ def run_class(cfg, label):
         if not 0 <= k < K:
             raise ValueError(f"--class {k} is out of range: the classifier knows classes 0..{K - 1}")
         n, y = cfg.n_samples, torch.full((cfg.n_samples,), k, device=device)
-    clf = TimeClassifier(data_shape[0], K)
-    clf.load_state_dict(ckpt["ema"])
-    clf.to(device).eval()
-    clf = network(clf, setup_precision(device, cfg.precision, cfg.deterministic), cfg.compile)
-    pred, corr = (cfg.predictor, cfg.corrector) if cfg.sampler == "pc" else SAMPLERS.get(cfg.sampler) or ("x", "x")
-    if pred == "x":
+    if cfg.sampler == "ode":
         raise ValueError("--class needs an SDE sampler (pc, em, reverse, ancestral), not the ODE")
-    chunks = []
-    for start, m in my_chunks(len(y), cfg.batch_size, rank, world):
-        chunks.append((start, class_sample(
-            score_fn, make_log_prob_fn(clf, sde), sde, (m, *data_shape), y[start:start + m], cfg.classifier_scale,
-            predictor=pred, corrector=corr, snr=cfg.snr, n_corrector_steps=cfg.n_corrector_steps,
-            eps=cfg.sample_eps or None, generator=chunk_generator(cfg.seed, start, device), n_steps=cfg.n_steps,
-            device=device).cpu()))
-    x = gather_chunks(chunks, world).to(device)  # (len(y), ...) in label order, on every rank
+    clf, shape = TimeClassifier(saved["data_shape"][0], K), saved["data_shape"]
+    clf.load_state_dict(ckpt["ema"])
+    clf = network(clf.to(device).eval(), setup_precision(device, cfg.precision, cfg.deterministic), cfg.compile)
+    log_prob_fn = make_log_prob_fn(clf, sde)
+    x, _ = in_chunks(cfg, len(y), rank, world, device, lambda start, m, gen: (class_sample(
+        score_fn, log_prob_fn, sde, (m, *shape), y[start:start + m], cfg.classifier_scale, generator=gen,
+        device=device, **pc_options(cfg, cfg.sampler)), 0))
     if rank > 0:
         return
-    os.makedirs(cfg.out, exist_ok=True)
-    png = os.path.join(cfg.out, f"class_{label}.png")
-    save_grid(x.float(), png, nrow=n if label == "all" else None)
+    x = x.to(device)  # (len(y), ...) in label order
+    png = write_png(cfg, f"class_{label}.png", x, nrow=n if label == "all" else None)
     with torch.no_grad():
         t_eps = torch.full((len(x),), sde.sample_eps, dtype=x.dtype, device=x.device)
-        acc = float((make_log_prob_fn(clf, sde)(x, t_eps).argmax(1) == y).float().mean())
+        acc = float((log_prob_fn(x, t_eps).argmax(1) == y).float().mean())
     print(f"{len(y)} samples of class {label} (scale {cfg.classifier_scale}); the classifier at t = eps agrees "
           f"on {acc:.0%} -> {png}")
 

@@ -105,7 +105,8 @@ def main():
     print(f"dataset {args.dataset}; sliced-W1 floor (two held-out halves of {args.n}) = {floor:.4f}\n")
     rows = []
     for name in ("vp", "ve"):
-        sde = S.make_sde(name, sigma_min=0.02, sigma_max=S.sigma_max_technique1(train))
+        sde = S.make_sde({"sde": name, "beta_min": 0.1, "beta_max": 20.0, "sigma_min": 0.02,
+                          "sigma_max": S.sigma_max_technique1(train)})
         t0 = time.time()
         net, last = train_toy(sde, train, args.steps)
         print(f"{name}: trained {args.steps} steps in {time.time() - t0:.0f} s (last loss {last:.3f})")
