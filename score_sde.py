@@ -104,8 +104,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (MLP, PRESETS, TOYS, DataError, ResBlock, UNet, load_data, save_grid, save_npz, save_scatter,
-                    timestep_embedding)
+from common import (MLP, PRESETS, TOYS, DataError, ResBlock, UNet, levels_to_unit, load_data, save_grid, save_npz,
+                    save_scatter, timestep_embedding)
 
 SCRIPT = "score_sde"  # the name written into every checkpoint
 
@@ -1252,12 +1252,12 @@ def start(cfg, labels=False):
     torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank
     data_gen = make_generator(cfg.seed, device)
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
-    if labels and (data.y is None or data.x.dim() != 4):
+    if labels and (data.y is None or data.u.dim() != 4):
         raise DataError(f"--train-classifier needs labelled image data; {cfg.dataset} has none")
     if cfg.sde == "ve" and cfg.sigma_max == 0:
         cfg = dataclasses.replace(cfg, sigma_max=sigma_max_technique1(data.x))
         log(f"sigma_max = {cfg.sigma_max:.3f} (largest pairwise distance in the training data)")
-    config = {**{k: getattr(cfg, k) for k in MUST_MATCH + RECIPE}, "data_shape": list(data.x.shape[1:]),
+    config = {**{k: getattr(cfg, k) for k in MUST_MATCH + RECIPE}, "data_shape": list(data.u.shape[1:]),
               **({"n_classes": int(data.y.max()) + 1} if labels else {})}
     return cfg, (rank, world, device, log, data_gen), autocast, data, config, make_sde(config, cfg.n_steps)
 
@@ -1348,7 +1348,7 @@ def train(cfg, resume=False):
     ema_score_fn = make_score_fn(network(ema, autocast, cfg.compile), sde)   # for the sample grids
     fixed = make_generator(cfg.seed + 1, device)  # fixed noise for the progress grids
     grid_shape = (min(cfg.n_samples, 64) if cfg.dataset not in TOYS else 2000, *config["data_shape"])
-    x_data = data.x.to(device)
+    x_data = data.u.to(device)  # the training set on the device (uint8 levels for images)
 
     def batch_loss(step):
         # The global batch's randomness from data_gen, in this order on every rank: i.i.d. example indices
@@ -1358,7 +1358,7 @@ def train(cfg, resume=False):
             flip = torch.rand(B, 1, 1, 1, device=device, generator=data_gen) < 0.5
         t = sample_t(B, cfg.train_eps, cfg.t_sampling, device, data_gen)  # (B,)
         z = torch.randn((B, *x_data.shape[1:]), device=device, generator=data_gen)  # (B, ...)
-        x0 = x_data[idx[part]]
+        x0 = levels_to_unit(x_data[idx[part]], data.levels)  # to [-1, 1], float32, on the device
         if data.flip:
             x0 = torch.where(flip[part], x0.flip(-1), x0)
         return loss(score_fn, sde, x0, cfg.likelihood_weighting, cfg.train_eps, t=t[part], z=z[part])
@@ -1385,19 +1385,20 @@ def train_classifier(cfg, resume=False):
     cfg, run, autocast, data, config, sde = start(cfg, labels=True)
     rank, world, device, _, data_gen = run
     B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)
-    net = TimeClassifier(data.x.shape[1], config["n_classes"]).to(device)
+    net = TimeClassifier(data.u.shape[1], config["n_classes"]).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr * 5)
     torch.manual_seed(cfg.seed + rank)  # from here the global RNGs are per rank (the classifier has no dropout)
     net_fn, ema_fn = network(net, autocast, cfg.compile), network(ema, autocast, cfg.compile)
-    x_data, y_data = data.x.to(device), data.y.to(device)
+    x_data, y_data = data.u.to(device), data.y.to(device)
 
     def batch_loss(step):
         # The global batch's indices, t and noise from data_gen on every rank; this rank keeps its slice.
         idx = torch.randint(len(x_data), (B,), device=device, generator=data_gen)
         t = sample_t(B, cfg.train_eps, "iid", device, data_gen)
         z = torch.randn((B, *x_data.shape[1:]), device=device, generator=data_gen)
-        return classifier_loss(net_fn, sde, x_data[idx[part]], y_data[idx[part]], t[part], z[part])
+        x0 = levels_to_unit(x_data[idx[part]], data.levels)
+        return classifier_loss(net_fn, sde, x0, y_data[idx[part]], t[part], z[part])
 
     path = cfg.classifier_ckpt or os.path.join(cfg.out, "classifier.pt")
     fit(cfg, "classifier", net, ema, opt, batch_loss, cfg.classifier_steps, path,
