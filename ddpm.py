@@ -17,8 +17,8 @@ Commands
     torchrun --nproc_per_node=8 ddpm.py --train --preset cifar10 --device cuda   # 8 GPUs; --batch-size: global
     torchrun --nproc_per_node=8 ddpm.py --sample --ckpt runs/ddpm/ckpt.pt --n-samples 50000   # samples split over 8
     torchrun --nproc_per_node=8 ddpm.py --eval-nll --ckpt runs/ddpm/ckpt.pt --n-eval 10000   # examples split over 8
-Under torchrun (one process per GPU; see "Several processes" below) training equals the 1-process run up to float
-order and dropout; --sample and --eval-nll give the same numbers for any number of processes. Multi-node: untested.
+Under torchrun see "Several processes" below; --sample and --eval-nll give the same numbers for any number of
+processes. Multi-node: untested.
 
 Map from the papers to this file (Ho et al.'s numbers bare, VDM's prefixed "VDM")
     Eq. 2  forward step q(x_t | x_{t-1})             -> make_schedule (beta), DDPM.__init__ (alpha)
@@ -54,9 +54,8 @@ Symbols (paper -> code)
 
 Conventions (the same in all four scripts of this project)
     Data are in [-1, 1] (common.py maps the K grey levels there before any noise is added).
-    Discrete time: every table and every network call is indexed by i = t - 1 = 0..T-1 (a variable named t in this
-    file is continuous VDM time in [0, 1]); alpha_bar "before the first step" (t = 0) is 1. The last sampling step
-    (t = 1, i = 0) adds no noise (Algorithm 2 returns the mean).
+    Discrete time: tables and network calls take i = t - 1 (a variable named t is VDM's continuous time in [0, 1]);
+    alpha_bar "before the first step" (t = 0) is 1; the last sampling step (t = 1) adds no noise (Algorithm 2).
     Devices: schedules are float64 masters on the CPU; DDPM.at() keeps one copy per (device, dtype) it meets; the
     bound and the decoder compute in float64 where the device has it (not on MPS).
 
@@ -424,8 +423,7 @@ class MonotoneGamma(torch.nn.Module):
         self.ends = torch.nn.Parameter(torch.tensor([gamma_min, gamma_max], dtype=torch.float64),
                                        requires_grad=learn_endpoints)
 
-    def shape(self, t):
-        """The unnormalised monotone network gamma~(t), t of shape (B,)."""
+    def shape(self, t):  # the unnormalised monotone network gamma~(t), t (B,)
         pos = torch.nn.functional.softplus
         h1 = t.to(self.w1.dtype)[:, None] @ pos(self.w1).T + self.b1            # (B, 1)
         h2 = torch.sigmoid(h1 @ pos(self.w2).T + self.b2)                       # (B, n)
