@@ -453,7 +453,7 @@ def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t_sampling="i
       L_inf = 1/2 E_{t ~ U(0,1), eps} [ gamma'(t) || eps - eps_hat(z_t; t) ||^2 ],  z_t = alpha_t x + sigma_t eps;
       L_recon = -log p(x | z_0): N(z_0 / alpha_0, sigma_0^2 / alpha_0^2) over x's bin (Ho et al.'s Eq. 13 decoder;
       VDM takes a softmax over the levels). gamma'(t) by autograd: a learned gamma gets gradients too.
-    T given: VDM Eq. 13's L_T = T/2 E_i [ (SNR(s) - SNR(t)) || x - x_hat ||^2 ], t = i/T, s = (i-1)/T, i in 1..T,
+    T given: VDM Eq. 13's L_T = T/2 E_j [ (SNR(s) - SNR(t)) || x - x_hat ||^2 ], t = j/T, s = (j-1)/T, j in 1..T,
     instead of L_inf (it decreases to L_inf as T grows, VDM Sec. 4.1). Arithmetic in the widest float; the network
     gets net_dtype (default: float32 for a Module, the wide float for exact oracles). draws: (t, eps, eps_0) from
     vdm_draws (the training loop's, for the global batch), else drawn here from generator.
@@ -462,7 +462,7 @@ def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t_sampling="i
     x0 = x0.to(dt)
     t, eps, eps_0 = draws if draws is not None else vdm_draws(x0.shape, t_sampling, dev, generator)
     if T is not None:
-        t = torch.ceil(t.to(dt) * T).clamp(min=1) / T                         # t = i/T, i in 1..T
+        t = torch.ceil(t.to(dt) * T).clamp(min=1) / T                         # t = j/T, j in 1..T (VDM's i)
     t = t.to(dt).detach().requires_grad_(True)
     with torch.enable_grad():
         g_t = gamma(t)                                                        # (B,)
