@@ -645,7 +645,7 @@ def test_cli_train_sample_resume_eval(tmp_path, capsys, device):
     assert set(ckpt) == {"script", "config", "step", "model", "ema", "optimizer", "rng"}
     assert {"T", "schedule", "beta_1", "beta_T", "dataset", "image_size", "model"} <= set(ckpt["config"])
     assert os.path.exists(os.path.join(out, "grid_0000003.png"))
-    assert set(ckpt["rng"]) == {"data", "ranks"} and len(ckpt["rng"]["ranks"]) == 1  # the data generator + each rank's streams
+    assert set(ckpt["rng"]) == {"data", "ranks"} and len(ckpt["rng"]["ranks"]) == 1  # data gen. + ranks
     assert "torch" in ckpt["rng"]["ranks"][0] and ("cuda" in ckpt["rng"]["ranks"][0]) == (device.type == "cuda")
     ddpm.main(["--train", "--resume", "--steps", "5", "--sample-every", "100", "--out", out, *TINY, *dev])
     assert "resumed from" in capsys.readouterr().out and state(out)["step"] == 5
