@@ -1,9 +1,9 @@
 """
 DDPM: Denoising Diffusion Probabilistic Models.
 
-Ho, Jain, Abbeel (2020), "Denoising Diffusion Probabilistic Models", arXiv 2006.11239.
-Official code (TensorFlow): github.com/hojonathanho/diffusion. This file is a PyTorch reading of the
-paper; it imports only common.py (the U-Net, the data loaders, the PNG writers).
+Ho, Jain, Abbeel (2020), "Denoising Diffusion Probabilistic Models", arXiv 2006.11239; official code (TensorFlow):
+github.com/hojonathanho/diffusion. Extras from VDM: Kingma, Salimans, Poole, Ho (2021), "Variational Diffusion
+Models", arXiv 2107.00630v6 (the NeurIPS 2021 text). This file imports only common.py (U-Net, data, PNG writers).
 
 Commands
     python ddpm.py --train                                  # 8x8 digits, runs/ddpm/; ~6 min on 2 CPU cores
@@ -11,58 +11,53 @@ Commands
     python ddpm.py --eval-nll --ckpt runs/ddpm/ckpt.pt      # variational bound on held-out data, bits/dim
     python ddpm.py --train --resume                         # continue runs/ddpm/ckpt.pt exactly
     python ddpm.py --train --dataset moons --steps 3000     # a 2-D toy (MLP instead of the U-Net)
-    python ddpm.py --train --preset cifar10                 # the paper's CIFAR-10 run (35.7 M U-Net, 800k steps; a GPU)
-    python ddpm.py --train --loss-type vlb --schedule learned   # VDM: continuous bound, learned log-SNR, Fourier features
+    python ddpm.py --train --preset cifar10                 # the paper's CIFAR-10 run (35.7 M U-Net, 800k steps, GPU)
+    python ddpm.py --train --loss-type vlb --schedule learned   # VDM: continuous bound, learned log-SNR, Fourier feat.
     python ddpm.py --train --preset cifar10 --device cuda --precision bf16 --compile   # bf16 autocast, compiled U-Net
     torchrun --nproc_per_node=8 ddpm.py --train --preset cifar10 --device cuda   # 8 GPUs; --batch-size: global
     torchrun --nproc_per_node=8 ddpm.py --sample --ckpt runs/ddpm/ckpt.pt --n-samples 50000   # samples split over 8
     torchrun --nproc_per_node=8 ddpm.py --eval-nll --ckpt runs/ddpm/ckpt.pt --n-eval 10000   # examples split over 8
-Under torchrun (one process per GPU, NCCL; gloo on the CPU) a run equals the 1-process run with the same global
-batch, up to float reduction order and per-rank dropout (see "Several processes" below); --sample and --eval-nll
-give the same samples and bits/dim for any number of processes. Multi-node (torchrun's --nnodes and rendezvous
-flags) is untested.
+Under torchrun see "Several processes" below; --sample and --eval-nll give the same numbers for any number of
+processes. Multi-node: untested.
 
-Map from the paper to this file
-    Eq. 2  forward step q(x_t | x_{t-1})           -> make_schedule (beta), DDPM.__init__ (alpha)
-    Eq. 4  q(x_t | x_0), closed form               -> DDPM.q_sample
-    Eq. 5  L = L_T + sum L_{t-1} + L_0 (KL form)   -> DDPM.nll_bpd
-    Eqs. 6-7 posterior q(x_{t-1} | x_t, x_0)        -> DDPM.q_posterior
-    Eq. 11 mean mu_theta from eps_theta            -> DDPM.p_mean_variance
-    Eq. 12 L_{t-1} as weighted eps error (lambda_t) -> DDPM.loss(loss_type="elbo")
-    Eq. 13 discretized Gaussian decoder L_0         -> discretized_gaussian_log_likelihood
-    Eq. 14 L_simple; Algorithm 1 (training)         -> DDPM.loss(loss_type="simple"), train
-    Algorithm 2 (sampling)                          -> DDPM.p_sample (one step), DDPM.sample (the loop)
-  Noise schedules as SNRs (Kingma, Salimans, Poole, Ho 2021, "Variational Diffusion Models", arXiv 2107.00630v6,
-  the NeurIPS 2021 text; issue 8). Main-text equation numbers as printed there; appendix equations by section:
-    Eqs. 2, 5 SNR(t) = alpha_t^2/sigma_t^2 = exp(-gamma(t)) -> gamma_discrete, gamma_linear_snr, gamma_cosine
-    Eq. 9  p(z_s | z_t) = q(z_s | z_t, x = x_hat)   -> vdm_sampler (the DDPM step with sigma^2 = beta~)
-    Sec. 3.4, App. C Fourier features of z          -> fourier_features, VDMNet (--fourier auto|on|off)
-    Eq. 11 -VLB = prior + reconstruction + diffusion -> vlb_continuous (terms "prior", "recon", "diffusion")
-    Eq. 13 discrete-time diffusion loss L_T         -> vdm_discrete_term, vlb_continuous(T=...)
-    Eq. 17 continuous-time loss L_inf, eps form     -> vlb_continuous
-    Eq. 18 (Sec. 5.1) L_inf sees gamma only at 0, 1 -> VDMNet (--cond gamma: the net sees the noise level)
-    Sec. 5.3, App. I.2 schedule for low variance    -> vdm_backward (--schedule-grad variance)
-    App. H monotone network gamma_phi               -> MonotoneGamma (--learn-endpoints: gamma(0), gamma(1) too)
-    App. I.1 low-discrepancy timesteps              -> low_discrepancy_uniform, --t-sampling low_discrepancy
+Map from the papers to this file (Ho et al.'s numbers bare, VDM's prefixed "VDM")
+    Eq. 2  forward step q(x_t | x_{t-1})             -> make_schedule (beta), DDPM.__init__ (alpha)
+    Eq. 4  q(x_t | x_0), closed form                 -> DDPM.q_sample
+    Eq. 5  L = L_T + sum L_{t-1} + L_0 (KL form)     -> DDPM.nll_bpd
+    Eqs. 6-7 posterior q(x_{t-1} | x_t, x_0)          -> DDPM.q_posterior
+    Eq. 11 mean mu_theta from eps_theta              -> DDPM.mean_from_eps, DDPM.p_mean_variance
+    Eq. 12 L_{t-1} as weighted eps error (lambda_t)   -> DDPM.loss(loss_type="elbo")
+    Eq. 13 discretized Gaussian decoder L_0           -> discretized_gaussian_log_likelihood
+    Eq. 14 L_simple; Algorithm 1 (training)           -> DDPM.loss(loss_type="simple"), train
+    Algorithm 2 (sampling)                            -> DDPM.p_sample (one step), DDPM.sample (the loop)
+    VDM Eqs. 2, 5  SNR(t) = exp(-gamma(t))           -> gamma_discrete, gamma_linear_snr, gamma_cosine
+    VDM Eq. 9  p(z_s | z_t) = q(z_s | z_t, x = x_hat) -> vdm_sampler (the DDPM step with sigma^2 = beta~)
+    VDM Eq. 11 -VLB = prior + recon + diffusion      -> vlb_continuous (terms "prior", "recon", "diffusion")
+    VDM Eq. 13 discrete-time diffusion loss L_T      -> vdm_discrete_term, vlb_continuous(T=...)
+    VDM Eq. 17 continuous-time loss L_inf, eps form  -> vlb_continuous
+    VDM Eq. 18 L_inf sees gamma only at 0 and 1      -> VDMNet (--cond gamma: the net sees the noise level)
+    VDM Sec. 3.4, App. C  Fourier features of z      -> fourier_features, VDMNet (--fourier)
+    VDM Sec. 5.3, App. I.2  schedule for low variance -> vdm_backward (--schedule-grad variance)
+    VDM App. H  monotone network gamma_phi           -> MonotoneGamma (--learn-endpoints: gamma(0), gamma(1) too)
+    VDM App. I.1  low-discrepancy timesteps          -> low_discrepancy_uniform (--t-sampling low_discrepancy)
 
 Symbols (paper -> code)
     T                 number of diffusion steps                        T
+    t, i              paper step t = 1..T; its tensor index i = t - 1    i (LongTensor (B,) or int)
     beta_t            forward variance of step t                       beta
     alpha_t           1 - beta_t                                       alpha
     alpha_bar_t       prod_{s<=t} alpha_s (signal kept at step t)      alpha_bar
     beta~_t           posterior variance (1-alpha_bar_{t-1})/(1-alpha_bar_t) beta_t   beta_tilde
     sigma_t^2         reverse-process variance (beta_t or beta~_t)     sigma2
-    eps_theta         the network, predicts the noise eps              model(x_t, t)
+    eps_theta         the network, predicts the noise eps              model(x_t, i)
     x0_hat            (x_t - sqrt(1-alpha_bar_t) eps_theta) / sqrt(alpha_bar_t)   x0_hat
 
 Conventions (the same in all four scripts of this project)
     Data are in [-1, 1] (common.py maps the K grey levels there before any noise is added).
-    Discrete time: tensor index i = 0..T-1 is the paper's t = i + 1; alpha_bar "before the first step"
-    (index -1, t = 0) is 1. The network is called as model(x_t, i) with i a LongTensor of shape (B,).
-    The last sampling step (t = 1, i = 0) adds no noise (Algorithm 2 returns the mean).
-    Devices (the rule of the "Running it" block): schedules are float64 masters on the CPU; DDPM.at() keeps one
-    copy per (device, dtype) in the dtype of the data it meets (float32 for the network's inputs, float64 for the
-    bound on CPU/CUDA, never float64 on MPS); the bound and the decoder compute in float64 where the device has it.
+    Discrete time: tables and network calls take i = t - 1 (a variable named t is VDM's continuous time in [0, 1]);
+    alpha_bar "before the first step" (t = 0) is 1; the last sampling step (t = 1) adds no noise (Algorithm 2).
+    Devices: schedules are float64 masters on the CPU; DDPM.at() keeps one copy per (device, dtype) it meets; the
+    bound and the decoder compute in float64 where the device has it (not on MPS).
 
 Notation clashes
     DDIM's alpha_t is this paper's alpha_bar_t. VDM's alpha_t^2 is alpha_bar_t and its sigma_t^2 is
@@ -83,8 +78,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (MLP, PRESETS, TOYS, DataError, UNet, load_data, load_pretrained, save_grid, save_npz,
-                    save_scatter)
+from common import (MLP, PRESETS, TOYS, DataError, UNet, levels_to_unit, load_data, load_pretrained, save_grid,
+                    save_npz, save_scatter)
 
 SCRIPT = "ddpm"  # the name written into every checkpoint
 
@@ -96,7 +91,7 @@ SCRIPT = "ddpm"  # the name written into every checkpoint
 class Config:
     dataset: str = "digits"       # common.load_data name or an image folder; paper: CIFAR-10, CelebA-HQ, LSUN
     image_size: int = 0           # 0 = the dataset's native size (digits 8, CIFAR-10 32)
-    model: str = "tiny"           # U-Net preset in common.PRESETS; paper: "cifar10" (35.7 M, App. B). Toys use common.MLP
+    model: str = "tiny"           # U-Net preset in common.PRESETS; paper: "cifar10" (35.7 M, App. B). Toys: common.MLP
     T: int = 1000                 # Sec. 4: T = 1000
     schedule: str = "linear"      # Sec. 4: linear; "cosine" is Nichol & Dhariwal (2021), Eq. 17 there;
     #                               with --loss-type vlb: "linear_snr" (VDM's fixed gamma) or "learned" (VDM App. H)
@@ -104,25 +99,22 @@ class Config:
     beta_T: float = 0.02          # Sec. 4: beta_T = 0.02 (linear schedule only)
     variance: str = "beta"        # Sec. 3.2: sigma_t^2 = beta_t or "beta_tilde" ("similar results", the paper says);
     #                               beta_t is the official code's CIFAR-10 setting (run_cifar.py: "fixedlarge")
-    loss_type: str = "simple"     # Sec. 3.4: "simple" = L_simple (Eq. 14, the paper's); "elbo" = the bound
-    #                               (Eq. 12 + L_0) as the official "kl" loss: one t per example, that term in bits/dim;
-    #                               "vlb" = VDM's continuous-time bound (Kingma et al. 2021, Eqs. 11, 17), net: see --cond
-    clip_denoised: str = "auto"   # official code clips x0_hat to [-1, 1] when sampling: auto = on for images, off for toys
+    loss_type: str = "simple"     # Sec. 3.4: "simple" = L_simple (Eq. 14, the paper's); "elbo" = the bound (Eq. 12 +
+    #                               L_0) as the official "kl" loss, in bits/dim; "vlb" = VDM Eqs. 11, 17 (see --cond)
+    clip_denoised: str = "auto"   # official code clips x0_hat to [-1, 1] when sampling: auto = on for images, not toys
     t_sampling: str = "iid"       # timesteps per minibatch: "iid" uniform (Alg. 1) or "low_discrepancy" (VDM App. I.1)
-    schedule_grad: str = "bound"  # --schedule learned: "bound" = whole gamma on the bits/dim loss (VDM's official code);
+    schedule_grad: str = "bound"  # --schedule learned: "bound" = all of gamma on the bits/dim loss (VDM official code);
     #                               "variance" = gamma's interior minimises the estimator's variance (VDM Sec. 5.3)
-    learn_endpoints: bool = False  # --schedule learned: also learn gamma(0), gamma(1) (as VDM's official code);
-    #                               off = fixed at VDM's defaults -13.3, 5.0
-    fourier: str = "auto"         # VDM's Fourier features of z as extra input channels (Sec. 3.4, App. C; on in VDM's
-    #                               models and official code): auto = on for --loss-type vlb on image data, else off
+    learn_endpoints: bool = False  # --schedule learned: also learn gamma(0), gamma(1) as VDM's code (off: -13.3, 5.0)
+    fourier: str = "auto"         # VDM Sec. 3.4, App. C: Fourier features of z as extra input channels (on in VDM's
+    #                               models and official code): auto = on for --loss-type vlb on image data
     cond: str = "gamma"           # --loss-type vlb: the net sees the noise level gamma(t), rescaled to 0..999 as VDM's
     #                               official ScoreUNet does, or "t" (999 t); identical for linear_snr. Ignored otherwise
     steps: int = 1500             # total optimisation steps of the run; paper: 800k (CIFAR-10)
     batch_size: int = 128         # App. B: 128. The global batch under torchrun (each process takes its share);
     #                               --sample / --eval-nll: the chunk size (each chunk has its own generator)
     lr: float = 1e-3              # App. B: Adam 2e-4 (raised for the short CPU run)
-    warmup: int = 100             # official code (run_cifar.py, not the paper): 5000 steps of linear warm-up
-    #                               (shortened for the CPU run)
+    warmup: int = 100             # official code (run_cifar.py, not the paper): 5000 steps of linear warm-up (CPU: 100)
     grad_clip: float = 1.0        # official code (run_cifar.py, not the paper): global gradient norm clipped at 1.0
     ema_decay: float = 0.995      # App. B: 0.9999 (shortened: 1500 steps are too few to average over 10k)
     ckpt_every: int = 500         # steps between checkpoints (and one at the end, and on Ctrl-C)
@@ -153,11 +145,10 @@ def make_schedule(schedule, T, beta_1=1e-4, beta_T=0.02):
     """Sec. 4 of Ho et al. (2020): the forward variances beta_1..beta_T as a float64 tensor of length T.
 
     linear: beta_t evenly spaced from beta_1 to beta_T (the paper's choice).
-    cosine: Nichol & Dhariwal (2021), alpha_bar(t) = f(t)/f(0) with f(t) = cos^2((t/T + s)/(1 + s) * pi/2),
-            s = 0.008, and beta_t = 1 - alpha_bar(t)/alpha_bar(t-1) clipped at 0.999 (else beta_T = 1
-            and 1/sqrt(alpha_T) is infinite).
-    """
-    if isinstance(schedule, torch.Tensor):  # betas given (a VDM log-SNR schedule discretised, see vdm_sampler)
+    cosine: Nichol & Dhariwal (2021), alpha_bar(t) = f(t)/f(0), f(t) = cos^2((t/T + s)/(1 + s) pi/2), s = 0.008;
+            beta_t = 1 - alpha_bar(t)/alpha_bar(t-1) clipped at 0.999 (else beta_T = 1: 1/sqrt(alpha_T) infinite).
+    A tensor of betas is taken as given (vdm_sampler's discretised log-SNR schedule)."""
+    if isinstance(schedule, torch.Tensor):
         return schedule.double()
     if schedule == "linear":
         return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
@@ -175,9 +166,14 @@ def wide(device):
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
+def expand(v, x):
+    """A per-example (B,) tensor shaped (B, 1, ..., 1) to broadcast against x, in x's dtype."""
+    return v.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
 def extract(a, i, x):
-    """a[i] for a batch of indices i (B,), shaped (B, 1, ..., 1) to broadcast over x; a already on i's device."""
-    return a[i].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    """a[i] for a batch of 0-based indices i (B,), shaped to broadcast against x."""
+    return expand(a[i], x)
 
 
 def normal_kl(mean1, var1, mean2, var2):
@@ -186,13 +182,10 @@ def normal_kl(mean1, var1, mean2, var2):
 
 
 def discretized_gaussian_log_likelihood(x0, mean, var, levels):
-    """Eq. 13 of Ho et al. (2020): log p(x0 | x1) of a Gaussian integrated over x0's quantisation bin.
-
-    The data have K = levels values spaced 2/(K-1) apart in [-1, 1] (K = 256 gives the paper's 1/255
-    half-width). The bin of x0 is [x0 - 1/(K-1), x0 + 1/(K-1)], widened to -inf at x0 = -1 and to +inf at
-    x0 = +1. levels=None means continuous data: the Gaussian log density instead. Per element, in nats.
-    """
-    dt = wide(x0.device)  # float64 where the device has it
+    """Eq. 13 of Ho et al. (2020): log p(x0 | x1) of a Gaussian integrated over x0's quantisation bin, per element,
+    in nats. K = levels values 2/(K-1) apart in [-1, 1] (K = 256: the paper's 1/255 half-width); the bin widens to
+    -inf at x0 = -1 and +inf at x0 = +1. levels=None: continuous data, the Gaussian log density."""
+    dt = wide(x0.device)
     x0, mean, var = x0.to(dt), mean.to(dt), var.to(dt)
     if levels is None:
         return -0.5 * (math.log(2 * math.pi) + torch.log(var) + (x0 - mean) ** 2 / var)
@@ -200,9 +193,9 @@ def discretized_gaussian_log_likelihood(x0, mean, var, levels):
     z_plus, z_minus = (x0 - mean + half) / std, (x0 - mean - half) / std
     log_cdf_plus = torch.special.log_ndtr(z_plus)          # log P(X <= upper edge), used at x0 = -1
     log_sf_minus = torch.special.log_ndtr(-z_minus)        # log P(X >= lower edge), used at x0 = +1
-    # Middle bins: P(lower < X < upper), computed on the side of the mean where it does not cancel (flipped so
-    # that b <= 0 when the bin lies above the mean), with Phi(z) = erfc(-z / sqrt 2) / 2: exact in the lower tail,
-    # where torch.special.ndtr (1 + erf) / 2 loses its digits below z = -5 and is 0 below z = -8.3.
+    # Middle bins: P(lower < X < upper) on the side of the mean where it does not cancel (flipped so that b <= 0
+    # when the bin lies above the mean), with Phi(z) = erfc(-z / sqrt 2) / 2: exact in the lower tail, where
+    # torch.special.ndtr (1 + erf) / 2 loses its digits below z = -5 and is 0 below z = -8.3.
     flip = z_minus > 0
     a, b = torch.where(flip, -z_plus, z_minus), torch.where(flip, -z_minus, z_plus)
     Phi = lambda z: 0.5 * torch.special.erfc(-z / math.sqrt(2))  # noqa: E731
@@ -215,20 +208,11 @@ def discretized_gaussian_log_likelihood(x0, mean, var, levels):
 # Forward process and loss
 
 class DDPM:
-    """The diffusion of Ho et al. (2020): schedule, forward process, loss, ancestral sampler and bound.
-
-    Every method takes the network as a plain callable model(x_t, i) -> eps_hat, i a LongTensor (B,) of
-    indices 0..T-1 (the paper's t = i + 1), so tests can pass an exact noise predictor.
-    """
+    """Ho et al. (2020): schedule tables, forward process, loss, ancestral sampler and bound. The network is a plain
+    callable model(x_t, i) -> eps_hat, i a LongTensor (B,) (paper t = i + 1): tests pass exact predictors."""
 
     def __init__(self, T=1000, schedule="linear", beta_1=1e-4, beta_T=0.02, variance="beta",
                  loss_type="simple", clip_denoised=False, levels=None, t_sampling="iid"):
-        if variance not in ("beta", "beta_tilde"):
-            raise ValueError(f"unknown variance {variance!r}; choose beta or beta_tilde")
-        if loss_type not in ("simple", "elbo", "vlb"):
-            raise ValueError(f"unknown loss_type {loss_type!r}; choose simple, elbo or vlb")
-        if t_sampling not in ("iid", "low_discrepancy"):
-            raise ValueError(f"unknown t_sampling {t_sampling!r}; choose iid or low_discrepancy")
         self.T, self.variance, self.loss_type, self.t_sampling = T, variance, loss_type, t_sampling
         self.clip_denoised, self.levels = clip_denoised, levels
         self.beta = make_schedule(schedule, T, beta_1, beta_T)                  # (T,) float64
@@ -240,9 +224,9 @@ class DDPM:
         self.eps_coef = self.beta / self.sqrt_one_minus_alpha_bar           # Eq. 11: beta_t / sqrt(1 - alpha_bar_t)
         # Eq. 7: posterior variance beta~_t; beta~_1 = 0 because x_0 is known exactly given x_1 and x_0.
         self.beta_tilde = (1 - self.alpha_bar_prev) / (1 - self.alpha_bar) * self.beta
-        # Reverse variance sigma_t^2 (Sec. 3.2). At t = 1 it only enters the decoder L_0 (no noise is added
-        # there when sampling); the official code puts beta~_2 there for both choices ("fixedlarge":
-        # "to get a better decoder log likelihood"; "fixedsmall" clips the zero beta~_1 the same way).
+        # Reverse variance sigma_t^2 (Sec. 3.2). At t = 1 it only enters the decoder L_0 (no noise is added there
+        # when sampling); the official code puts beta~_2 there for both choices ("fixedlarge": "to get a better
+        # decoder log likelihood"; "fixedsmall" clips the zero beta~_1 the same way).
         sigma2 = self.beta if variance == "beta" else self.beta_tilde
         self.sigma2 = torch.cat([self.beta_tilde[1:2], sigma2[1:]])
         # Eq. 7: posterior mean mu~_t = coef_x0 * x_0 + coef_xt * x_t.
@@ -255,105 +239,84 @@ class DDPM:
         self.copies = {}  # (table name, device, dtype) -> the float64 CPU master cast and moved there, made once
 
     def at(self, name, i, x):
-        """The table self.<name> at indices i (B,), as x's dtype on x's device, shaped to broadcast over x.
-
-        The masters are float64 on the CPU; each (device, dtype) gets its own copy once (cast on the CPU, then
-        moved: MPS has no float64), so a sampling step makes no host-device copy and no sync.
-        """
+        """extract(self.<name>, i, x) from a copy of the table in x's dtype on x's device, made once per (device,
+        dtype): cast on the CPU, then moved (MPS has no float64), so a sampling step makes no host-device copy."""
         key = (name, x.device, x.dtype)
         if key not in self.copies:
             self.copies[key] = getattr(self, name).to(x.dtype).to(x.device)
         return extract(self.copies[key], i, x)
 
-    def q_sample(self, x0, t, noise):
-        """Eq. 4 of Ho et al. (2020): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t an index (B,)."""
-        return self.at("sqrt_alpha_bar", t, x0) * x0 + self.at("sqrt_one_minus_alpha_bar", t, x0) * noise
+    def q_sample(self, x0, i, noise):
+        """Eq. 4 of Ho et al. (2020): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+        return self.at("sqrt_alpha_bar", i, x0) * x0 + self.at("sqrt_one_minus_alpha_bar", i, x0) * noise
 
-    def q_posterior(self, x0, x_t, t):
-        """Eqs. 6-7 of Ho et al. (2020): mean and variance of q(x_{t-1} | x_t, x_0).
+    def q_posterior(self, x0, x_t, i):
+        """Eqs. 6-7 of Ho et al. (2020): mean mu~_t and variance beta~_t of q(x_{t-1} | x_t, x_0), with
+        mu~_t = (sqrt(alpha_bar_{t-1}) beta_t x_0 + sqrt(alpha_t)(1 - alpha_bar_{t-1}) x_t) / (1 - alpha_bar_t)."""
+        mean = self.at("coef_x0", i, x_t) * x0 + self.at("coef_xt", i, x_t) * x_t
+        return mean, self.at("beta_tilde", i, x_t)
 
-        mu~_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0 + sqrt(alpha_t)(1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
-        beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t
-        """
-        mean = self.at("coef_x0", t, x_t) * x0 + self.at("coef_xt", t, x_t) * x_t
-        return mean, self.at("beta_tilde", t, x_t)
+    def predict_x0(self, x_t, i, eps):
+        """Eq. 4 of Ho et al. (2020) inverted: x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+        return (x_t - self.at("sqrt_one_minus_alpha_bar", i, x_t) * eps) / self.at("sqrt_alpha_bar", i, x_t)
 
-    def predict_x0(self, x_t, t, eps):
-        """Invert Eq. 4 for x_0: x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
-        return (x_t - self.at("sqrt_one_minus_alpha_bar", t, x_t) * eps) / self.at("sqrt_alpha_bar", t, x_t)
-
-    def sample_t(self, B, device, generator=None):
-        """Training timesteps (B,): i.i.d. uniform on {0..T-1} (Algorithm 1, line 3) or low-discrepancy.
-
-        Low-discrepancy (VDM, Kingma et al. 2021, App. I.1): u_i = mod(u_0 + i/B, 1) with one u_0 ~ U(0, 1),
-        so each interval [k/B, (k+1)/B) holds exactly one u_i; the index is floor(T u_i). Each u_i alone is
-        still uniform, so every loss estimate stays unbiased, with less variance across minibatches.
-        Drawn from generator (default: the global RNG of device).
-        """
+    def sample_i(self, B, device, generator=None):
+        """Algorithm 1 of Ho et al. (2020), line 3: indices i (B,) uniform on 0..T-1, i.i.d. or low-discrepancy
+        (VDM App. I.1: i = floor(T u) with u from low_discrepancy_uniform). From generator (default: the global RNG)."""
         if self.t_sampling == "iid":
             return torch.randint(self.T, (B,), device=device, generator=generator)
         u = low_discrepancy_uniform(B, device, generator)  # (B,) in [0, 1), one per interval [k/B, (k+1)/B)
         return (u * self.T).long().clamp(max=self.T - 1)
 
-    def loss(self, model, x0, t=None, noise=None):
-        """Algorithm 1 of Ho et al. (2020): one minibatch estimate of the training objective.
+    def loss(self, model, x0, i=None, noise=None):
+        """Algorithm 1 of Ho et al. (2020): one minibatch estimate of the training objective (i, noise drawn if None).
 
-        loss_type "simple": L_simple = E_{t, x0, eps} || eps - eps_theta(x_t, t) ||^2 (Eq. 14), mean over
-          pixels and batch (the paper's choice: it drops the weights of Eq. 12).
-        loss_type "elbo": the true variational bound without L_T, estimated with one t per example:
-          t >= 2: L_{t-1} = lambda_t || eps - eps_theta ||^2 + C_t, lambda_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t))
-                  (Eq. 12), and C_t = (log(sigma_t^2 / beta~_t) + beta~_t / sigma_t^2 - 1) / 2 per dimension, the
-                  constant of Eq. 8 (zero for sigma^2 = beta~), so the sum is exactly the KL term of Eq. 5;
-          t = 1:  L_0 = -log p_theta(x_0 | x_1) (Eq. 13).
-          Per dimension in bits, as the official code's "kl" loss (each example's term, mean over dimensions,
-          / ln 2): T times its expectation (t is uniform over T values) is (L - L_T)/D in bits.
+        "simple": L_simple = || eps - eps_theta(x_t, t) ||^2 (Eq. 14), mean over pixels and batch (the paper's choice).
+        "elbo": one term of the bound per example, in bits/dim as the official "kl" loss (T times its mean is
+          (L - L_T)/D): t >= 2: L_{t-1} = lambda_t || eps - eps_theta ||^2 + C_t (Eq. 12, lambda_t = beta_t^2 /
+          (2 sigma_t^2 alpha_t (1 - alpha_bar_t)); C_t is Eq. 8's constant, zero for sigma^2 = beta~, so the term is
+          Eq. 5's KL exactly); t = 1: L_0 = -log p_theta(x_0 | x_1) (Eq. 13).
         """
-        B = x0.shape[0]
-        t = self.sample_t(B, x0.device) if t is None else t
+        i = self.sample_i(x0.shape[0], x0.device) if i is None else i
         noise = torch.randn_like(x0) if noise is None else noise
-        x_t = self.q_sample(x0, t, noise)                    # Eq. 4
-        eps = model(x_t, t)                                  # eps_theta(x_t, t)
+        x_t = self.q_sample(x0, i, noise)                    # Eq. 4
+        eps = model(x_t, i)                                  # eps_theta(x_t, t)
         if self.loss_type == "simple":
             return (noise - eps).pow(2).mean()               # Eq. 14
-        kl = self.at("lam", t, x0) * (noise - eps).pow(2) + self.at("C", t, x0)  # L_{t-1}, t >= 2 (Eq. 12 + C_t), nats
-        mean = self.mean_from_eps(x_t, t, eps)               # Eq. 11: decoder mean at t = 1
-        nll0 = -discretized_gaussian_log_likelihood(x0, mean, self.at("sigma2", t, x0), self.levels)
-        first = (t == 0).reshape(-1, *([1] * (x0.dim() - 1)))  # t = 1 takes the decoder term
+        kl = self.at("lam", i, x0) * (noise - eps).pow(2) + self.at("C", i, x0)  # L_{t-1}, t >= 2 (Eq. 12 + C_t), nats
+        mean = self.mean_from_eps(x_t, i, eps)               # Eq. 11: decoder mean at t = 1
+        nll0 = -discretized_gaussian_log_likelihood(x0, mean, self.at("sigma2", i, x0), self.levels)
+        first = (i == 0).reshape(-1, *([1] * (x0.dim() - 1)))  # t = 1 takes the decoder term
         per_elem = torch.where(first, nll0.to(x0.dtype), kl)
         return per_elem.flatten(1).mean(1).mean() / math.log(2)  # bits/dim of the sampled term
 
     # ------------------------------------------------------------------------------------------------
     # Sampler
 
-    def mean_from_eps(self, x_t, t, eps):
+    def mean_from_eps(self, x_t, i, eps):
         """Eq. 11 of Ho et al. (2020): mu_theta = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_t)."""
-        return (x_t - self.at("eps_coef", t, x_t) * eps) / self.at("sqrt_alpha", t, x_t)
+        return (x_t - self.at("eps_coef", i, x_t) * eps) / self.at("sqrt_alpha", i, x_t)
 
-    def p_mean_variance(self, model, x_t, t, clip_denoised=None):
-        """Mean and variance of p_theta(x_{t-1} | x_t) (Eq. 1 with Eq. 11's mean and sigma_t^2 of Sec. 3.2).
-
-        clip_denoised=False: Eq. 11 exactly. clip_denoised=True (the official code, for images; NOT what
-        Algorithm 2 prints): x0_hat is clipped to [-1, 1] and the mean is the posterior mean of Eq. 7 at
-        that x0_hat. Without clipping both forms are the same number (Eq. 7 with Eq. 4 inverted = Eq. 11).
-        """
+    def p_mean_variance(self, model, x_t, i, clip_denoised=None):
+        """Eq. 1 of Ho et al. (2020): mean (Eq. 11) and variance (Sec. 3.2) of p_theta(x_{t-1} | x_t). clip_denoised
+        (default: this object's) takes Eq. 7's mean at clip(x0_hat, -1, 1), as the official code samples images, NOT
+        as Algorithm 2 prints; unclipped both forms are the same number (Eq. 7 with Eq. 4 inverted = Eq. 11)."""
         clip = self.clip_denoised if clip_denoised is None else clip_denoised
-        eps = model(x_t, t)
+        eps = model(x_t, i)
         if clip:
-            x0_hat = self.predict_x0(x_t, t, eps).clamp(-1, 1)
-            mean, _ = self.q_posterior(x0_hat, x_t, t)
+            x0_hat = self.predict_x0(x_t, i, eps).clamp(-1, 1)
+            mean, _ = self.q_posterior(x0_hat, x_t, i)
         else:
-            mean = self.mean_from_eps(x_t, t, eps)
-        return mean, self.at("sigma2", t, x_t)
+            mean = self.mean_from_eps(x_t, i, eps)
+        return mean, self.at("sigma2", i, x_t)
 
     @torch.no_grad()
-    def p_sample(self, model, x_t, t, generator=None, clip_denoised=None):
+    def p_sample(self, model, x_t, i, generator=None, clip_denoised=None):
         """One step of Algorithm 2 of Ho et al. (2020): x_{t-1} = mu_theta(x_t, t) + sigma_t z, z = 0 at t = 1.
-
-        t is the integer index i = t_paper - 1, the same for the whole batch.
-        """
-        i = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
-        mean, var = self.p_mean_variance(model, x_t, i, clip_denoised)
-        if t == 0:
+        i (an int) is the index of t for the whole batch."""
+        i_b = torch.full((x_t.shape[0],), i, dtype=torch.long, device=x_t.device)  # (B,)
+        mean, var = self.p_mean_variance(model, x_t, i_b, clip_denoised)
+        if i == 0:
             return mean  # the last step (t = 1) returns the mean: no noise is added
         z = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype,
                         device=generator.device if generator is not None else x_t.device).to(x_t.device)
@@ -361,13 +324,8 @@ class DDPM:
 
     @torch.no_grad()
     def sample(self, model, shape, generator=None, clip_denoised=None, device="cpu", dtype=torch.float32, x_T=None):
-        """Algorithm 2 of Ho et al. (2020): ancestral sampling from x_T ~ N(0, I) down to x_0.
-
-        for t = T..1: x_{t-1} = mu_theta(x_t, t) + sigma_t z (z = 0 at t = 1). With clip_denoised (default: this
-        object's setting, on for images in the CLI) mu_theta is the posterior mean at clip(x0_hat, -1, 1), as the
-        official code samples images; that departs from Algorithm 2, which prints the unclipped Eq. 11.
-        generator drives x_T and every z (fixed noise -> comparable grids); x_T may be given instead.
-        """
+        """Algorithm 2 of Ho et al. (2020): ancestral sampling from x_T ~ N(0, I) (or the x_T given) down to x_0.
+        generator drives x_T and every z (fixed noise -> comparable grids)."""
         g_device = generator.device if generator is not None else device
         x = torch.randn(shape, generator=generator, dtype=dtype, device=g_device).to(device) if x_T is None else x_T
         for i in reversed(range(self.T)):  # paper t = T, ..., 1
@@ -379,14 +337,10 @@ class DDPM:
 
     @torch.no_grad()
     def nll_bpd(self, model, x0, clip_denoised=None, return_terms=False, generator=None):
-        """Eq. 5 of Ho et al. (2020): the variational bound L = L_T + sum_{t>1} L_{t-1} + L_0, in bits/dim.
+        """Eq. 5 of Ho et al. (2020): the variational bound L = L_T + sum_{t>1} L_{t-1} + L_0, in bits/dim, (B,).
 
-        L_T = KL(q(x_T | x_0) || N(0, I)); L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) with
-        one x_t ~ q(x_t | x_0) per t (every t is evaluated, T network calls); L_0 = -log p_theta(x_0 | x_1)
-        with the discretized decoder of Eq. 13 (bin width from self.levels). Returns (B,) bits per dimension on
-        x0's device (and the three parts if return_terms). The KLs are taken and summed in float64 on the device
-        (float32 on MPS). Noise comes from generator (default: the global torch RNG of x0's device).
-        """
+        L_T = KL(q(x_T | x_0) || N(0, I)); L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) with one
+        x_t ~ q(x_t | x_0) per t (T network calls); L_0 from Eq. 13. Summed in the widest float. Noise: generator."""
         B, D, dev, dt = x0.shape[0], x0[0].numel(), x0.device, wide(x0.device)
         ab_T = self.alpha_bar[-1].item()                                      # a CPU master: no device sync
         prior = normal_kl(math.sqrt(ab_T) * x0.to(dt), torch.tensor(1 - ab_T, dtype=dt, device=dev),
@@ -394,14 +348,14 @@ class DDPM:
         prior = prior.flatten(1).sum(1)
         diffusion, decoder = torch.zeros(B, dtype=dt, device=dev), torch.zeros(B, dtype=dt, device=dev)
         for i in range(self.T):
-            t = torch.full((B,), i, dtype=torch.long, device=dev)
+            i_b = torch.full((B,), i, dtype=torch.long, device=dev)           # (B,)
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=dev)
-            x_t = self.q_sample(x0, t, noise)                                   # Eq. 4
-            mean, var = self.p_mean_variance(model, x_t, t, clip_denoised)     # p_theta(x_{t-1} | x_t)
+            x_t = self.q_sample(x0, i_b, noise)                                 # Eq. 4
+            mean, var = self.p_mean_variance(model, x_t, i_b, clip_denoised)   # p_theta(x_{t-1} | x_t)
             if i == 0:   # L_0, Eq. 13
                 decoder = -discretized_gaussian_log_likelihood(x0, mean, var, self.levels).flatten(1).sum(1)
             else:        # L_{t-1}, Eqs. 5-7
-                q_mean, q_var = self.q_posterior(x0, x_t, t)
+                q_mean, q_var = self.q_posterior(x0, x_t, i_b)
                 kl = normal_kl(*(v.to(dt) for v in (q_mean, q_var, mean, var)))
                 diffusion += kl.flatten(1).sum(1)
         to_bpd = 1.0 / (D * math.log(2))
@@ -412,40 +366,41 @@ class DDPM:
 
 
 # -----------------------------------------------------------------------------
-# Noise schedules as signal-to-noise ratios (Kingma, Salimans, Poole, Ho 2021, "Variational Diffusion
-# Models", arXiv 2107.00630; VDM below). VDM writes z_t = alpha_t x + sigma_t eps (Eq. 1) with alpha_t^2 =
-# alpha_bar_t (this paper's) and sigma_t^2 = 1 - alpha_bar_t, and names a schedule by its log-SNR (Eqs. 2, 4, 5):
-#     SNR(t) = alpha_t^2 / sigma_t^2 = exp(-gamma(t)),  alpha_t^2 = sigmoid(-gamma(t)), sigma_t^2 = sigmoid(gamma(t)).
-# Continuous time t in [0, 1]; model callables get 999 t (the convention of common.py for continuous inputs);
-# VDMNet (the trained model) may turn that into the noise level gamma(t) for its network (--cond gamma).
+# VDM: Kingma, Salimans, Poole, Ho (2021), "Variational Diffusion Models", arXiv 2107.00630v6. Every citation in
+# this section is VDM's. VDM writes z_t = alpha_t x + sigma_t eps (VDM Eq. 1), its alpha_t^2 = DDPM's alpha_bar_t,
+# sigma_t^2 = 1 - alpha_bar_t, and names a schedule by its log-SNR gamma (VDM Eqs. 2, 5):
+#     SNR(t) = alpha_t^2 / sigma_t^2 = exp(-gamma(t)),  alpha_t^2 = sigmoid(-gamma(t)),  sigma_t^2 = sigmoid(gamma(t)).
+# Continuous time t in [0, 1]; model callables get 999 t (common.py's convention for continuous inputs).
+
+def low_discrepancy_uniform(B, device="cpu", generator=None):
+    """VDM App. I.1 (Kingma et al. 2021): u_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1): one u_i in each
+    interval [i/B, (i+1)/B), each alone uniform (every loss estimate stays unbiased). On device, in its widest float."""
+    dt = wide(device)
+    u_0 = torch.rand((), generator=generator, dtype=dt, device=device)
+    return (u_0 + torch.arange(B, dtype=dt, device=device) / B) % 1
+
 
 def gamma_discrete(diffusion):
-    """VDM Eq. 5 applied to DDPM: gamma_t = -log SNR_t = log((1 - alpha_bar_t) / alpha_bar_t); index i <-> t = (i+1)/T."""
+    """VDM Eq. 5 for DDPM's tables: gamma_t = -log SNR_t = log((1 - alpha_bar_t) / alpha_bar_t), at index i = t - 1."""
     return torch.log1p(-diffusion.alpha_bar) - torch.log(diffusion.alpha_bar)
 
 
-def vdm_discrete_term(diffusion, x0, x0_hat, t):
-    """VDM Eq. 13 (one term of the discrete-time loss) = Eq. 5's L_{t-1} of Ho et al. when sigma_t^2 = beta~_t:
-    KL(q(x_{t-1} | x_t, x0) || q(x_{t-1} | x_t, x0_hat)) = (SNR_{t-1} - SNR_t) / 2 * || x0 - x0_hat ||^2, per example.
-    (SNR before the first step is infinite; t = 1 is the decoder's term, so t >= 2 here.)"""
+def vdm_discrete_term(diffusion, x0, x0_hat, i):
+    """VDM Eq. 13, one term per example: (SNR_{t-1} - SNR_t) / 2 || x0 - x0_hat ||^2, which is Ho et al.'s L_{t-1}
+    (Eq. 5 there) KL(q(x_{t-1} | x_t, x0) || q(x_{t-1} | x_t, x0_hat)) when sigma_t^2 = beta~_t. t >= 2 (i >= 1)."""
     snr = diffusion.alpha_bar / (1 - diffusion.alpha_bar)                    # float64, on the CPU
-    d_snr_table = snr[(torch.arange(diffusion.T) - 1).clamp(min=0)] - snr     # SNR_{t-1} - SNR_t, every t
-    d_snr = extract(d_snr_table.to(x0.dtype).to(x0.device), t, x0).flatten()
-    return 0.5 * d_snr * (x0 - x0_hat).flatten(1).pow(2).sum(1)
+    d_snr = snr[(torch.arange(diffusion.T) - 1).clamp(min=0)] - snr         # SNR_{t-1} - SNR_t at every i
+    return 0.5 * d_snr.to(x0.dtype).to(x0.device)[i] * (x0 - x0_hat).flatten(1).pow(2).sum(1)
 
 
 def gamma_linear_snr(t, gamma_min=-13.3, gamma_max=5.0):
-    """VDM's fixed schedule (official code: "fixed_linear"), log-SNR linear in t:
-    gamma(t) = gamma_min + (gamma_max - gamma_min) t."""
+    """VDM's fixed schedule (official code: "fixed_linear"): gamma(t) = gamma_min + (gamma_max - gamma_min) t."""
     return gamma_min + (gamma_max - gamma_min) * t
 
 
 def gamma_cosine(t, gamma_min=-13.3, gamma_max=5.0):
-    """Nichol & Dhariwal's cosine schedule seen as a log-SNR, moved to the same endpoints as gamma_linear_snr.
-
-    alpha_bar = cos^2(pi u / 2) gives gamma = 2 log tan(pi u / 2); u runs linearly between the two values where
-    gamma = gamma_min and gamma = gamma_max, so only the shape between the endpoints differs (VDM Sec. 5.1 test).
-    """
+    """Nichol & Dhariwal's cosine schedule as a log-SNR, gamma = 2 log tan(pi u / 2) (alpha_bar = cos^2(pi u / 2)),
+    u linear in t between gamma_linear_snr's endpoints: only the shape between them differs (VDM Sec. 5.1's test)."""
     u0, u1 = (2 / math.pi * math.atan(math.exp(g / 2)) for g in (gamma_min, gamma_max))
     return 2 * torch.log(torch.tan(math.pi / 2 * (u0 + (u1 - u0) * t)))
 
@@ -455,14 +410,10 @@ GAMMAS = {"linear_snr": gamma_linear_snr, "cosine": gamma_cosine}
 
 
 class MonotoneGamma(torch.nn.Module):
-    """VDM App. H: a learned schedule gamma_phi(t), monotone in t because every weight is kept positive.
-
-    gamma~(t) = l1(t) + l3(sigmoid(l2(l1(t)))) with positive-weight linear layers (1 -> 1, 1 -> n, n -> 1; the
-    weights pass through softplus), then rescaled to the endpoints (App. I.2):
-    gamma(t) = gamma_0 + (gamma_1 - gamma_0) (gamma~(t) - gamma~(0)) / (gamma~(1) - gamma~(0)).
-    The endpoints (VDM defaults -13.3, 5.0) are fixed, or learned with learn_endpoints=True. float64 throughout
-    (float32 on MPS, where place() casts the module).
-    """
+    """VDM App. H: a learned schedule gamma_phi(t), monotone because every weight is kept positive (softplus):
+    gamma~(t) = l1(t) + l3(sigmoid(l2(l1(t)))), layers 1 -> 1 -> n -> 1, rescaled to the endpoints (VDM App. I.2),
+    gamma(t) = gamma_0 + (gamma_1 - gamma_0) (gamma~(t) - gamma~(0)) / (gamma~(1) - gamma~(0)); endpoints fixed at
+    -13.3, 5.0 or learned (learn_endpoints). float64 (float32 on MPS)."""
 
     def __init__(self, gamma_min=-13.3, gamma_max=5.0, n=1024, learn_endpoints=False):
         super().__init__()
@@ -473,8 +424,7 @@ class MonotoneGamma(torch.nn.Module):
         self.ends = torch.nn.Parameter(torch.tensor([gamma_min, gamma_max], dtype=torch.float64),
                                        requires_grad=learn_endpoints)
 
-    def shape(self, t):
-        """The unnormalised monotone network gamma~(t), t of shape (B,)."""
+    def shape(self, t):  # the unnormalised monotone network gamma~(t), t (B,)
         pos = torch.nn.functional.softplus
         h1 = t.to(self.w1.dtype)[:, None] @ pos(self.w1).T + self.b1            # (B, 1)
         h2 = torch.sigmoid(h1 @ pos(self.w2).T + self.b2)                       # (B, n)
@@ -487,56 +437,46 @@ class MonotoneGamma(torch.nn.Module):
         return g.reshape(t.shape)
 
 
-def low_discrepancy_uniform(B, device="cpu", generator=None):
-    """VDM App. I.1: t_i = mod(u_0 + i/B, 1), i = 0..B-1, one u_0 ~ U(0, 1): one t per interval [i/B, (i+1)/B).
-    Drawn on device, in its widest float."""
-    dt = wide(device)
-    u0 = torch.rand((), generator=generator, dtype=dt, device=device)
-    return (u0 + torch.arange(B, dtype=dt, device=device) / B) % 1
+def vdm_draws(shape, t_sampling, device, generator=None):
+    """One minibatch's randomness for vlb_continuous, in this order: t ~ U(0, 1) (B,) i.i.d. or low-discrepancy
+    (VDM App. I.1), the noise eps of z_t and the noise of z_0 (shape); on device, in its widest float."""
+    B, dt = shape[0], wide(device)
+    t = (low_discrepancy_uniform(B, device, generator) if t_sampling == "low_discrepancy"
+         else torch.rand(B, generator=generator, dtype=dt, device=device))
+    return [t] + [torch.randn(shape, generator=generator, dtype=dt, device=device) for _ in range(2)]
 
 
-def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t=None, t_sampling="iid", T=None, net_dtype=None,
-                   generator=None, eps=None, noise_0=None):
-    """VDM Eq. 11 with Eq. 17: the continuous-time (T -> infinity) bound, eps-parameterised, in bits/dim per example.
+def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t_sampling="iid", T=None, net_dtype=None,
+                   generator=None, draws=None):
+    """VDM Eq. 11 with VDM Eq. 17: the continuous-time bound, eps form; (B,) bits/dim and its terms.
 
-    -log p(x) <= L_prior + L_recon + L_inf (Eq. 11) with
-      L_inf   = 1/2 E_{t ~ U(0,1), eps} [ gamma'(t) || eps - eps_hat(z_t; t) ||^2 ],  z_t = alpha_t x + sigma_t eps;
-      L_prior = KL(q(z_1 | x) || N(0, I));
-      L_recon = -log p(x | z_0) with z_0 ~ q(z_0 | x): here the Gaussian N(z_0 / alpha_0, sigma_0^2 / alpha_0^2)
-                integrated over x's quantisation bin (Eq. 13 of Ho et al.; VDM uses a softmax over the levels instead).
-    gamma'(t) comes from autograd, so a learned gamma gets gradients too. One t per example (i.i.d. or
-    low-discrepancy). Returns (total, {"prior", "diffusion", "recon"}) as (B,) tensors in bits/dim.
-
-    T (optional): VDM's discrete-time loss (Eq. 13) on the same schedule instead of L_inf,
-      L_T = T/2 E_{i ~ U{1..T}, eps} [ (SNR(s) - SNR(t)) || x - x_hat(z_t; t) ||^2 ],  t = i/T, s = (i-1)/T,
-    which lies above L_inf and decreases towards it as T grows (VDM Sec. 4.1: doubling T never hurts).
-    Arithmetic in float64 on x0's device (float32 on MPS). The network gets net_dtype inputs (default: float32
-    for a torch.nn.Module, else the wide float: exact oracles); t, eps (the noise of z_t) and noise_0 (that of z_0)
-    may be given (the training loop draws them for the whole global batch), else they come from generator
-    (default: the global RNG).
+    -log p(x) <= L_prior + L_recon + L_inf:  L_prior = KL(q(z_1 | x) || N(0, I));
+      L_inf = 1/2 E_{t ~ U(0,1), eps} [ gamma'(t) || eps - eps_hat(z_t; t) ||^2 ],  z_t = alpha_t x + sigma_t eps;
+      L_recon = -log p(x | z_0): N(z_0 / alpha_0, sigma_0^2 / alpha_0^2) over x's bin (Ho et al.'s Eq. 13 decoder;
+      VDM takes a softmax over the levels). gamma'(t) by autograd: a learned gamma gets gradients too.
+    T given: VDM Eq. 13's L_T = T/2 E_j [ (SNR(s) - SNR(t)) || x - x_hat ||^2 ], t = j/T, s = (j-1)/T, j in 1..T,
+    instead of L_inf (it decreases to L_inf as T grows, VDM Sec. 4.1). Arithmetic in the widest float; the network
+    gets net_dtype (default: float32 for a Module, the wide float for exact oracles). draws: (t, eps, eps_0) from
+    vdm_draws (the training loop's, for the global batch), else drawn here from generator.
     """
-    B, D, dev, dt = x0.shape[0], x0[0].numel(), x0.device, wide(x0.device)
+    D, dev, dt = x0[0].numel(), x0.device, wide(x0.device)
     x0 = x0.to(dt)
-    if t is None:
-        ld = t_sampling == "low_discrepancy"
-        t = (low_discrepancy_uniform(B, dev, generator) if ld
-             else torch.rand(B, generator=generator, dtype=dt, device=dev))
+    t, eps, eps_0 = draws if draws is not None else vdm_draws(x0.shape, t_sampling, dev, generator)
     if T is not None:
-        t = torch.ceil(t.to(dt) * T).clamp(min=1) / T                         # t = i/T, i in 1..T
+        t = torch.ceil(t.to(dt) * T).clamp(min=1) / T                         # t = j/T, j in 1..T (VDM's i)
     t = t.to(dt).detach().requires_grad_(True)
     with torch.enable_grad():
         g_t = gamma(t)                                                        # (B,)
         dg_dt = torch.autograd.grad(g_t.sum(), t, create_graph=True)[0]     # gamma'(t) > 0
-    shape = (-1, *([1] * (x0.dim() - 1)))
-    alpha, sigma = torch.sigmoid(-g_t).sqrt().reshape(shape), torch.sigmoid(g_t).sqrt().reshape(shape)
-    eps = torch.randn(x0.shape, generator=generator, dtype=dt, device=dev) if eps is None else eps.to(dt)
+    alpha, sigma = expand(torch.sigmoid(-g_t).sqrt(), x0), expand(torch.sigmoid(g_t).sqrt(), x0)
+    eps = eps.to(dt)
     z_t = alpha * x0 + sigma * eps
     if net_dtype is None:
         net_dtype = torch.float32 if isinstance(model, torch.nn.Module) else dt  # oracles take the wide float
     eps_hat = model(z_t.to(net_dtype), (999 * t.detach()).to(net_dtype))      # eps_hat(z_t; t), t passed as 999 t
-    if T is None:   # L_inf (Eq. 17): 1/2 gamma'(t) ||eps - eps_hat||^2
+    if T is None:   # L_inf (VDM Eq. 17): 1/2 gamma'(t) ||eps - eps_hat||^2
         diffusion = 0.5 * dg_dt * (eps - eps_hat.to(dt)).flatten(1).pow(2).sum(1)
-    else:           # L_T (Eq. 13): T/2 (SNR(s) - SNR(t)) ||x - x_hat||^2, x_hat = (z_t - sigma_t eps_hat) / alpha_t (Eq. 10)
+    else:           # L_T (VDM Eq. 13) with x_hat = (z_t - sigma_t eps_hat) / alpha_t (VDM Eq. 10)
         x_hat = (z_t - sigma * eps_hat.to(dt)) / alpha
         d_snr = torch.exp(-gamma(t.detach() - 1.0 / T)) - torch.exp(-g_t)
         diffusion = 0.5 * T * d_snr * (x0 - x_hat).flatten(1).pow(2).sum(1)
@@ -544,9 +484,7 @@ def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t=None, t_sam
     var_1 = torch.sigmoid(g_01[1])                                            # sigma_1^2
     prior = 0.5 * ((1 - var_1) * x0 ** 2 + var_1 - torch.log(var_1) - 1).flatten(1).sum(1)
     alpha_0, var_ratio = torch.sigmoid(-g_01[0]).sqrt(), torch.exp(g_01[0])  # sigma_0^2 / alpha_0^2 = exp(gamma_0)
-    if noise_0 is None:
-        noise_0 = torch.randn(x0.shape, generator=generator, dtype=dt, device=dev)
-    z_0 = alpha_0 * x0 + torch.sigmoid(g_01[0]).sqrt() * noise_0.to(dt)
+    z_0 = alpha_0 * x0 + torch.sigmoid(g_01[0]).sqrt() * eps_0.to(dt)
     recon = -discretized_gaussian_log_likelihood(x0, z_0 / alpha_0, var_ratio.expand_as(x0), levels).flatten(1).sum(1)
     to_bpd = 1.0 / (D * math.log(2))
     terms = {"prior": prior * to_bpd, "diffusion": diffusion * to_bpd, "recon": recon * to_bpd}
@@ -554,36 +492,20 @@ def vlb_continuous(model, x0, gamma=gamma_linear_snr, levels=None, t=None, t_sam
 
 
 def fourier_features(z, levels):
-    """VDM Sec. 3.4 and App. C: extra input channels sin(f z), cos(f z) that resolve z at the scale of the data's
-    quantisation, where the denoiser must otherwise learn a sharp function of z by itself (at high SNR the data's
-    K discrete values make q(z_t) sharply peaked). VDM uses f = 2^n pi, n in {7, 8}, for 8-bit data, i.e. periods
-    of two and one quantisation steps; our K levels sit 2/(K-1) apart (common.levels_to_unit), so
-    f in {(K-1) pi / 2, (K-1) pi}: 127.5 pi and 255 pi for 8-bit images, 8 pi and 16 pi for the 17-level digits.
-    z (B, C, H, W) -> (B, 4C, H, W) features, in the order sin f1, cos f1, sin f2, cos f2."""
+    """VDM Sec. 3.4, App. C: channels sin(f z), cos(f z) that resolve z at the data's quantisation step (at high SNR
+    q(z_t) peaks at the K levels). VDM's f = 2^7 pi, 2^8 pi for 8-bit data are periods of two steps and one; our
+    levels are 2/(K-1) apart: f = (K-1) pi / 2, (K-1) pi. z (B, C, H, W) -> (B, 4C, H, W): sin, cos f1; sin, cos f2."""
     f = [(levels - 1) * math.pi / 2, (levels - 1) * math.pi]
     return torch.cat([fn(w * z) for w in f for fn in (torch.sin, torch.cos)], dim=1)
 
 
-def data_levels(dataset):
-    """K, the number of discrete values per dimension of a dataset as common.load_data delivers it (None: continuous)."""
-    return 17 if dataset == "digits" else (None if dataset in TOYS else 256)
-
-
 class VDMNet(torch.nn.Module):
-    """The denoiser eps_hat(z_t; .) plus, for --schedule learned, the schedule gamma_phi: one state_dict.
+    """The denoiser eps_hat(z_t; .) and, for --schedule learned, gamma_phi: one state_dict. Called as model(z_t, 999 t).
 
-    Called as model(z_t, 999 t), like every continuous-time model here. cond="gamma" hands the network the noise
-    level instead, 999 (gamma(t) - gamma_min) / (gamma_max - gamma_min) with VDM's reference endpoints -13.3, 5.0
-    (the official ScoreUNet's rescaling): then eps_hat is a function of (z, SNR) only, which is what VDM
-    Sec. 5.1's invariance argument (Eq. 18) assumes -- the loss depends on the schedule only through its endpoints, and a
-    learned gamma can change its shape without moving the denoiser's input. For linear_snr the two coincide
-    (gamma is affine in t with those endpoints). The gradient through gamma(t) reaches gamma_phi, as in the
-    official code. cond="t": the network sees 999 t (checkpoints written before the option existed).
-    fourier_levels = K > 0: the network also sees fourier_features(z, K) (its input has 5 C channels).
-
-    The network is DDPM's U-Net (common.UNet), not VDM's: the official VDM ScoreUNet keeps the full resolution
-    throughout (no down- or upsampling blocks) and adds its input to its output (eps_hat += z, a base measure
-    for the noise prediction); neither is done here.
+    cond="gamma": the network sees the noise level 999 (gamma(t) - gamma_min) / (gamma_max - gamma_min) with VDM's
+    reference endpoints (the official ScoreUNet's), so eps_hat is a function of (z, SNR) as VDM Sec. 5.1 (VDM Eq. 18)
+    assumes; = 999 t for linear_snr; gradients reach gamma_phi through it. cond="t": 999 t. fourier_levels K > 0:
+    fourier_features(z, K) as extra input (5 C channels). DDPM's U-Net, not VDM's (full resolution, z added to eps_hat).
     """
 
     def __init__(self, net, learned, learn_endpoints=False, cond="t", fourier_levels=0):
@@ -606,9 +528,8 @@ class VDMNet(torch.nn.Module):
 
 def vdm_backward(model, bpd, terms, schedule_grad):
     """Gradients for one VDM minibatch. "bound": everything descends the mean bits/dim. "variance" (VDM Sec. 5.3):
-    the bound's expectation depends on the schedule only through its endpoints (Sec. 5.1), so the interior of
-    gamma_phi is free to minimise the estimator's variance, whose gradient is that of E[L_diff^2] (App. I.2); the denoiser
-    and the endpoints still descend the bound."""
+    the bound depends on the schedule only through its endpoints (VDM Sec. 5.1), so gamma_phi's interior descends
+    the estimator's variance, i.e. E[L_diff^2] (VDM App. I.2); the denoiser and the endpoints descend the bound."""
     loss = bpd.mean()
     if schedule_grad != "variance" or getattr(model, "gamma", None) is None:
         loss.backward()
@@ -623,16 +544,10 @@ def vdm_backward(model, bpd, terms, schedule_grad):
 
 @torch.no_grad()
 def vdm_sampler(vdm_net, T, variance="beta_tilde", clip=False, levels=None, net=None):
-    """Ancestral sampling for a continuous-time model: the DDPM chain on the grid t_i = (i+1)/T with
-    alpha_bar_i = alpha_{t_i}^2 = sigmoid(-gamma(t_i)) and alpha_bar "before the first step" 1 (t = 0 is the clean
-    data x); returns (DDPM, model) with model(x, i) = net(x, 999 t_i) (net: default vdm_net; the training loop
-    passes the network() wrapper). With sigma^2 = beta~ every step down to t = 1/T is VDM's ancestral step
-    p(z_s | z_t) = q(z_s | z_t, x = x_hat) (Eq. 9); the last one returns the mean, x_hat itself, as DDPM does,
-    where VDM samples z_0 and decodes it with p(x | z_0). (Until issue 13 the chain was normalised by alpha_0^2,
-    which treats z_0 as the clean data: at t = 1/T it saw sigma_{t|0}, 7.4x smaller than sigma_t for T = 1000 and
-    gamma(0) = -13.3, and left z_0's noise, sd 1.3e-3, in the samples.) gamma is evaluated on the network's
-    device; the schedule's float64 master is built from those values on the CPU.
-    """
+    """VDM Eq. 9 as a DDPM chain: (DDPM, model) on the grid t_i = (i+1)/T, alpha_bar_i = sigmoid(-gamma(t_i)),
+    model(x, i) = net(x, 999 t_i) (net: default vdm_net). alpha_bar before the first step is 1 (t = 0 is the data x,
+    not z_0); with sigma^2 = beta~ each step is p(z_s | z_t) = q(z_s | z_t, x = x_hat), and the last returns x_hat,
+    where VDM samples z_0 and decodes it. gamma runs on vdm_net's device, the float64 tables on the CPU."""
     gamma = vdm_net.gamma_fn()
     dev = next(vdm_net.parameters(), torch.zeros(())).device if isinstance(vdm_net, torch.nn.Module) else "cpu"
     t_grid = torch.arange(1, T + 1, dtype=wide(dev), device=dev) / T
@@ -995,35 +910,35 @@ def one_line_errors():
 
 
 # -----------------------------------------------------------------------------
-# Training loop (Algorithm 1), checkpoints, sample grids
+# Training loop (Algorithm 1) and the CLI modes
 
-# Fields a resumed run (or a sampler) must share with the checkpoint: they fix the network and the diffusion.
 # Fields that --sample / --eval-nll take from the command line over the checkpoint's (how and where to run, not what);
 # a --resume simply runs with the values given (none of them is in MUST_MATCH).
 RUNTIME = ("out", "device", "seed", "clip_denoised", "batch_size", "precision", "compile", "deterministic")
+# Fields a resumed run must share with the checkpoint: they fix the network and the diffusion (VDM's: --loss-type vlb).
 MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T", "variance", "loss_type")
-# Fields added later (issue 8): a checkpoint without them was written with these values. Checked for --loss-type vlb.
-LEGACY = {"learn_endpoints": False, "cond": "t", "fourier": "off"}
+VDM_MUST_MATCH = ("learn_endpoints", "cond", "fourier")
+
+
+def data_levels(dataset):
+    """K, the number of values per dimension of a dataset as common.load_data delivers it (None: continuous)."""
+    return 17 if dataset == "digits" else (None if dataset in TOYS else 256)
 
 
 def make_model(config):
-    """The noise predictor eps_theta for a checkpoint config: common.MLP for 2-D toys, else the U-Net.
-
-    config is a dict with "dataset", "model" and "data_shape" ([C, H, W] for images), as stored in ckpt.pt.
-    """
+    """The network for a checkpoint's config dict (as in ckpt.pt), on the CPU: common.MLP for 2-D toys, else the
+    U-Net; for --loss-type vlb inside a VDMNet (with the learned schedule and Fourier features it asks for)."""
     vlb = config.get("loss_type") == "vlb"
-    fourier = vlb and config.get("fourier", LEGACY["fourier"]) == "on"
+    fourier = vlb and config["fourier"] == "on"
     if config["dataset"] in TOYS:
         net = MLP()
     else:
         C, H = config["data_shape"][0], config["data_shape"][-1]
         net = UNet(in_ch=5 * C if fourier else C, image_size=H, out_ch=C, **PRESETS[config["model"]])
-    if vlb:  # VDM objective: continuous t, the schedule may be learned
-        return VDMNet(net, learned=config["schedule"] == "learned",
-                      learn_endpoints=config.get("learn_endpoints", LEGACY["learn_endpoints"]),
-                      cond=config.get("cond", LEGACY["cond"]),
-                      fourier_levels=data_levels(config["dataset"]) if fourier else 0)
-    return net
+    if not vlb:
+        return net
+    return VDMNet(net, learned=config["schedule"] == "learned", learn_endpoints=config["learn_endpoints"],
+                  cond=config["cond"], fourier_levels=data_levels(config["dataset"]) if fourier else 0)
 
 
 def place(net, device):
@@ -1031,28 +946,29 @@ def place(net, device):
     return net.to(device, torch.float32) if device.type == "mps" else net.to(device)
 
 
-def make_diffusion(cfg, levels, is_toy, model=None, net=None):
-    """The DDPM object for a Config; clip_denoised "auto" clips x0_hat for images only.
-    For --loss-type vlb: (DDPM discretising the model's gamma, model(x, i)) from vdm_sampler, calling net."""
-    clip = {"on": True, "off": False, "auto": not is_toy}[cfg.clip_denoised]
+def make_diffusion(cfg, levels, net, net_fn):
+    """(DDPM, model(x, i)) for a Config: clip_denoised "auto" clips x0_hat for images only. For --loss-type vlb the
+    DDPM discretises net's gamma (vdm_sampler) and model maps i to 999 t; else model is net_fn itself."""
+    clip = {"on": True, "off": False, "auto": cfg.dataset not in TOYS}[cfg.clip_denoised]
     if cfg.loss_type == "vlb":
-        return vdm_sampler(model, cfg.T, clip=clip, levels=levels, net=net)
+        return vdm_sampler(net, cfg.T, clip=clip, levels=levels, net=net_fn)
     return DDPM(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T, cfg.variance, cfg.loss_type, clip, levels,
-                cfg.t_sampling)
+                cfg.t_sampling), net_fn
 
 
 def read_ckpt(path, cfg=None):
-    """load_checkpoint plus the checks of this script: all keys present; config matches cfg where it must."""
+    """load_checkpoint plus this script's checks: every entry and config field present; for a resume (cfg given)
+    the fields that fix the network and the diffusion equal to cfg's."""
     ckpt = load_checkpoint(path)
-    missing = [k for k in ("config", "step", "model", "ema", "optimizer", "rng") if k not in ckpt]
-    if missing or not isinstance(ckpt["config"], dict) or "data_shape" not in ckpt["config"] or any(
-            k not in ckpt["config"] for k in MUST_MATCH):
-        raise DataError(f"{path}: a {SCRIPT} checkpoint with missing fields ({', '.join(missing) or 'config'})")
-    check = (*MUST_MATCH, *(LEGACY if cfg.loss_type == "vlb" else ())) if cfg is not None else ()
-    for k in check:
-        old = ckpt["config"].get(k, LEGACY.get(k))
-        if old != getattr(cfg, k):
-            raise DataError(f"{path}: trained with {k}={old!r}, this run has {k}={getattr(cfg, k)!r}")
+    config = ckpt.get("config")
+    missing = [k for k in ("config", "step", "model", "ema", "optimizer", "rng") if k not in ckpt] or [
+        k for k in (*(f.name for f in dataclasses.fields(Config)), "data_shape")
+        if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise DataError(f"{path}: a {SCRIPT} checkpoint with missing fields ({', '.join(missing)})")
+    for k in (*MUST_MATCH, *(VDM_MUST_MATCH if cfg.loss_type == "vlb" else ())) if cfg is not None else ():
+        if config[k] != getattr(cfg, k):
+            raise DataError(f"{path}: trained with {k}={config[k]!r}, this run has {k}={getattr(cfg, k)!r}")
     return ckpt
 
 
@@ -1070,18 +986,17 @@ def write_samples(x, path_png, data=None):
 
 def train(cfg):
     """Algorithm 1 of Ho et al. (2020) with the official recipe: Adam, warm-up, gradient clipping, EMA.
-
-    Under torchrun each rank computes the loss on its slice of the global batch (see setup_distributed)."""
+    Under torchrun each rank computes the loss on its slice of the global batch (see "Several processes")."""
     rank, world, device = setup_distributed(pick_device(cfg.device))  # (0, 1, device) without torchrun
     B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
-    is_toy = cfg.dataset in TOYS
+    is_toy, vlb = cfg.dataset in TOYS, cfg.loss_type == "vlb"
     if cfg.fourier == "auto":  # resolved before it is stored or compared with a checkpoint's
-        cfg.fourier = "on" if cfg.loss_type == "vlb" and not is_toy else "off"
-    config = {**dataclasses.asdict(cfg), "data_shape": list(data.x.shape[1:])}
+        cfg.fourier = "on" if vlb and not is_toy else "off"
+    config = {**dataclasses.asdict(cfg), "data_shape": list(data.u.shape[1:])}
     model = place(make_model(config), device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # EMA of parameters only (the nets have no buffers)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -1096,7 +1011,7 @@ def train(cfg):
         if list(ckpt["config"]["data_shape"]) != config["data_shape"]:
             raise DataError(f"{path}: data shape {ckpt['config']['data_shape']}, this run has {config['data_shape']}")
         if not isinstance(ckpt["rng"], dict) or "data" not in ckpt["rng"]:
-            raise DataError(f"{path}: written before the data generator (issue 16): it samples, but cannot resume")
+            raise DataError(f"{path}: its \"rng\" holds no data generator state: it samples, but cannot resume")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
         try:
@@ -1104,22 +1019,15 @@ def train(cfg):
         except RuntimeError:  # a CUDA generator's state does not fit a CPU one, and vice versa
             raise DataError(f"{path}: its data generator belongs to another device type; resume on that one") from None
         log(f"resumed from {path} at step {step}", flush=True)
-    vlb = cfg.loss_type == "vlb"
+    net = network(model, autocast, cfg.compile)  # what the loss calls: in autocast, float32 out
     if not vlb:
-        diffusion = make_diffusion(cfg, data.levels, is_toy)
-    net = network(model, autocast, cfg.compile)  # what the loss calls: model(x, t) in autocast, float32 out
-    x_data = data.x.to(device)
-    shape = tuple(data.x.shape[1:])
-    n_grid = 2000 if is_toy else 64
-    grid_shape = (n_grid, *shape)
-
-    checked = [step]  # the last step whose loss was checked
-    loss_sum = torch.zeros((), device=device)   # since the last check (NaN and inf stay in a sum)
+        diffusion, _ = make_diffusion(cfg, data.levels, model, net)
+    x_data, shape = data.u.to(device), tuple(data.u.shape[1:])  # the training set on the device (uint8 levels)
+    checked, loss_sum = [step], torch.zeros((), device=device)  # the last step checked, the loss sum since (NaN stays)
     log_sum, n_log = torch.zeros((), device=device), 0   # since the last progress line
 
     def check_finite():
-        """The one host sync of the loss: at log and checkpoint steps, for every step since the last check.
-        The mean over the ranks is the same number on every rank, so every rank takes the same decision."""
+        # The loss's one host sync, at log and checkpoint steps; the mean over the ranks: every rank decides alike.
         nonlocal loss_sum
         if not math.isfinite(mean_over_ranks(loss_sum, world).item()):
             raise DataError(f"non-finite loss between steps {checked[0] + 1} and {step}; "
@@ -1138,10 +1046,9 @@ def train(cfg):
 
     def sample_grid():
         # Fixed noise (its own generator, so the data generator is untouched): the grids differ only by the weights.
+        d, fn = make_diffusion(cfg, data.levels, ema, network(ema, autocast))
         g = make_generator(cfg.seed + 1, device)
-        ema_net = network(ema, autocast)
-        d, fn = make_diffusion(cfg, data.levels, is_toy, ema, ema_net) if vlb else (diffusion, ema_net)
-        x = d.sample(fn, grid_shape, generator=g, device=device)
+        x = d.sample(fn, (2000 if is_toy else 64, *shape), generator=g, device=device)
         write_samples(x.cpu(), os.path.join(cfg.out, f"grid_{step:07d}.png"), data if is_toy else None)
 
     stop, t0, step0, stopping = StopFlag(), time.time(), step, False
@@ -1151,30 +1058,24 @@ def train(cfg):
         idx = torch.randint(len(x_data), (B,), device=device, generator=data_gen)  # i.i.d. minibatch: exact resume
         if data.flip:  # random horizontal flips (the paper's CIFAR-10 augmentation)
             flip = (torch.rand(B, device=device, generator=data_gen) < 0.5).reshape(-1, 1, 1, 1)
-        if vlb:  # continuous t in [0, 1) and the noise of z_t and of z_0, in the widest float (VDM Eqs. 11, 17)
-            dt = wide(device)
-            t = (low_discrepancy_uniform(B, device, data_gen) if cfg.t_sampling == "low_discrepancy"
-                 else torch.rand(B, generator=data_gen, dtype=dt, device=device))
-            noise = torch.randn((B, *shape), generator=data_gen, dtype=dt, device=device)
-            noise_0 = torch.randn((B, *shape), generator=data_gen, dtype=dt, device=device)
+        if vlb:  # VDM: continuous t, the noise of z_t and that of z_0
+            t, eps, eps_0 = vdm_draws((B, *shape), cfg.t_sampling, device, data_gen)
         else:
-            t = diffusion.sample_t(B, device, data_gen)                                     # Algorithm 1, line 3
+            i = diffusion.sample_i(B, device, data_gen)                                     # Algorithm 1, line 3
             noise = torch.randn((B, *shape), generator=data_gen, device=device)             # Algorithm 1, line 4
-        x0 = x_data[idx[part]]
+        x0 = levels_to_unit(x_data[idx[part]], data.levels)  # to [-1, 1], float32, on the device
         if data.flip:
             x0 = torch.where(flip[part], x0.flip(-1), x0)
-        if vlb:  # VDM Eqs. 11, 17: the bound itself, bits/dim (a learned gamma trains jointly on it)
-            bpd, terms = vlb_continuous(net, x0, model.gamma_fn(), data.levels, t=t[part], net_dtype=torch.float32,
-                                        eps=noise[part], noise_0=noise_0[part])
-            loss = bpd.mean()
-        else:
-            loss = diffusion.loss(net, x0, t[part], noise[part])  # Algorithm 1, line 5, on this rank's slice
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))  # linear warm-up
         opt.zero_grad(set_to_none=True)
-        if vlb:
+        if vlb:  # VDM Eqs. 11, 17: the bound itself, bits/dim (a learned gamma trains jointly on it)
+            bpd, terms = vlb_continuous(net, x0, model.gamma_fn(), data.levels, net_dtype=torch.float32,
+                                        draws=(t[part], eps[part], eps_0[part]))
+            loss = bpd.mean()
             vdm_backward(model, bpd, terms, cfg.schedule_grad)
         else:
+            loss = diffusion.loss(net, x0, i[part], noise[part])  # Algorithm 1, line 5, on this rank's slice
             loss.backward()
         average_gradients(model, world)  # the gradient of the global batch's mean loss (gamma_phi's too), every rank
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # a NaN here shows in the weights' check
@@ -1185,10 +1086,9 @@ def train(cfg):
         stopping = any_rank(stop.set, world, device)  # Ctrl-C / SIGTERM on any rank stops every rank after this step
         if step % cfg.log_every == 0 or step == cfg.steps:  # progress line: step, loss, it/s, ETA
             check_finite()
-            mean_loss = mean_over_ranks(log_sum, world).item() / n_log
             rate = (step - step0) / (time.time() - t0)
             eta = (cfg.steps - step) / rate
-            log(f"step {step}/{cfg.steps}  loss {mean_loss:.4f}  {rate:.2f} it/s  "
+            log(f"step {step}/{cfg.steps}  loss {mean_over_ranks(log_sum, world).item() / n_log:.4f}  {rate:.2f} it/s  "
                 f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
             log_sum, n_log = torch.zeros((), device=device), 0
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
@@ -1203,23 +1103,12 @@ def train(cfg):
     log(f"done: {step} steps in {time.time() - t0:.0f} s{on}; checkpoint {path}", flush=True)
 
 
-# -----------------------------------------------------------------------------
-# Sampling and evaluation from a checkpoint
-
-def is_pretrained(path):
-    """A released model in diffusers' format (a folder, or a .safetensors / .bin weight file), not our checkpoint."""
-    return os.path.isdir(path) or path.endswith((".safetensors", ".bin"))
-
-
 def load_for_inference(args, cfg_overrides):
-    """Rebuild (cfg, ckpt, diffusion, model(x, i), device, rank, world) from a checkpoint's EMA weights, without the
-    data, or from a released DDPM model in diffusers' format (common.load_pretrained; T, betas, variance and
-    clipping from its scheduler_config.json, else the paper's).
-
-    model is the EMA network wrapped by network() (precision, compile); for --loss-type vlb diffusion.vdm_net is
-    the bare VDMNet (its gamma) and diffusion.net_fn the wrapped one (for the bound). Under torchrun every rank
-    loads the same weights; rank and world say which one this is."""
-    if is_pretrained(args.ckpt):  # a released DDPM model (diffusers files): its schedule, variance and clipping
+    """(cfg, ckpt, net, net_fn, device, rank, world) for --sample / --eval-nll: the EMA network of a checkpoint
+    (without its data), or a released DDPM model in diffusers' format (a folder, or a .safetensors / .bin file:
+    common.load_pretrained; T, betas, variance and clipping from its scheduler_config.json, else the paper's).
+    net is on the device; net_fn is net wrapped by network() (precision, compile). Every rank loads the same."""
+    if os.path.isdir(args.ckpt) or args.ckpt.endswith((".safetensors", ".bin")):
         net, info = load_pretrained(args.ckpt)
         s, shape = info["schedule"], info["data_shape"]
         cfg = Config(dataset="cifar10" if shape == [3, 32, 32] else "pretrained", T=s["T"], schedule=s["schedule"],
@@ -1228,8 +1117,7 @@ def load_for_inference(args, cfg_overrides):
         ckpt = {"config": {**dataclasses.asdict(cfg), "data_shape": shape}}
     else:
         ckpt = read_ckpt(args.ckpt)
-        fields = {f.name for f in dataclasses.fields(Config)}
-        cfg = Config(**{**LEGACY, **{k: v for k, v in ckpt["config"].items() if k in fields}})
+        cfg = Config(**{f.name: ckpt["config"][f.name] for f in dataclasses.fields(Config)})
         net = make_model(ckpt["config"])
         try:
             net.load_state_dict(ckpt["ema"])
@@ -1239,69 +1127,61 @@ def load_for_inference(args, cfg_overrides):
     cfg = dataclasses.replace(cfg, **cfg_overrides)  # RUNTIME fields given on the command line
     rank, world, device = setup_distributed(pick_device(cfg.device))  # (0, 1, device) without torchrun
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)
-    levels = data_levels(cfg.dataset)
     if has_nonfinite(net):
         raise DataError(f"{args.ckpt}: the EMA weights contain NaN or inf")
     net = place(net, device).eval()
-    net_fn = network(net, autocast, cfg.compile)
-    if cfg.loss_type == "vlb":
-        diffusion, model = make_diffusion(cfg, levels, cfg.dataset in TOYS, net, net_fn)
-        diffusion.vdm_net, diffusion.net_fn = net, net_fn  # --eval-nll uses the continuous bound for these
-        return cfg, ckpt, diffusion, model, device, rank, world
-    return cfg, ckpt, make_diffusion(cfg, levels, cfg.dataset in TOYS), net_fn, device, rank, world
+    return cfg, ckpt, net, network(net, autocast, cfg.compile), device, rank, world
 
 
 def run_sample(args, cfg_overrides):
     """--sample: n images (or 2-D points) from the EMA network -> samples.png and samples.npz.
 
     Chunks of --batch-size samples, chunk k on rank k % world (torchrun), each from its own generator derived from
-    --seed and its first sample's index: the samples depend on --seed and --batch-size only, not on the ranks.
-    Rank 0 writes them."""
-    cfg, ckpt, diffusion, net, device, rank, world = load_for_inference(args, cfg_overrides)
+    --seed and its first sample's index: the samples depend on --seed and --batch-size only. Rank 0 writes them."""
+    cfg, ckpt, net, net_fn, device, rank, world = load_for_inference(args, cfg_overrides)
+    diffusion, model = make_diffusion(cfg, data_levels(cfg.dataset), net, net_fn)
     os.makedirs(cfg.out, exist_ok=True)
     shape, chunks = tuple(ckpt["config"]["data_shape"]), []
     for start, n in my_chunks(args.n_samples, cfg.batch_size, rank, world):
         g = chunk_generator(cfg.seed, start, device)  # x_T and every z of this chunk
-        chunks.append((start, diffusion.sample(net, (n, *shape), generator=g, device=device).cpu()))
+        chunks.append((start, diffusion.sample(model, (n, *shape), generator=g, device=device).cpu()))
         if rank == 0:
             print(f"sampled {start + n}/{args.n_samples}", flush=True)
     x = gather_chunks(chunks, world)  # (n_samples, ...) in sample order, on the CPU
     if rank != 0:
         return
-    if cfg.dataset in TOYS:  # 2-D points: scatter over the data; npz holds the raw float coordinates
-        write_samples(x, os.path.join(cfg.out, "samples.png"), load_data(cfg.dataset, train=False))
+    toy = cfg.dataset in TOYS  # 2-D points: a scatter over the data; npz holds the raw float coordinates
+    write_samples(x, os.path.join(cfg.out, "samples.png"), load_data(cfg.dataset, train=False) if toy else None)
+    if toy:
         np.savez(os.path.join(cfg.out, "samples.npz"), arr_0=x.numpy())
     else:
-        write_samples(x, os.path.join(cfg.out, "samples.png"))
         save_npz(x, os.path.join(cfg.out, "samples.npz"))
     on = f" on {world} processes" if world > 1 else ""
     print(f"wrote {cfg.out}/samples.png and {cfg.out}/samples.npz ({len(x)} samples{on})")
 
 
 def run_eval_nll(args, cfg_overrides):
-    """--eval-nll: the variational bound (Eq. 5) on held-out data, in bits/dim.
+    """--eval-nll: the variational bound on held-out data in bits/dim (Eq. 5; VDM Eq. 11 for --loss-type vlb).
 
     Chunks of --batch-size examples, split over the ranks like --sample's, each with the generator of its first
     example's index: the per-example values do not depend on the ranks; rank 0 prints the mean over all of them."""
-    cfg, ckpt, diffusion, net, device, rank, world = load_for_inference(args, cfg_overrides)
+    cfg, ckpt, net, net_fn, device, rank, world = load_for_inference(args, cfg_overrides)
     data = load_data(cfg.dataset, train=False, image_size=cfg.image_size or None)
-    diffusion.levels = data.levels
+    diffusion, model = make_diffusion(cfg, data.levels, net, net_fn)
     x = data.x[:args.n_eval].to(device)
     chunks = []  # (start, (n, 4) CPU tensor of bits/dim, prior, diffusion, decoder per example)
     for start, n in my_chunks(len(x), cfg.batch_size, rank, world):
         xb = x[start:start + n]
         g = chunk_generator(cfg.seed, start, device)  # every x_t, t and noise of this chunk's bound
-        if cfg.loss_type == "vlb":  # VDM Eq. 11 bound (Eq. 17 diffusion term), averaged over 16 low-discrepancy draws of t
-            vdm_net = diffusion.vdm_net
+        if cfg.loss_type == "vlb":  # VDM Eq. 11 (VDM Eq. 17 diffusion term), mean of 16 low-discrepancy draws of t
             with torch.no_grad():
-                runs = [vlb_continuous(diffusion.net_fn, xb, vdm_net.gamma_fn(), data.levels,
-                                       t_sampling="low_discrepancy", net_dtype=torch.float32, generator=g)
-                        for _ in range(16)]
+                runs = [vlb_continuous(net_fn, xb, net.gamma_fn(), data.levels, "low_discrepancy",
+                                       net_dtype=torch.float32, generator=g) for _ in range(16)]
+            mean = lambda k: torch.stack([r[1][k] for r in runs]).mean(0)  # noqa: E731
             bpd = torch.stack([r[0] for r in runs]).mean(0)
-            terms = {"prior": runs[0][1]["prior"], "decoder": torch.stack([r[1]["recon"] for r in runs]).mean(0),
-                     "diffusion": torch.stack([r[1]["diffusion"] for r in runs]).mean(0)}
+            terms = {"prior": runs[0][1]["prior"], "diffusion": mean("diffusion"), "decoder": mean("recon")}
         else:
-            bpd, terms = diffusion.nll_bpd(net, xb, return_terms=True, generator=g)
+            bpd, terms = diffusion.nll_bpd(model, xb, return_terms=True, generator=g)
         chunks.append((start, torch.stack([bpd, terms["prior"], terms["diffusion"], terms["decoder"]], 1).cpu()))
         if rank == 0:
             mine = torch.cat([c for _, c in chunks])[:, 0]

@@ -4,7 +4,7 @@ Prints three markdown tables, all with exact predictors (no training, so the num
   1. the variational bound (Eq. 5) against the true NLL for a quantised Gaussian (17 levels), by T and variance;
   2. the minibatch loss-estimator standard deviation with i.i.d. vs low-discrepancy timesteps (VDM App. I.1);
   3. VDM's discrete-time bound L_T and continuous L_inf for N(0, 0.5^2) data, two schedules with equal endpoints;
-  4. issue 8's comparison on a 2-D toy (8 Gaussians, MLP, equal steps): held-out bits/dim of the bound for
+  4. the objectives compared on a 2-D toy (8 Gaussians, MLP, equal steps): held-out bits/dim of the bound for
      L_simple with the linear / cosine schedule (Eq. 5, T = 1000), the continuous VLB with the fixed linear-SNR
      schedule, and the continuous VLB with a learned schedule (MonotoneGamma, trained jointly on the plain bound);
 and the wall time of one default training step (digits, tiny U-Net, batch 128).
@@ -191,7 +191,7 @@ RESULT = re.compile(r"bits/dim ([0-9.]+) on .*prior L_T ([0-9.]+), diffusion ([0
 
 
 def digits_table(root="/tmp/bench_ddpm_digits", parallel=2):
-    """Issue 8's benchmark on real data: each objective trained by the CLI for the same 1500 steps, then the
+    """The objectives compared on real data: each objective trained by the CLI for the same 1500 steps, then the
     held-out bound (--eval-nll: Eq. 5 at T = 1000 for L_simple models, VDM's continuous bound for VLB models).
     A run whose logs are already in root (run<i>.eval.log, run<i>.secs) is read, not repeated."""
     script = os.path.join(os.path.dirname(HERE), "ddpm.py")

@@ -49,8 +49,8 @@ MUTATIONS = [  # deliberate breaks of ddpm.py, each caught by the tests named (p
      "replace": "total = (diffusion + decoder) * to_bpd",
      "tests": ["tests/test_ddpm.py::test_prior_term_at_small_T"]},
     {"name": "ddpm-noise-at-last-step", "file": "ddpm.py",
-     "find": "if t == 0:\n            return mean",
-     "replace": "if t == -1:\n            return mean",
+     "find": "if i == 0:\n            return mean",
+     "replace": "if i == -1:\n            return mean",
      "tests": ["tests/test_ddpm.py::test_exact_oracle_sampling_matches_mixture"]},
     {"name": "ddpm-variance-swapped", "file": "ddpm.py",
      "find": "sigma2 = self.beta if variance == \"beta\" else self.beta_tilde",
@@ -73,7 +73,7 @@ MUTATIONS = [  # deliberate breaks of ddpm.py, each caught by the tests named (p
      "replace": "self.sigma2 = torch.cat([self.beta[0:1], sigma2[1:]])",
      "tests": ["tests/test_ddpm.py::test_nll_bpd_gaussian_matches_closed_form[beta]"]},
     {"name": "ddpm-elbo-constant-dropped", "file": "ddpm.py",
-     "find": " + self.at(\"C\", t, x0)",
+     "find": " + self.at(\"C\", i, x0)",
      "replace": "",
      "tests": ["tests/test_ddpm.py::test_elbo_loss_is_unbiased_estimate_of_bound"]},
     {"name": "ddpm-elbo-old-scale", "file": "ddpm.py",
@@ -81,8 +81,8 @@ MUTATIONS = [  # deliberate breaks of ddpm.py, each caught by the tests named (p
      "replace": "return self.T * per_elem.flatten(1).mean(1).mean()",
      "tests": ["tests/test_ddpm.py::test_elbo_loss_is_unbiased_estimate_of_bound"]},
     {"name": "ddpm-clip-x_t-not-x0_hat", "file": "ddpm.py",
-     "find": "x0_hat = self.predict_x0(x_t, t, eps).clamp(-1, 1)",
-     "replace": "x0_hat = self.predict_x0(x_t.clamp(-1, 1), t, eps)",
+     "find": "x0_hat = self.predict_x0(x_t, i, eps).clamp(-1, 1)",
+     "replace": "x0_hat = self.predict_x0(x_t.clamp(-1, 1), i, eps)",
      "tests": ["tests/test_ddpm.py::test_clip_denoised_posterior_form"]},
     {"name": "ddpm-low-discrepancy-is-iid", "file": "ddpm.py",
      "find": "return (u * self.T).long().clamp(max=self.T - 1)",
@@ -96,7 +96,7 @@ MUTATIONS = [  # deliberate breaks of ddpm.py, each caught by the tests named (p
      "find": "ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])          # t = 0",
      "replace": "ab_prev = torch.cat([torch.sigmoid(-gamma(t_grid[:1] * 0)).cpu().double(), ab[:-1]])  # t = 0",
      "tests": ["tests/test_ddpm.py::test_vdm_sampler_ends_on_the_data"]},
-    # Issue 16 (torchrun): each break makes a 2-process run differ from the 1-process run (or the samples repeat).
+    # torchrun: each break makes a 2-process run differ from the 1-process run (or the samples repeat).
     {"name": "ddpm-ddp-no-average-gradients", "file": "ddpm.py",
      "find": "        average_gradients(model, world)  #",
      "replace": "        None  #",
@@ -118,20 +118,20 @@ MUTATIONS = [  # deliberate breaks of ddpm.py, each caught by the tests named (p
      "replace": "rank_slice(cfg.batch_size, 0, world)",
      "tests": ["tests/test_ddpm.py::test_torchrun_train_equals_one_process[simple]"]},
     {"name": "ddpm-ddp-noise-not-sliced", "file": "ddpm.py",
-     "find": "diffusion.loss(net, x0, t[part], noise[part])",
-     "replace": "diffusion.loss(net, x0, t[part], noise[:len(x0)])",
+     "find": "diffusion.loss(net, x0, i[part], noise[part])",
+     "replace": "diffusion.loss(net, x0, i[part], noise[:len(x0)])",
      "tests": ["tests/test_ddpm.py::test_torchrun_train_equals_one_process[simple]"]},
     {"name": "ddpm-ddp-elbo-t-not-sliced", "file": "ddpm.py",
-     "find": "diffusion.loss(net, x0, t[part], noise[part])",
-     "replace": "diffusion.loss(net, x0, t[:len(x0)], noise[part])",
+     "find": "diffusion.loss(net, x0, i[part], noise[part])",
+     "replace": "diffusion.loss(net, x0, i[:len(x0)], noise[part])",
      "tests": ["tests/test_ddpm.py::test_torchrun_train_equals_one_process[elbo]"]},
     {"name": "ddpm-ddp-vlb-draws-its-own-noise", "file": "ddpm.py",
-     "find": "eps=noise[part], noise_0=noise_0[part])",
-     "replace": "eps=None, noise_0=noise_0[part])",
+     "find": "draws=(t[part], eps[part], eps_0[part]))",
+     "replace": "draws=None)",
      "tests": ["tests/test_ddpm.py::test_torchrun_train_equals_one_process[vlb-learned]"]},
     {"name": "ddpm-ddp-vlb-t-not-sliced", "file": "ddpm.py",
-     "find": "data.levels, t=t[part], net_dtype=torch.float32,",
-     "replace": "data.levels, t=t[:len(x0)], net_dtype=torch.float32,",
+     "find": "draws=(t[part], eps[part], eps_0[part]))",
+     "replace": "draws=(t[:len(x0)], eps[part], eps_0[part]))",
      "tests": ["tests/test_ddpm.py::test_torchrun_train_equals_one_process[vlb-learned]"]},
     {"name": "ddpm-ddp-stop-on-one-rank-only", "file": "ddpm.py",
      "find": "stopping = any_rank(stop.set, world, device)",
@@ -446,11 +446,11 @@ def test_elbo_loss_is_unbiased_estimate_of_bound(device, f64):
     x0 = C[torch.multinomial(P, 16 * 64, replacement=True)].reshape(16, 64).to(f64).to(device)
     _, terms = d.nll_bpd(model, x0, return_terms=True)
     want = (terms["diffusion"] + terms["decoder"]).mean().item()
-    t = torch.arange(200, device=device).repeat_interleave(16)  # every t, each with all 16 rows
-    got = d.loss(model, x0.repeat(200, 1), t=t).item()
+    i = torch.arange(200, device=device).repeat_interleave(16)  # every t, each with all 16 rows
+    got = d.loss(model, x0.repeat(200, 1), i=i).item()
     assert abs(200 * got - want) < 0.03 * want + 1e-3, (200 * got, want)
     noise = torch.randn(x0.shape, dtype=f64, device=device)
-    first = d.loss(model, x0, t=torch.zeros(16, dtype=torch.long, device=device), noise=noise).item()
+    first = d.loss(model, x0, i=torch.zeros(16, dtype=torch.long, device=device), noise=noise).item()
     x1 = d.q_sample(x0, torch.zeros(16, dtype=torch.long, device=device), noise)
     mean, var = d.p_mean_variance(model, x1, torch.zeros(16, dtype=torch.long, device=device), clip_denoised=False)
     ll = ddpm.discretized_gaussian_log_likelihood(x0, mean, var, LEVELS)
@@ -596,11 +596,11 @@ def test_low_discrepancy_t_one_per_stratum():
     d = DDPM(T=1000, t_sampling="low_discrepancy")
     torch.manual_seed(5)
     for k in (1, 8, 100):
-        t = d.sample_t(k, "cpu")
+        t = d.sample_i(k, "cpu")
         assert sorted((t // (1000 // k)).tolist()) == list(range(k))
-    counts = torch.bincount(torch.cat([d.sample_t(10, "cpu") for _ in range(5000)]) // 100, minlength=10)
+    counts = torch.bincount(torch.cat([d.sample_i(10, "cpu") for _ in range(5000)]) // 100, minlength=10)
     assert (counts == 5000).all()  # one per decile, every time
-    first = torch.stack([d.sample_t(10, "cpu")[0] for _ in range(4000)]).double()
+    first = torch.stack([d.sample_i(10, "cpu")[0] for _ in range(4000)]).double()
     assert abs(first.mean().item() - 499.5) < 4 * 288.7 / math.sqrt(4000)
 
 
@@ -645,7 +645,7 @@ def test_cli_train_sample_resume_eval(tmp_path, capsys, device):
     assert set(ckpt) == {"script", "config", "step", "model", "ema", "optimizer", "rng"}
     assert {"T", "schedule", "beta_1", "beta_T", "dataset", "image_size", "model"} <= set(ckpt["config"])
     assert os.path.exists(os.path.join(out, "grid_0000003.png"))
-    assert set(ckpt["rng"]) == {"data", "ranks"} and len(ckpt["rng"]["ranks"]) == 1  # issue 16: data generator + ranks
+    assert set(ckpt["rng"]) == {"data", "ranks"} and len(ckpt["rng"]["ranks"]) == 1  # data gen. + ranks
     assert "torch" in ckpt["rng"]["ranks"][0] and ("cuda" in ckpt["rng"]["ranks"][0]) == (device.type == "cuda")
     ddpm.main(["--train", "--resume", "--steps", "5", "--sample-every", "100", "--out", out, *TINY, *dev])
     assert "resumed from" in capsys.readouterr().out and state(out)["step"] == 5
@@ -663,9 +663,9 @@ def test_cli_train_sample_resume_eval(tmp_path, capsys, device):
 def test_cli_every_mode_on_device(tmp_path, capsys, device, objective):
     """Every objective through every mode on --device (in-process): --train a few steps with a sample grid, --resume,
     --sample, --eval-nll. "elbo": the true bound (Eq. 12 + L_0); "vlb-learned": VDM's continuous bound with a
-    learned gamma and Fourier features on the digits (the grid and --sample run vdm_sampler on the device, which
-    crashed on CUDA before issue 14); "bf16": --precision bf16 (autocast for the network, on the CPU too) trains and
-    samples, resumes without it and samples with --precision fp32 (runtime settings, like --device)."""
+    learned gamma and Fourier features on the digits (the grid and --sample run vdm_sampler on the device);
+    "bf16": --precision bf16 (autocast for the network, on the CPU too) trains and samples, resumes without it and
+    samples with --precision fp32 (runtime settings, like --device)."""
     out, dev = str(tmp_path / objective), ["--device", device.type]
     flags = {"elbo": ["--loss-type", "elbo"], "vlb-learned": ["--loss-type", "vlb", "--schedule", "learned"],
              "bf16": ["--precision", "bf16"]}[objective]
@@ -688,10 +688,10 @@ def test_cli_every_mode_on_device(tmp_path, capsys, device, objective):
 
 
 def test_cli_vdm_objective_round_trip(tmp_path, capsys, device):
-    """Issue 8 from the CLI (in-process): --loss-type vlb --schedule learned --learn-endpoints --cond t trains jointly
+    """VDM from the CLI (in-process): --loss-type vlb --schedule learned --learn-endpoints --cond t trains jointly
     (the checkpoint holds gamma_phi's weights, the two flags are in its config), --resume refuses another --cond or
     a missing --learn-endpoints, --sample runs the discretised ancestral sampler, --eval-nll prints the continuous
-    bound, and a checkpoint written before the two options existed still loads (as cond t, fixed endpoints)."""
+    bound, and a checkpoint whose config lacks the two fields is refused in one line naming them."""
     out = str(tmp_path / "vlb")
     common = ["--dataset", "moons", "--loss-type", "vlb", "--schedule", "learned", "--T", "20", "--out", out,
               "--device", device.type]
@@ -708,10 +708,9 @@ def test_cli_vdm_objective_round_trip(tmp_path, capsys, device):
         assert e.value.code == 2 and len(err.splitlines()) == 1 and word in err, err
     old = {**ck, "config": {k: v for k, v in ck["config"].items() if k not in ("cond", "learn_endpoints")}}
     torch.save(old, os.path.join(out, "old.pt"))
-    assert ddpm.make_model(old["config"]).cond == "t"
     dev = ["--device", device.type]
-    ddpm.main(["--sample", "--ckpt", os.path.join(out, "old.pt"), "--n-samples", "5", "--out", str(tmp_path / "o"),
-               *dev])
+    code, _, err = in_process(capsys, "--sample", "--ckpt", os.path.join(out, "old.pt"), "--out", out, *dev)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "missing fields (learn_endpoints, cond)" in err, err
     ddpm.main(["--sample", "--ckpt", os.path.join(out, "ckpt.pt"), "--n-samples", "50", "--out", out, *dev])
     assert np.load(os.path.join(out, "samples.npz"))["arr_0"].shape == (50, 2)
     capsys.readouterr()
@@ -950,7 +949,7 @@ def test_bad_input_subprocess(bad_files):
 
 
 # -----------------------------------------------------------------------------
-# Issue 8: the VDM view (SNR, discrete and continuous-time bounds)
+# VDM: the SNR view (SNR, discrete and continuous-time bounds)
 
 def test_snr_view_of_ddpm_schedules():
     """gamma_t = -log SNR_t is increasing (SNR decreasing) for both DDPM schedules, and VDM's discrete-time term
@@ -1135,8 +1134,8 @@ def test_fourier_features_and_cli(tmp_path, capsys, device):
     steps of the data (17-level digits: step 1/8, frequencies 8 pi and 16 pi), so its input has 5 channels and its
     output 1. The features repeat when z moves by two steps, the finest pair by one step, and its sine flips sign
     at half a step. From the CLI: --fourier auto (the default) trains with them for a VLB model on digits and
-    stores "on"; --resume with --fourier off is refused; the bound evaluates; a VLB checkpoint without the field
-    (older) builds the plain U-Net.
+    stores "on"; --resume with --fourier off is refused; the bound evaluates; the same config with fourier "off"
+    builds the plain U-Net.
     Catches frequencies off by a factor of two, sin/cos missing, the features not reaching the network."""
     z = torch.randn(4, 1, 8, 8, dtype=F64)
     f = ddpm.fourier_features(z, 17)
@@ -1164,8 +1163,7 @@ def test_fourier_features_and_cli(tmp_path, capsys, device):
     ddpm.main(["--train", "--steps", "2", "--sample-every", "1000", "--log-every", "1", *flags])
     ck = state(out)
     assert ck["config"]["fourier"] == "on" and ck["model"]["net.conv_in.weight"].shape[1] == 5
-    old = {k: v for k, v in ck["config"].items() if k != "fourier"}
-    assert ddpm.make_model(old).net.conv_in.weight.shape[1] == 1
+    assert ddpm.make_model({**ck["config"], "fourier": "off"}).net.conv_in.weight.shape[1] == 1
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         ddpm.main(["--train", "--resume", "--steps", "3", "--fourier", "off", *flags])
@@ -1216,7 +1214,7 @@ def test_variance_gradient_lowers_estimator_variance_keeps_bound():
 
 
 # -----------------------------------------------------------------------------
-# 8. Several processes (issue 16): torchrun with gloo on the CPU, 2 processes against 1
+# 8. Several processes: torchrun with gloo on the CPU, 2 processes against 1
 
 def free_port():
     import socket
@@ -1265,7 +1263,7 @@ def assert_same_weights(a, b, rtol):
 @pytest.mark.cpu_only("torchrun with gloo on the CPU")
 @pytest.mark.parametrize("objective", ["simple", "elbo", "vlb-learned"])
 def test_torchrun_train_equals_one_process(objective, tmp_path, capsys):
-    """Issue 16: 2 processes with a global batch of 16 (8 each) for 8 steps == 1 process with batch 16: model and
+    """2 processes with a global batch of 16 (8 each) for 8 steps == 1 process with batch 16: model and
     EMA to 1e-4 (relative to each tensor's largest entry; seen: <= 9e-6, the float order of the gradient average),
     the same step and data generator state; rank 0 alone prints and writes; the checkpoint keeps both ranks' streams.
     "elbo" with low-discrepancy t; "vlb-learned": VDM's bound with the drawn t and both noises handed to
@@ -1322,7 +1320,7 @@ def wait_for_checkpoint(path, p, timeout=240):
 
 @pytest.mark.cpu_only("torchrun with gloo on the CPU")
 def test_torchrun_sigterm_then_resume_equals_straight_run(tmp_path):
-    """Issue 16: SIGTERM to torchrun (it forwards it to both ranks) mid-run -> every rank stops after the same step,
+    """SIGTERM to torchrun (it forwards it to both ranks) mid-run -> every rank stops after the same step,
     rank 0 saves once and says so; --resume with 2 processes to step s + 6 == a straight 2-process run to
     s + 6 (model and EMA to 1e-6 relative, the data generator's state equal). Caught: a resume that does not restore
     the data generator."""
@@ -1359,7 +1357,7 @@ def ddp_ckpts(tmp_path_factory):
 
 @pytest.mark.cpu_only("torchrun with gloo on the CPU")
 def test_torchrun_sample_and_eval_nll_equal_one_process(ddp_ckpts, tmp_path, capsys):
-    """Issue 16: 2-process --sample writes exactly --n-samples samples, equal to the 1-process samples of the same seed
+    """2-process --sample writes exactly --n-samples samples, equal to the 1-process samples of the same seed
     (chunks of 4, 4 and 2: rank 0 makes the first and the last; they draw different noise); 2-process --eval-nll
     prints the 1-process bits/dim and terms, on as many examples (Eq. 5 for L_simple, VDM's bound for vlb).
     Caught: chunk generators that ignore the chunk's start (repeated chunks) or depend on the rank; every rank
@@ -1389,7 +1387,7 @@ def test_torchrun_sample_and_eval_nll_equal_one_process(ddp_ckpts, tmp_path, cap
 
 @pytest.mark.cpu_only("torchrun with gloo on the CPU")
 def test_torchrun_batch_not_divisible_is_one_line_error(tmp_path):
-    """Issue 16: a global batch that 2 processes cannot split -> each rank says so in one line and exits 2 (no
+    """A global batch that 2 processes cannot split -> each rank says so in one line and exits 2 (no
     traceback from ddpm.py; torchrun then prints its own summary), before any training."""
     import re
     r = torchrun(*DDP, "--steps", "5", "--batch-size", "15", "--out", str(tmp_path), cwd=tmp_path)
@@ -1400,7 +1398,7 @@ def test_torchrun_batch_not_divisible_is_one_line_error(tmp_path):
 
 
 def test_old_checkpoint_samples_but_does_not_resume(tmp_path, capsys):
-    """A checkpoint written before issue 16 (its "rng" the bare global streams, no data generator): --resume refuses
+    """A checkpoint whose "rng" holds the bare global streams and no data generator state: --resume refuses
     it in one line (exit 2: its minibatches cannot continue exactly); --sample still reads it."""
     out = str(tmp_path / "old")
     ddpm.train(cfg_for(tmp_path, "old", steps=2))
@@ -1416,7 +1414,7 @@ def test_old_checkpoint_samples_but_does_not_resume(tmp_path, capsys):
 @pytest.mark.cpu_only("torchrun with gloo on the CPU")
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the worker processes in /proc (Linux)")
 def test_torchrun_sigterm_to_one_rank_stops_every_rank(tmp_path):
-    """Issue 16: a SIGTERM that reaches rank 1 alone (not the rank that writes) stops both ranks after the same step:
+    """A SIGTERM that reaches rank 1 alone (not the rank that writes) stops both ranks after the same step:
     rank 0 saves once and says so, the workers exit 130, nothing hangs. Caught: a stop decided per rank (rank 1
     leaves alone and rank 0 waits for it, or the two ranks' collectives no longer match)."""
     out = tmp_path / "one-rank"
