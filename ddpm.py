@@ -1198,7 +1198,8 @@ def run_eval_nll(args, cfg_overrides):
 # CLI
 
 CHOICES = {"model": sorted(PRESETS), "schedule": ["linear", "cosine", "linear_snr", "learned"],
-           "variance": ["beta", "beta_tilde"], "loss_type": ["simple", "elbo", "vlb"], "clip_denoised": ["auto", "on", "off"],
+           "variance": ["beta", "beta_tilde"], "loss_type": ["simple", "elbo", "vlb"],
+           "clip_denoised": ["auto", "on", "off"],
            "t_sampling": ["iid", "low_discrepancy"], "schedule_grad": ["bound", "variance"], "cond": ["gamma", "t"],
            "fourier": ["auto", "on", "off"], "precision": ["auto", "fp32", "tf32", "bf16"]}
 
@@ -1210,9 +1211,9 @@ def validate(cfg):
         raise ValueError(f"--warmup must be >= 0, got {cfg.warmup}")
     if (cfg.loss_type == "vlb") != (cfg.schedule in ("linear_snr", "learned")):
         raise ValueError(f"--schedule {cfg.schedule} and --loss-type {cfg.loss_type} do not go together: "
-                         "linear_snr / learned are log-SNR schedules for --loss-type vlb, linear / cosine for the others")
+                         "linear_snr / learned are log-SNR schedules for --loss-type vlb, linear / cosine otherwise")
     if cfg.fourier == "on" and (cfg.loss_type != "vlb" or cfg.dataset in TOYS):
-        raise ValueError("--fourier on goes with --loss-type vlb on image data (its features resolve the data's levels)")
+        raise ValueError("--fourier on goes with --loss-type vlb on image data (its features resolve the levels)")
     if cfg.learn_endpoints and cfg.schedule != "learned":
         raise ValueError("--learn-endpoints needs --schedule learned (the fixed schedules have fixed endpoints)")
     if cfg.schedule == "linear" and not 0 < cfg.beta_1 <= cfg.beta_T < 1:
@@ -1231,7 +1232,7 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt exactly (--steps is the run's total)")
     p.add_argument("--ckpt", help="checkpoint for --sample / --eval-nll (ours, or a released model's folder)")
     p.add_argument("--n-samples", type=int, default=64, help="number of samples for --sample (default 64)")
-    p.add_argument("--n-eval", type=int, default=297, help="held-out examples for --eval-nll (default 297 = all digits)")
+    p.add_argument("--n-eval", type=int, default=297, help="held-out examples for --eval-nll (default 297: all digits)")
     with one_line_errors():
         args, mode, cfg, given = parse_config(p, argv, Config, MODES, PRESET_CONFIGS)
         if mode != "train" and not args.ckpt:
