@@ -140,7 +140,7 @@ class Config:
     log_every: int = 100          # steps between progress lines
     out: str = "runs/score_sde"   # output folder
     ckpt: str = ""                # checkpoint to sample from ("" = <out>/ckpt.pt)
-    seed: int = 0
+    seed: int = 0                 # seeds the data generator (indices, flips, t, noise), the weights, sampling
     device: str = "auto"          # auto = cuda -> mps -> cpu
     precision: str = "auto"       # auto | fp32 | tf32 | bf16 (auto: tf32 on CUDA, else fp32; bf16: network autocast)
     compile: bool = False         # torch.compile the network (a one-line message where unsupported)
@@ -157,8 +157,8 @@ class Config:
     n_steps: int = 500            # N discretisation steps (paper: 1000; CPU default halved)
     n_corrector_steps: int = 1    # M corrector steps per level (paper: 1)
     sample_eps: float = 0.0       # 0 = paper default per SDE: 1e-3 (VP, sub-VP), 1e-5 (VE)
-    rtol: float = 1e-5            # App. D: RK45 rtol = atol = 1e-5
-    atol: float = 1e-5
+    rtol: float = 1e-5            # App. D: RK45 relative tolerance 1e-5
+    atol: float = 1e-5            # App. D: RK45 absolute tolerance 1e-5
     n_samples: int = 64           # images written by --sample
     # evaluation and controllable generation (Sec. 4.3, Sec. 5, App. D.2, App. I)
     estimator: str = "rademacher" # --eval-nll trace: rademacher | gaussian (App. D.2) | exact (d backward passes)

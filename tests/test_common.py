@@ -21,6 +21,17 @@ from common import MLP, PRESETS, DataError, UNet, load_data  # noqa: E402
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 
+MUTATIONS = [
+    {"name": "machinery-help-missing", "file": "score_sde.py",
+     "find": "# seeds the data generator (indices, flips, t, noise), the weights, sampling\n",
+     "replace": "\n",
+     "tests": ["tests/test_common.py::test_every_config_field_is_a_flag_with_help[score_sde]"]},
+    {"name": "machinery-help-continuation", "file": "ddpm.py",
+     "find": "elif name and not code.strip() and start == column:",
+     "replace": "elif name and not code.strip() and start == 0:",
+     "tests": ["tests/test_common.py::test_every_config_field_is_a_flag_with_help[ddpm]"]},
+]
+
 
 # ----------------------------------------------------------------------------- networks
 
@@ -317,3 +328,19 @@ def test_running_it_blocks_are_identical_and_after_the_paper():
         assert after_config[0].lineno < first, (name, after_config[0].name)
         assert all(next(n.lineno for n in defs if n.name == f) > last for f in ("train", "main")), name
     assert len(set(blocks.values())) == 1, {k: len(v) for k, v in blocks.items()}
+
+
+@pytest.mark.parametrize("script", ["ddpm", "ddim", "ncsn", "score_sde"])
+def test_every_config_field_is_a_flag_with_help(script):
+    """--help is the configuration reference: every Config field has a flag whose help is its inline comment
+    (read by the shared config_help)."""
+    import dataclasses
+    import importlib
+    m = importlib.import_module(script)
+    helps = m.config_help(m.Config)
+    fields = dataclasses.fields(m.Config)
+    assert [f.name for f in fields if len(helps.get(f.name, "")) < 8] == [], script
+    if script == "ddpm":  # a comment's continuation lines (text in the same column) belong to its field
+        assert helps["schedule"].endswith('"linear_snr" (VDM\'s fixed gamma) or "learned" (VDM App. H)'), helps
+    text = m.make_parser(m.Config, m.MODES, m.CHOICES, getattr(m, "PRESET_CONFIGS", {})).format_help()
+    assert all("--" + f.name.replace("_", "-") in text for f in fields), script
