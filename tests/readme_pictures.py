@@ -41,7 +41,8 @@ def main(names):
             wall, user, load, last = run([script, "--train", "--out", out], tmp)
             print(f"| `python {name}.py --train` | {wall / 60:.1f} min | {user / 60:.1f} min | {load:.1f} | "
                   f"{last} |", flush=True)
-            shutil.copy(sorted(glob.glob(os.path.join(out, "grid_*.png")))[-1], os.path.join(PICTURES, f"{name}.png"))
+            grids = sorted(glob.glob(os.path.join(out, "grid_*.png")) + glob.glob(os.path.join(out, "train_*.png")))
+            shutil.copy(grids[-1], os.path.join(PICTURES, f"{name}.png"))  # the last progress grid
             ckpt = os.path.join(out, "ckpt.pt")
             if name == "ddpm":
                 wall, user, load, last = run([script, "--eval-nll", "--ckpt", ckpt, "--out", out], tmp)
