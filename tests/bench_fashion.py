@@ -174,7 +174,7 @@ def train_and_sample(args, d):
     """Train (unless --reuse finds a finished run) and sample (unless --reuse finds samples.npz) in folder d."""
     os.makedirs(d, exist_ok=True)
     ckpt, train_log, seconds_file = (os.path.join(d, f) for f in ("ckpt.pt", "train.log", "train_seconds.txt"))
-    if not (args.reuse and os.path.exists(ckpt) and os.path.exists(seconds_file)):
+    if not (args.reuse and os.path.exists(ckpt)):  # --reuse never retrains over an existing checkpoint
         cmd = [sys.executable, "ddpm.py", "--train", "--dataset", "fashion_mnist", "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--out", d] + shlex.split(args.extra)
         seconds = run(cmd, train_log)
@@ -182,8 +182,7 @@ def train_and_sample(args, d):
             f.write(f"{seconds:.1f}\n")
         if os.path.exists(os.path.join(d, "samples.npz")):
             os.remove(os.path.join(d, "samples.npz"))  # from an earlier run: stale
-    with open(seconds_file) as f:
-        seconds = float(f.read().split()[0])
+    seconds = float(open(seconds_file).read().split()[0]) if os.path.exists(seconds_file) else float("nan")
     npz = os.path.join(d, "samples.npz")
     if not (args.reuse and os.path.exists(npz)):
         cmd = [sys.executable, "ddim.py", "--sample", "--ckpt", ckpt, args.steps_flag, str(args.sample_steps),
