@@ -124,9 +124,12 @@ class UNet(nn.Module):
       cifar10: ch 128, mult (1,2,2,2), 2 blocks, attention at 16, dropout 0.1 -- 35.7 M at 3x32x32, the paper's model
       lsun256, celebahq256: ch 128, mult (1,1,2,2,4,4), 2 blocks, attention at 16, dropout 0 -- 113.7 M at 3x256x256,
                the paper's CelebA-HQ and LSUN church / bedroom / cat models ("114 M", App. B)
-      small:   ch 64,  mult (1,2,2),   2 blocks, attention at 8,  dropout 0.1 -- 6.5 M at 3x32x32 (6.1 M at 1x28x28: no 8x8 level)
+      small:   ch 64,  mult (1,2,2),   2 blocks, attention at 8,  dropout 0.1 -- 6.5 M at 3x32x32 (6.1 M at 1x28x28:
+               no 8x8 level); the CUDA recipe for 17..32-px images
       tiny:    ch 32,  mult (1,2),     1 block,  attention at 4,  dropout 0.1 -- 0.70 M at 1x8x8, the CPU default
                                                                                   for the embedded digits
+      mini:    ch 32,  mult (1,2,2),   1 block,  attention at 7 and 8, dropout 0 -- 1.11 M at 1x28x28 (levels 28, 14,
+               7) and 3x32x32 (32, 16, 8): the CPU recipe for 17..32-px images (each script's DATA_RECIPES)
 
     The same network as the official TensorFlow model (hojonathanho/diffusion, diffusion_tf/models/unet.py) at
     every preset, so that the released weights load (load_pretrained) and our own training uses the paper's
@@ -203,6 +206,7 @@ PRESETS = {
     "lsun256": dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_res=(16,), dropout=0.0),
     "celebahq256": dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_res=(16,), dropout=0.0),
     "small": dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(8,), dropout=0.1),
+    "mini": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(7, 8), dropout=0.0),
     "tiny": dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_res=(4,), dropout=0.1),
 }
 

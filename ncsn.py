@@ -138,6 +138,19 @@ PRESET_CONFIGS = {
                        ckpt_every=5000, sample_every=5000, log_every=1000),
 }
 
+# Defaults that follow the data (--train): the Config above is the CPU run on the 8x8 digits. For larger images the
+# first line that fits the data's largest side and the device sets the values it names; a flag or --preset given
+# wins. The 32-px CPU line takes the network and the budget measured for ddpm.py on Fashion-MNIST (README); it is
+# not measured here. The CUDA lines: NCSNv2's optimiser (lr 1e-4, EMA 0.999) in a shorter run, not yet measured.
+DATA_RECIPES = [
+    (16, "any", {}),  # the 8x8 digits
+    (32, "cpu", dict(model="mini", steps=2000, batch_size=64, sample_every=1000)),
+    (32, "cuda", dict(model="small", steps=20_000, lr=1e-4, ema_decay=0.999, ckpt_every=2000, sample_every=5000,
+                      log_every=500)),
+    (1024, "cuda", dict(model="cifar10", steps=100_000, lr=1e-4, ema_decay=0.999, ckpt_every=5000,
+                        sample_every=10_000, log_every=1000)),
+]
+
 ISM_MAX_DIM = 16      # ism_loss takes one backward pass per dimension: 2-D toys yes, images no
 LOG_SIGMA_SCALE = 100.0  # the U-Net's time input is t = 100 * log(sigma) (common.py: it resolves ~0.01-1 steps)
 
@@ -697,12 +710,17 @@ def config_help(config):
     return {k: v.replace("%", "%%") for k, v in helps.items()}
 
 
-def make_parser(config, modes, choices, presets):
+def make_parser(config, modes, choices, presets, recipes):
     """One switch per mode (modes: name -> help; the run picks exactly one), --preset, and a flag per Config field.
     Switch fields (bool) take --name / --no-name; every field's default here is None, so that parse_config can tell
-    what the command line gave."""
+    what the command line gave. The recipes (see follow_data) are listed at the end of --help."""
+    flags = lambda values: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items()) or "the defaults above"
+    lines = [f"  images up to {side} px, {'any device' if kind == 'any' else kind}: {flags(values)}"
+             for side, kind, values in recipes]
     p = OneLineParser(prog=f"{SCRIPT}.py", description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog="--train's defaults follow the data (the first line that fits its largest side and the "
+                             "device;\n\"cpu\" takes MPS too; a flag or --preset given wins):\n" + "\n".join(lines))
     group = p.add_argument_group("what to do (pick one)")
     for name, text in modes.items():
         group.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
@@ -726,7 +744,27 @@ def parse_config(p, argv, config, modes, presets):
     if len(chosen) != 1:
         raise ValueError("choose exactly one of " + ", ".join("--" + m.replace("_", "-") for m in modes))
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if getattr(args, f.name) is not None}
-    return args, chosen[0], config(**{**presets.get(getattr(args, "preset", None), {}), **given}), given
+    preset = presets.get(getattr(args, "preset", None), {})
+    cfg = config(**{**preset, **given})
+    cfg.fixed = {*preset, *given}  # not a Config field: what follow_data leaves alone
+    return args, chosen[0], cfg, given
+
+
+def follow_data(cfg, recipes, shape, device):
+    """The defaults that follow the data: the first recipe (largest image side, device kind "any" / "cpu" / "cuda",
+    values) that fits image data of this shape (C, H, W) on this device sets its values in cfg, except those the
+    command line or --preset set (cfg.fixed). A Config made in Python (no cfg.fixed) and 2-D toy data run as they
+    are. MPS counts as "cpu". Returns the values set."""
+    if not hasattr(cfg, "fixed") or len(shape) != 3:
+        return {}
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    for side, dev, values in recipes:
+        if max(shape[1:]) <= side and dev in ("any", kind):
+            chosen = {k: v for k, v in values.items() if k not in cfg.fixed}
+            for k, v in chosen.items():
+                setattr(cfg, k, v)
+            return chosen
+    return {}
 
 
 def check_common(cfg, positive):
@@ -808,13 +846,15 @@ def write_samples(x, path_png, data=None):
 def train(cfg):
     """Song & Ermon (2019) Sec. 4.2 (Eq. 6 by Adam) with NCSNv2's Techniques 1-5; under torchrun a slice per rank."""
     rank, world, device = setup_distributed(pick_device(cfg.device))
-    part = rank_slice(cfg.batch_size, rank, world)  # this rank's examples of every global batch
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
     resume = cfg.resume
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)  # before any CUDA work (cuBLAS settings)
     torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank
     data_gen = make_generator(cfg.seed, device)  # alike on every rank: data order, flips, levels, noise, v
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
+    if recipe := follow_data(cfg, DATA_RECIPES, data.u.shape[1:], device):
+        log(f"for {'x'.join(map(str, data.u.shape[1:]))} images on {device.type}: {recipe}", flush=True)
+    part = rank_slice(cfg.batch_size, rank, world)  # this rank's examples of every global batch
     cfg = resolve_levels(cfg, data.x, log)  # Techniques 1, 2, 4 for fields given as 0
     ncsn = NCSN(cfg.sigma_1, cfg.sigma_L, cfg.L, cfg.t_sampling)
     log(f"noise levels: sigma {cfg.sigma_1:.4g} -> {cfg.sigma_L:.4g}, L = {cfg.L}; sampling: T = "
@@ -1031,7 +1071,7 @@ RUNTIME = ("out", "device", "seed", "batch_size", "n_steps_each", "step_lr", "de
 
 
 def main(argv=None):
-    p = make_parser(Config, MODES, CHOICES, PRESET_CONFIGS)
+    p = make_parser(Config, MODES, CHOICES, PRESET_CONFIGS, DATA_RECIPES)
     p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt exactly (--steps is the run's total)")
     p.add_argument("--ckpt", help="checkpoint for --sample / --inpaint")
     p.add_argument("--n-samples", type=int, default=64, help="number of samples for --sample (default 64)")

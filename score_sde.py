@@ -168,6 +168,19 @@ class Config:
     classifier_ckpt: str = ""     # classifier for --class ("" = <out>/classifier.pt)
 
 
+# Defaults that follow the data (--train, --train-classifier): the Config above is the CPU run on the 8x8 digits.
+# For larger images the first line that fits the data's largest side and the device sets the values it names; a
+# flag given wins. The 32-px CPU line takes the network and the budget measured for ddpm.py on Fashion-MNIST
+# (README); it is not measured here. The CUDA lines: the paper's optimiser (App. H) in a shorter run, not yet measured.
+DATA_RECIPES = [
+    (16, "any", {}),  # the 8x8 digits
+    (32, "cpu", dict(model="mini", steps=2000, batch_size=64, sample_every=1000)),
+    (32, "cuda", dict(model="small", steps=20_000, lr=2e-4, warmup=1000, ema_decay=0.999, ckpt_every=2000,
+                      sample_every=5000, log_every=500)),
+    (1024, "cuda", dict(model="cifar10", steps=100_000, lr=2e-4, warmup=5000, ema_decay=0.9999, ckpt_every=5000,
+                        sample_every=10_000, log_every=1000)),
+]
+
 # -----------------------------------------------------------------------------
 # Noise schedules: the three SDEs (Sec. 3.4, App. B)
 
@@ -1129,12 +1142,17 @@ def config_help(config):
     return {k: v.replace("%", "%%") for k, v in helps.items()}
 
 
-def make_parser(config, modes, choices, presets):
+def make_parser(config, modes, choices, presets, recipes):
     """One switch per mode (modes: name -> help; the run picks exactly one), --preset, and a flag per Config field.
     Switch fields (bool) take --name / --no-name; every field's default here is None, so that parse_config can tell
-    what the command line gave."""
+    what the command line gave. The recipes (see follow_data) are listed at the end of --help."""
+    flags = lambda values: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items()) or "the defaults above"
+    lines = [f"  images up to {side} px, {'any device' if kind == 'any' else kind}: {flags(values)}"
+             for side, kind, values in recipes]
     p = OneLineParser(prog=f"{SCRIPT}.py", description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog="--train's defaults follow the data (the first line that fits its largest side and the "
+                             "device;\n\"cpu\" takes MPS too; a flag or --preset given wins):\n" + "\n".join(lines))
     group = p.add_argument_group("what to do (pick one)")
     for name, text in modes.items():
         group.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
@@ -1158,7 +1176,27 @@ def parse_config(p, argv, config, modes, presets):
     if len(chosen) != 1:
         raise ValueError("choose exactly one of " + ", ".join("--" + m.replace("_", "-") for m in modes))
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if getattr(args, f.name) is not None}
-    return args, chosen[0], config(**{**presets.get(getattr(args, "preset", None), {}), **given}), given
+    preset = presets.get(getattr(args, "preset", None), {})
+    cfg = config(**{**preset, **given})
+    cfg.fixed = {*preset, *given}  # not a Config field: what follow_data leaves alone
+    return args, chosen[0], cfg, given
+
+
+def follow_data(cfg, recipes, shape, device):
+    """The defaults that follow the data: the first recipe (largest image side, device kind "any" / "cpu" / "cuda",
+    values) that fits image data of this shape (C, H, W) on this device sets its values in cfg, except those the
+    command line or --preset set (cfg.fixed). A Config made in Python (no cfg.fixed) and 2-D toy data run as they
+    are. MPS counts as "cpu". Returns the values set."""
+    if not hasattr(cfg, "fixed") or len(shape) != 3:
+        return {}
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    for side, dev, values in recipes:
+        if max(shape[1:]) <= side and dev in ("any", kind):
+            chosen = {k: v for k, v in values.items() if k not in cfg.fixed}
+            for k, v in chosen.items():
+                setattr(cfg, k, v)
+            return chosen
+    return {}
 
 
 def check_common(cfg, positive):
@@ -1252,6 +1290,8 @@ def start(cfg, labels=False):
     torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank
     data_gen = make_generator(cfg.seed, device)
     data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
+    if recipe := follow_data(cfg, DATA_RECIPES, data.u.shape[1:], device):
+        log(f"for {'x'.join(map(str, data.u.shape[1:]))} images on {device.type}: {recipe}", flush=True)
     if labels and (data.y is None or data.u.dim() != 4):
         raise DataError(f"--train-classifier needs labelled image data; {cfg.dataset} has none")
     if cfg.sde == "ve" and cfg.sigma_max == 0:
@@ -1649,7 +1689,7 @@ def validate(cfg, args):
 
 
 def main(argv=None):
-    p = make_parser(Config, MODES, CHOICES, {})
+    p = make_parser(Config, MODES, CHOICES, {}, DATA_RECIPES)
     p.add_argument("--resume", action="store_true",
                    help="continue <out>/ckpt.pt to --steps (with --train-classifier: classifier.pt)")
     p.add_argument("--class", dest="klass", default="", help="with --sample: class K, or 'all' (one row per class)")

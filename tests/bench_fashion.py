@@ -244,7 +244,8 @@ def main():
     print("| run | train min | ms/step | FD | class spread (H/ln10) | max class share | real-vs-real FD |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {args.label} | {seconds / 60:.1f} | {1000 / rate:.0f} | {fd:.2f} | {h:.3f} | {mx:.2f} | {floor:.2f} |")
-    print(f"sample grid: {os.path.join(d, 'samples.png')}")
+    common.save_grid(x[:64], os.path.join(d, "grid64.png"), nrow=16, scale=2)  # the README's picture
+    print(f"sample grids: {os.path.join(d, 'samples.png')} (all), {os.path.join(d, 'grid64.png')} (the first 64)")
 
 
 if __name__ == "__main__":

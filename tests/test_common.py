@@ -30,6 +30,22 @@ MUTATIONS = [
      "find": "elif name and not code.strip() and start == column:",
      "replace": "elif name and not code.strip() and start == 0:",
      "tests": ["tests/test_common.py::test_every_config_field_is_a_flag_with_help[ddpm]"]},
+    {"name": "recipe-flags-lose", "file": "ncsn.py",
+     "find": "chosen = {k: v for k, v in values.items() if k not in cfg.fixed}",
+     "replace": "chosen = dict(values)",
+     "tests": ["tests/test_common.py::test_defaults_follow_the_data[ncsn]"]},
+    {"name": "recipe-mps-as-gpu", "file": "ddim.py",
+     "find": 'kind = "cuda" if device.type == "cuda" else "cpu"',
+     "replace": 'kind = "cpu" if device.type == "cpu" else "cuda"',
+     "tests": ["tests/test_common.py::test_defaults_follow_the_data[ddim]"]},
+    {"name": "recipe-not-applied-in-train", "file": "score_sde.py",
+     "find": "    if recipe := follow_data(cfg, DATA_RECIPES, data.u.shape[1:], device):\n",
+     "replace": "    if recipe := {}:\n",
+     "tests": ["tests/test_common.py::test_train_on_28px_images_takes_the_recipe[score_sde]"]},
+    {"name": "recipe-mini-without-attention", "file": "common.py",
+     "find": 'num_res_blocks=1, attn_res=(7, 8), dropout=0.0)',
+     "replace": 'num_res_blocks=1, attn_res=(8,), dropout=0.0)',
+     "tests": ["tests/test_common.py::test_unet_64_and_presets_parameter_counts"]},
 ]
 
 
@@ -50,6 +66,8 @@ def test_unet_64_and_presets_parameter_counts():
     count = lambda m: sum(p.numel() for p in m.parameters())
     assert round(count(UNet(in_ch=3, image_size=32, **PRESETS["cifar10"])) / 1e6, 1) == 35.7
     assert round(count(UNet(in_ch=1, image_size=8, **PRESETS["tiny"])) / 1e6, 2) == 0.70
+    assert count(UNet(in_ch=1, image_size=28, **PRESETS["mini"])) == 1_112_801  # levels 28, 14, 7; attention at 7
+    assert count(UNet(in_ch=3, image_size=32, **PRESETS["mini"])) == 1_113_955  # levels 32, 16, 8; attention at 8
     with torch.device("meta"):  # the 256x256 models: "114 M" (App. B); no memory used
         assert count(UNet(in_ch=3, image_size=256, **PRESETS["lsun256"])) == 113_673_219
     net = UNet(in_ch=3, image_size=64, **PRESETS["tiny"])
@@ -342,5 +360,64 @@ def test_every_config_field_is_a_flag_with_help(script):
     assert [f.name for f in fields if len(helps.get(f.name, "")) < 8] == [], script
     if script == "ddpm":  # a comment's continuation lines (text in the same column) belong to its field
         assert helps["schedule"].endswith('"linear_snr" (VDM\'s fixed gamma) or "learned" (VDM App. H)'), helps
-    text = m.make_parser(m.Config, m.MODES, m.CHOICES, getattr(m, "PRESET_CONFIGS", {})).format_help()
+    text = m.make_parser(m.Config, m.MODES, m.CHOICES, getattr(m, "PRESET_CONFIGS", {}), m.DATA_RECIPES).format_help()
     assert all("--" + f.name.replace("_", "-") in text for f in fields), script
+    assert "images up to 32 px, cpu: --model mini --steps 2000 --batch-size 64" in text, script  # the recipes
+
+
+@pytest.mark.parametrize("script", ["ddpm", "ddim", "ncsn", "score_sde"])
+def test_defaults_follow_the_data(script):
+    """follow_data: the first recipe that fits the largest image side and the device sets its values, except what
+    the command line or --preset set; a Config made in Python and 2-D toy data are left alone; every recipe's
+    fields are Config fields of the right type and its model a preset."""
+    import dataclasses
+    import importlib
+    m = importlib.import_module(script)
+    types = {f.name: type(f.default) for f in dataclasses.fields(m.Config)}
+    assert [side for side, _, _ in m.DATA_RECIPES] == sorted(side for side, _, _ in m.DATA_RECIPES)
+    for _, kind, values in m.DATA_RECIPES:
+        assert kind in ("any", "cpu", "cuda") and values.get("model", "tiny") in PRESETS, (script, values)
+        assert all(isinstance(v, types[k]) for k, v in values.items()), (script, values)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+
+    def follow(shape, device, fixed=()):
+        cfg = m.Config()
+        cfg.fixed = set(fixed)
+        return m.follow_data(cfg, m.DATA_RECIPES, shape, device), cfg
+
+    assert follow((1, 8, 8), cpu)[0] == {} and follow((1, 16, 16), cuda)[0] == {}  # the digits' defaults
+    chosen, cfg = follow((1, 28, 28), cpu)
+    assert chosen["model"] == cfg.model == "mini" and (cfg.steps, cfg.batch_size) == (2000, 64)
+    assert follow((3, 32, 32), torch.device("mps"))[1].model == "mini"  # MPS takes the CPU line
+    assert follow((3, 32, 32), cuda)[1].model == "small" and follow((3, 64, 64), cuda)[1].model == "cifar10"
+    assert follow((3, 64, 64), cpu)[0] == {}  # no CPU line beyond 32 px
+    chosen, cfg = follow((1, 28, 28), cpu, fixed={"model", "batch_size"})  # flags given win
+    assert "model" not in chosen and (cfg.model, cfg.batch_size, cfg.steps) == ("tiny", 128, 2000)
+    assert follow((2,), cpu)[0] == {}  # 2-D toys
+    plain = m.Config()
+    assert m.follow_data(plain, m.DATA_RECIPES, (1, 28, 28), cpu) == {} and plain == m.Config()
+
+
+FAST = {"ddpm": ["--T", "10"], "ddim": ["--T", "10", "--S", "2"], "ncsn": ["--L", "2", "--n-steps-each", "1"],
+        "score_sde": ["--n-steps", "22", "--n-samples", "4"]}
+
+
+@pytest.mark.parametrize("script", ["ddpm", "ddim", "ncsn", "score_sde"])
+def test_train_on_28px_images_takes_the_recipe(script, tmp_path, capsys, device):
+    """--train on a folder of 28x28 images: the checkpoint's config holds the recipe's model and batch for this
+    device, and the --steps given (a flag wins); the line it prints says so."""
+    import importlib
+    m = importlib.import_module(script)
+    folder, out = tmp_path / "img", str(tmp_path / "run")
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    m.main(["--train", "--dataset", str(folder), "--image-size", "28", "--steps", "1", "--out", out,
+            "--device", device.type, *FAST[script]])
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    recipe = next(v for side, k, v in m.DATA_RECIPES if 28 <= side and k in ("any", kind))
+    config = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]
+    assert config["model"] == recipe["model"] and config["steps"] == 1, config
+    assert config["batch_size"] == recipe.get("batch_size", m.Config.batch_size), config
+    assert f"for 3x28x28 images on {device.type}: " in capsys.readouterr().out
