@@ -6,7 +6,8 @@ It holds four things and nothing else:
      and MLP: a tiny network with the same call signature for 2-D toy data.
   2. Pretrained weights: load_pretrained(path) reads the paper's released models as converted to the
      diffusers format (google/ddpm-cifar10-32, -celebahq-256, -church-256, -bedroom-256, -cat-256).
-  3. Data in: load_data(name, ...) returns tensors in [-1, 1] (+ labels) for every dataset.
+  3. Data in: load_data(name, ...) returns tensors in [-1, 1] (+ labels) for every dataset; a folder too large
+     for memory stays on disk and streams through DataLoader workers while training (Stream).
   4. Data out: save_grid (PNG grid), save_scatter (2-D scatter PNG), save_npz (ADM-style .npz).
 
 The data-range contract (stated once, owned by two functions):
@@ -547,15 +548,17 @@ def unit_to_levels(x, K):
 @dataclass
 class Data:
     u: torch.Tensor        # images: (N, C, H, W) uint8 levels 0..K-1 (a quarter of float32's memory; training loops
-    #                        convert each minibatch on the device with levels_to_unit); 2-D toys: (N, 2) float32
+    #                        convert each minibatch on the device with levels_to_unit), or a DiskImages for a folder
+    #                        streamed from disk; 2-D toys: (N, 2) float32
     y: torch.Tensor        # (N,) int64 labels, or None
     levels: int            # K, the number of grey levels per pixel (None for continuous 2-D toys)
     flip: bool = False     # random horizontal flips while training (CIFAR-10, as in the paper)
 
     @property
     def x(self):
-        """The whole set in [-1, 1], float32 (made on each call: for held-out sets and statistics)."""
-        return levels_to_unit(self.u, self.levels)
+        """The whole set in [-1, 1], float32 (made on each call: for held-out sets and statistics); a set kept on
+        disk gives its preview (see DiskImages)."""
+        return levels_to_unit(self.u.preview() if isinstance(self.u, DiskImages) else self.u, self.levels)
 
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "moons", "swissroll", "8gaussians", "checkerboard")
@@ -647,24 +650,135 @@ def read_cifar10(path, train):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def read_folder(folder, image_size, channels):
-    """Every PNG/JPEG under folder, centre-cropped to a square and resized to image_size."""
-    paths = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs
-                   if f.lower().endswith((".png", ".jpg", ".jpeg")))
+IMAGE_FILES = (".png", ".jpg", ".jpeg")
+
+
+def image_paths(folder):
+    """Every PNG/JPEG under folder, sorted (the order of the dataset's indices)."""
+    paths = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_FILES))
     if not paths:
         raise DataError(f"{folder}: no PNG or JPEG images found")
-    out = []
-    for p in paths:
+    return paths
+
+
+def read_image(path, image_size, channels):
+    """One image file -> (C, H, W) uint8, centre-cropped to a square and resized (bicubic) to image_size."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            s = min(im.size)
+            left, top = (im.width - s) // 2, (im.height - s) // 2
+            im = im.crop((left, top, left + s, top + s)).resize((image_size, image_size), Image.BICUBIC)
+            hwc = np.asarray(im, np.uint8).reshape(image_size, image_size, channels)
+            return np.ascontiguousarray(hwc.transpose(2, 0, 1))  # a writable (C, H, W) copy
+    except OSError as e:
+        raise DataError(f"{path}: unreadable image ({e})") from None
+
+
+class DiskImages(torch.utils.data.Dataset):
+    """A folder's images as a uint8 (N, C, H, W) set that stays on disk: image i is read when it is asked for.
+
+    load_data returns one for a folder larger than stream_gb; training reads it through a Stream. Data.x of such a
+    set is its preview: every image if there are at most PREVIEW, else a fixed random PREVIEW of them (seed 0).
+    """
+    PREVIEW = 1000
+
+    def __init__(self, paths, image_size, channels):
+        self.paths, self.image_size, self.channels = paths, image_size, channels
+        self.shape, self.dtype = torch.Size((len(paths), channels, image_size, image_size)), torch.uint8
+        self._preview = None
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(read_image(self.paths[i], self.image_size, self.channels))
+
+    def dim(self):
+        return 4
+
+    def preview(self):
+        if self._preview is None:
+            n = len(self)
+            idx = range(n) if n <= self.PREVIEW else \
+                sorted(torch.randperm(n, generator=torch.Generator().manual_seed(0))[:self.PREVIEW].tolist())
+            self._preview = torch.stack([self[i] for i in idx])
+        return self._preview
+
+
+class Stream:
+    """The training minibatches of a DiskImages set, read ahead of the training loop by DataLoader workers.
+
+    Step s takes B examples i.i.d. uniformly, drawn by numpy's generator seeded with (seed, s): a function of the
+    step alone, not of the run's data generator (whose coming draws cannot be known ahead), so the workers read
+    the next steps while the device trains, and a resume at step s continues the same order exactly. Every rank
+    under torchrun draws the same B indices and reads only its part. The loop asks with draw_indices(..., s) and
+    then indexes the stream with its part of them (x_data[idx[part]]); that returns those images, uint8, on the
+    device. Asking out of step order is an error; asking for another step than the next (a resume) restarts the
+    workers there.
+    """
+
+    def __init__(self, images, B, part, seed, device, workers=None):
+        self.images, self.B, self.part, self.seed, self.device = images, B, part, seed, torch.device(device)
+        self.shape, self.step, self.batches = images.shape, None, None
+        self.workers = min(8, (os.cpu_count() or 2) - 1) if workers is None else workers
+
+    def __len__(self):
+        return len(self.images)
+
+    def indices(self, step):
+        """The B training-set indices of step (int64, on the CPU)."""
+        return torch.from_numpy(np.random.default_rng([self.seed, step]).integers(0, len(self.images), self.B))
+
+    def seek(self, step):
+        """Make step the next one read: (re)starts the workers there unless it already is (a resume starts late)."""
+        if step != self.step:
+            loader = torch.utils.data.DataLoader(self.images, batch_sampler=_StepBatches(self, step),
+                                                 num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                                                 prefetch_factor=4 if self.workers else None,
+                                                 generator=torch.Generator().manual_seed(self.seed))  # the
+            # loader's own: seeding its workers must not draw from the global RNG (dropout's, restored on resume)
+            self.batches, self.step = iter(loader), step
+
+    def __getitem__(self, idx):
+        if self.step is None or not torch.equal(idx.cpu(), self.indices(self.step)[self.part]):
+            raise RuntimeError(f"Stream asked out of order: the indices are not those of step {self.step}")
+        self.step += 1
         try:
-            with Image.open(p) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
-                s = min(im.size)
-                left, top = (im.width - s) // 2, (im.height - s) // 2
-                im = im.crop((left, top, left + s, top + s)).resize((image_size, image_size), Image.BICUBIC)
-                out.append(np.asarray(im, np.uint8).reshape(image_size, image_size, channels))
-        except OSError as e:
-            raise DataError(f"{p}: unreadable image ({e})") from None
-    return np.stack(out).transpose(0, 3, 1, 2)
+            u = next(self.batches)
+        except DataError as e:  # from a worker, its message carries the worker's traceback: keep the last line
+            raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+        return u.to(self.device, non_blocking=True)
+
+
+class _StepBatches(torch.utils.data.Sampler):
+    """The DataLoader's batches: this rank's part of each step's indices, from a step on, without end."""
+
+    def __init__(self, stream, step):
+        self.stream, self.step = stream, step
+
+    def __iter__(self):
+        step = self.step
+        while True:
+            yield self.stream.indices(step)[self.stream.part].tolist()
+            step += 1
+
+
+def draw_indices(x_data, B, device, generator, step):
+    """A training step's B example indices: i.i.d. uniform from the run's data generator, on the device (the same
+    draw for every rank), or, for a Stream, the stream's own indices of that step."""
+    if isinstance(x_data, Stream):
+        x_data.seek(step)
+        return x_data.indices(step)
+    return torch.randint(len(x_data), (B,), device=device, generator=generator)
+
+
+def training_images(data, device, B, part, seed):
+    """The training set as the loop reads it: the uint8 levels moved to the device, or a Stream for a set kept on
+    disk (see load_data's stream_gb)."""
+    if isinstance(data.u, DiskImages):
+        return Stream(data.u, B, part, seed, device)
+    return data.u.to(device)
 
 
 def make_toy(name, n, seed=0):
@@ -690,8 +804,12 @@ def make_toy(name, n, seed=0):
     return torch.as_tensor(x, dtype=torch.float32)
 
 
-def load_data(name="digits", train=True, data_dir="data", image_size=None, channels=None, n_toy=20000, seed=0):
+def load_data(name="digits", train=True, data_dir="data", image_size=None, channels=None, n_toy=20000, seed=0,
+              stream_gb=4.0):
     """Load a dataset as a Data with x in [-1, 1]; name is one of DATASETS or a folder of images.
+
+    A folder whose images take more than stream_gb GB as uint8 (N C H W bytes) is not read here: its Data holds a
+    DiskImages, and training streams it from disk (training_images). Everything else is held in memory as uint8.
 
     digits: the UCI digits shipped in data/digits.npz (1,797 8x8 images, 17 levels); the first 1,500
     are the training split and the last 297 the held-out split. image_size resizes images (bilinear)
@@ -719,7 +837,10 @@ def load_data(name="digits", train=True, data_dir="data", image_size=None, chann
         d = find_files(name, data_dir, ["cifar-10-python.tar.gz"])
         (u, y), K = read_cifar10(os.path.join(d, "cifar-10-python.tar.gz"), train), 256
     elif os.path.isdir(name):
-        u, K = read_folder(name, image_size or 32, channels or 3), 256
+        paths, size, ch = image_paths(name), image_size or 32, channels or 3
+        if len(paths) * ch * size * size > stream_gb * 1e9:
+            return Data(DiskImages(paths, size, ch), None, 256)
+        u, K = np.stack([read_image(p, size, ch) for p in paths]), 256
     else:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} or give a folder of images")
     u = torch.as_tensor(np.array(u, dtype=np.uint8))  # a writable copy

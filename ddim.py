@@ -70,8 +70,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (MLP, PRESETS, TOYS, DataError, UNet, levels_to_unit, load_data, load_pretrained, save_grid,
-                    save_npz, save_scatter)
+from common import (MLP, PRESETS, TOYS, DataError, UNet, draw_indices, levels_to_unit, load_data, load_pretrained,
+                    save_grid, save_npz, save_scatter, training_images)
 
 SCRIPT = "ddim"  # the name written into every checkpoint
 EPS_SCRIPTS = ("ddim", "ddpm")  # checkpoints holding the same eps-network and schedule: both can be sampled
@@ -84,6 +84,8 @@ EPS_SCRIPTS = ("ddim", "ddpm")  # checkpoints holding the same eps-network and s
 class Config:
     dataset: str = "digits"       # common.load_data name, or a folder of images (paper: CIFAR-10, CelebA, LSUN)
     image_size: int = 0           # 0 = the dataset's native size
+    stream_gb: float = 4.0        # not in the papers: an image folder over this many GB (as uint8) stays on disk and is
+    #                               read by DataLoader workers while training; smaller sets are held on the device
     model: str = "tiny"           # UNet preset in common.PRESETS (paper: the DDPM U-Net, "cifar10"); toys use the MLP
     T: int = 1000                 # Sec. 5: T = 1000 for every model, as in DDPM
     schedule: str = "linear"      # DDPM's linear beta schedule (Sec. 5 reuses DDPM models); or "cosine"
@@ -798,12 +800,12 @@ def train(cfg):
     rank, world, device = setup_distributed(pick_device(cfg.device))  # (0, 1, device) without torchrun
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
+    data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None, stream_gb=cfg.stream_gb)
     if (recipe := follow_data(cfg, DATA_RECIPES, data.u.shape[1:], device)) and rank == 0:
         print(f"for {'x'.join(map(str, data.u.shape[1:]))} images on {device.type}: {recipe}", flush=True)
     B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
     data_shape = list(data.u.shape[1:])
-    data_u = data.u.to(device)  # the training set on the device (uint8 levels): minibatches are gathered there
+    data_u = training_images(data, device, B, part, cfg.seed)  # uint8 levels on the device: batches gathered there
     diffusion = DDIM(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T, cfg.t_sampling)
     config = {**dataclasses.asdict(cfg), "data_shape": data_shape}  # what ckpt.pt stores
     model = make_model(config).to(device)
@@ -846,7 +848,7 @@ def train(cfg):
     while step < cfg.steps and not stopping:
         model.train()
         # The global batch's randomness, in this order on every rank: i.i.d. example indices, flips, t, noise.
-        idx = torch.randint(len(data_u), (B,), device=device, generator=data_gen)
+        idx = draw_indices(data_u, B, device, data_gen, step)
         flip = torch.rand(B, device=device, generator=data_gen) < 0.5 if data.flip else None  # DDPM App. B
         i = diffusion.sample_t(B, device, data_gen)
         eps = torch.randn((B, *data_shape), device=device, generator=data_gen)

@@ -78,8 +78,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (MLP, PRESETS, TOYS, DataError, UNet, levels_to_unit, load_data, load_pretrained, save_grid,
-                    save_npz, save_scatter)
+from common import (MLP, PRESETS, TOYS, DataError, UNet, draw_indices, levels_to_unit, load_data, load_pretrained,
+                    save_grid, save_npz, save_scatter, training_images)
 
 SCRIPT = "ddpm"  # the name written into every checkpoint
 
@@ -91,6 +91,8 @@ SCRIPT = "ddpm"  # the name written into every checkpoint
 class Config:
     dataset: str = "digits"       # common.load_data name or an image folder; paper: CIFAR-10, CelebA-HQ, LSUN
     image_size: int = 0           # 0 = the dataset's native size (digits 8, CIFAR-10 32)
+    stream_gb: float = 4.0        # not in the papers: an image folder over this many GB (as uint8) stays on disk and is
+    #                               read by DataLoader workers while training; smaller sets are held on the device
     model: str = "tiny"           # U-Net preset in common.PRESETS; paper: "cifar10" (35.7 M, App. B). Toys: common.MLP
     T: int = 1000                 # Sec. 4: T = 1000
     schedule: str = "linear"      # Sec. 4: linear; "cosine" is Nichol & Dhariwal (2021), Eq. 17 there;
@@ -952,8 +954,9 @@ def one_line_errors():
 # Training loop (Algorithm 1) and the CLI modes
 
 # Fields that --sample / --eval-nll take from the command line over the checkpoint's (how and where to run, not what);
-# a --resume simply runs with the values given (none of them is in MUST_MATCH).
-RUNTIME = ("out", "device", "seed", "clip_denoised", "batch_size", "precision", "compile", "deterministic")
+# a --resume simply runs with the values given (none of them is in MUST_MATCH); a checkpoint may lack them.
+RUNTIME = ("out", "device", "seed", "clip_denoised", "batch_size", "precision", "compile", "deterministic",
+           "stream_gb")
 # Fields a resumed run must share with the checkpoint: they fix the network and the diffusion (VDM's: --loss-type vlb).
 MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T", "variance", "loss_type")
 VDM_MUST_MATCH = ("learn_endpoints", "cond", "fourier")
@@ -1001,7 +1004,7 @@ def read_ckpt(path, cfg=None):
     ckpt = load_checkpoint(path)
     config = ckpt.get("config")
     missing = [k for k in ("config", "step", "model", "ema", "optimizer", "rng") if k not in ckpt] or [
-        k for k in (*(f.name for f in dataclasses.fields(Config)), "data_shape")
+        k for k in (*(f.name for f in dataclasses.fields(Config) if f.name not in RUNTIME), "data_shape")
         if not isinstance(config, dict) or k not in config]
     if missing:
         raise DataError(f"{path}: a {SCRIPT} checkpoint with missing fields ({', '.join(missing)})")
@@ -1030,7 +1033,7 @@ def train(cfg):
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 alone prints
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
+    data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None, stream_gb=cfg.stream_gb)
     if recipe := follow_data(cfg, DATA_RECIPES, data.u.shape[1:], device):
         log(f"for {'x'.join(map(str, data.u.shape[1:]))} images on {device.type}: {recipe}", flush=True)
     B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
@@ -1063,7 +1066,7 @@ def train(cfg):
     net = network(model, autocast, cfg.compile)  # what the loss calls: in autocast, float32 out
     if not vlb:
         diffusion, _ = make_diffusion(cfg, data.levels, model, net)
-    x_data, shape = data.u.to(device), tuple(data.u.shape[1:])  # the training set on the device (uint8 levels)
+    x_data, shape = training_images(data, device, B, part, cfg.seed), tuple(data.u.shape[1:])  # uint8, on the device
     checked, loss_sum = [step], torch.zeros((), device=device)  # the last step checked, the loss sum since (NaN stays)
     log_sum, n_log = torch.zeros((), device=device), 0   # since the last progress line
 
@@ -1096,7 +1099,7 @@ def train(cfg):
     model.train()
     while step < cfg.steps and not stopping:
         # The global batch's randomness, all from data_gen in this order on every rank; this rank keeps part of each.
-        idx = torch.randint(len(x_data), (B,), device=device, generator=data_gen)  # i.i.d. minibatch: exact resume
+        idx = draw_indices(x_data, B, device, data_gen, step)  # i.i.d. minibatch: exact resume
         if data.flip:  # random horizontal flips (the paper's CIFAR-10 augmentation)
             flip = (torch.rand(B, device=device, generator=data_gen) < 0.5).reshape(-1, 1, 1, 1)
         if vlb:  # VDM: continuous t, the noise of z_t and that of z_0
@@ -1158,7 +1161,7 @@ def load_for_inference(args, cfg_overrides):
         ckpt = {"config": {**dataclasses.asdict(cfg), "data_shape": shape}}
     else:
         ckpt = read_ckpt(args.ckpt)
-        cfg = Config(**{f.name: ckpt["config"][f.name] for f in dataclasses.fields(Config)})
+        cfg = Config(**{f.name: ckpt["config"].get(f.name, f.default) for f in dataclasses.fields(Config)})
         net = make_model(ckpt["config"])
         try:
             net.load_state_dict(ckpt["ema"])

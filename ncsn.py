@@ -79,8 +79,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (MLP, PRESETS, TOYS, DataError, UNet, levels_to_unit, load_data, save_grid, save_npz,
-                    save_scatter)
+from common import (MLP, PRESETS, TOYS, DataError, UNet, draw_indices, levels_to_unit, load_data, save_grid, save_npz,
+                    save_scatter, training_images)
 
 SCRIPT = "ncsn"  # the name written into every checkpoint
 
@@ -93,6 +93,8 @@ SCRIPT = "ncsn"  # the name written into every checkpoint
 class Config:
     dataset: str = "digits"       # common.load_data name or an image folder; papers: MNIST, CelebA, CIFAR-10, LSUN
     image_size: int = 0           # 0 = the dataset's native size (digits 8, CIFAR-10 32)
+    stream_gb: float = 4.0        # not in the papers: an image folder over this many GB (as uint8) stays on disk and is
+    #                               read by DataLoader workers while training; smaller sets are held on the device
     model: str = "tiny"           # U-Net preset in common.PRESETS; papers: RefineNet (v1), NCSNv2 net. Toys use MLP
     loss: str = "dsm"             # 2019 Eqs. 5-6 (dsm); ssm = sliced SM (2019 Eq. 3); ism = Eq. 1, D <= 16 only
     sigma_1: float = 0.0          # 0 = Technique 1 (max pairwise distance; digits: 9.6); v1: 1 on [0,1] = 2 on [-1,1]
@@ -851,7 +853,7 @@ def train(cfg):
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)  # before any CUDA work (cuBLAS settings)
     torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank
     data_gen = make_generator(cfg.seed, device)  # alike on every rank: data order, flips, levels, noise, v
-    data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
+    data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None, stream_gb=cfg.stream_gb)
     if recipe := follow_data(cfg, DATA_RECIPES, data.u.shape[1:], device):
         log(f"for {'x'.join(map(str, data.u.shape[1:]))} images on {device.type}: {recipe}", flush=True)
     part = rank_slice(cfg.batch_size, rank, world)  # this rank's examples of every global batch
@@ -875,7 +877,7 @@ def train(cfg):
         step = ckpt["step"]
         restore_rng(ckpt["rng"], data_gen, rank)  # the data generator, and this rank's CPU and CUDA/MPS streams
         log(f"resumed from {path} at step {step}", flush=True)
-    x_data = data.u.to(device)  # the training set lives on the device (uint8 levels for images)
+    x_data = training_images(data, device, cfg.batch_size, part, cfg.seed)  # on the device (uint8 for images)
     grid_shape = (1000 if cfg.dataset in TOYS else 64, *data.u.shape[1:])
     loss_fn = {"dsm": ncsn.loss, "ssm": ncsn.ssm_loss, "ism": ncsn.ism_loss}[cfg.loss]
     use_compile = cfg.compile and cfg.loss == "dsm"  # ssm / ism differentiate through the score: no compile
@@ -912,7 +914,7 @@ def train(cfg):
     model.train()
     while step < cfg.steps and not stopping:
         # The global batch's randomness, all from data_gen in a fixed order; this rank keeps part of each.
-        idx = torch.randint(len(x_data), (B,), device=device, generator=data_gen)  # i.i.d. minibatch: exact resume
+        idx = draw_indices(x_data, B, device, data_gen, step)  # i.i.d. minibatch: exact resume
         if data.flip:  # random horizontal flips (CIFAR-10, as in both papers' code)
             flip = (torch.rand(B, device=device, generator=data_gen) < 0.5).reshape(-1, 1, 1, 1)
         i = ncsn.sample_levels(B, device, data_gen)  # (B,) level indices

@@ -104,8 +104,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (MLP, PRESETS, TOYS, DataError, ResBlock, UNet, levels_to_unit, load_data, save_grid, save_npz,
-                    save_scatter, timestep_embedding)
+from common import (MLP, PRESETS, TOYS, DataError, ResBlock, UNet, draw_indices, levels_to_unit, load_data, save_grid,
+                    save_npz, save_scatter, timestep_embedding, training_images)
 
 SCRIPT = "score_sde"  # the name written into every checkpoint
 
@@ -118,6 +118,8 @@ class Config:
     # data and network
     dataset: str = "digits"       # common.load_data name, or a folder of images (paper: CIFAR-10, CelebA, LSUN, FFHQ)
     image_size: int = 0           # 0 = the dataset's native size
+    stream_gb: float = 4.0        # not in the papers: an image folder over this many GB (as uint8) stays on disk and is
+    #                               read by DataLoader workers while training; smaller sets are held on the device
     model: str = "tiny"           # UNet preset in common.PRESETS (paper: DDPM++ / NCSN++, ~60 M); toys use the MLP
     # the SDE (Sec. 3.4, App. B)
     sde: str = "vp"               # vp | subvp | ve
@@ -1289,7 +1291,7 @@ def start(cfg, labels=False):
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     torch.manual_seed(cfg.seed)  # the initial weights: alike on every rank
     data_gen = make_generator(cfg.seed, device)
-    data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None)
+    data = load_data(cfg.dataset, train=True, image_size=cfg.image_size or None, stream_gb=cfg.stream_gb)
     if recipe := follow_data(cfg, DATA_RECIPES, data.u.shape[1:], device):
         log(f"for {'x'.join(map(str, data.u.shape[1:]))} images on {device.type}: {recipe}", flush=True)
     if labels and (data.y is None or data.u.dim() != 4):
@@ -1388,12 +1390,12 @@ def train(cfg, resume=False):
     ema_score_fn = make_score_fn(network(ema, autocast, cfg.compile), sde)   # for the sample grids
     fixed = make_generator(cfg.seed + 1, device)  # fixed noise for the progress grids
     grid_shape = (min(cfg.n_samples, 64) if cfg.dataset not in TOYS else 2000, *config["data_shape"])
-    x_data = data.u.to(device)  # the training set on the device (uint8 levels for images)
+    x_data = training_images(data, device, B, part, cfg.seed)  # on the device (uint8 levels for images)
 
     def batch_loss(step):
         # The global batch's randomness from data_gen, in this order on every rank: i.i.d. example indices
         # (exact resume), flips, t, noise; this rank keeps its slice of each.
-        idx = torch.randint(len(x_data), (B,), device=device, generator=data_gen)
+        idx = draw_indices(x_data, B, device, data_gen, step)
         if data.flip:
             flip = torch.rand(B, 1, 1, 1, device=device, generator=data_gen) < 0.5
         t = sample_t(B, cfg.train_eps, cfg.t_sampling, device, data_gen)  # (B,)

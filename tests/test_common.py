@@ -46,6 +46,18 @@ MUTATIONS = [
      "find": 'num_res_blocks=1, attn_res=(7, 8), dropout=0.0)',
      "replace": 'num_res_blocks=1, attn_res=(8,), dropout=0.0)',
      "tests": ["tests/test_common.py::test_unet_64_and_presets_parameter_counts"]},
+    {"name": "stream-same-batch-every-step", "file": "common.py",
+     "find": "np.random.default_rng([self.seed, step])", "replace": "np.random.default_rng([self.seed, 0])",
+     "tests": ["tests/test_common.py::test_stream_reads_what_memory_holds_and_resumes"]},
+    {"name": "stream-workers-start-at-zero", "file": "common.py",
+     "find": "batch_sampler=_StepBatches(self, step)", "replace": "batch_sampler=_StepBatches(self, 0)",
+     "tests": ["tests/test_common.py::test_stream_reads_what_memory_holds_and_resumes"]},
+    {"name": "stream-loader-draws-global-rng", "file": "common.py",
+     "find": "generator=torch.Generator().manual_seed(self.seed))", "replace": ")",
+     "tests": ["tests/test_common.py::test_train_streams_a_large_folder_and_resumes_exactly"]},
+    {"name": "stream-never", "file": "common.py",
+     "find": "if len(paths) * ch * size * size > stream_gb * 1e9:", "replace": "if False:",
+     "tests": ["tests/test_common.py::test_stream_reads_what_memory_holds_and_resumes"]},
 ]
 
 
@@ -421,3 +433,103 @@ def test_train_on_28px_images_takes_the_recipe(script, tmp_path, capsys, device)
     assert config["model"] == recipe["model"] and config["steps"] == 1, config
     assert config["batch_size"] == recipe.get("batch_size", m.Config.batch_size), config
     assert f"for 3x28x28 images on {device.type}: " in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- a folder streamed from disk
+
+def image_folder(folder, n, size=8, seed=0):
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return str(folder)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_reads_what_memory_holds_and_resumes(tmp_path, device, workers):
+    """A folder over stream_gb stays on disk (DiskImages); a Stream's batches are exactly the in-memory images of
+    the indices of each step, a pure function of (seed, step), so a stream started at step 3 (a resume) reads
+    what a straight one reads there; this rank's part only; asking out of order is refused."""
+    folder = image_folder(tmp_path / "img", 12)
+    mem, disk = load_data(folder, image_size=8), load_data(folder, image_size=8, stream_gb=0)
+    assert isinstance(mem.u, torch.Tensor) and isinstance(disk.u, common.DiskImages)
+    assert disk.u.shape == mem.u.shape and torch.equal(disk.x, mem.x)  # 12 <= PREVIEW: the whole set, in order
+    B, part = 6, slice(2, 5)
+    assert isinstance(common.training_images(disk, device, B, part, seed=7), common.Stream)
+    assert isinstance(common.training_images(mem, device, B, part, seed=7), torch.Tensor)
+    straight, late = (common.Stream(disk.u, B, part, 7, device, workers) for _ in range(2))
+    seen = []
+    for step in range(6):
+        idx = common.draw_indices(straight, B, device, None, step)
+        seen.append(idx)
+        u = straight[idx[part]]
+        assert u.device.type == device.type and u.dtype == torch.uint8 and u.shape == (3, 3, 8, 8)
+        assert torch.equal(u.cpu(), mem.u[idx[part]])
+        if step >= 3:
+            assert torch.equal(late[common.draw_indices(late, B, device, None, step)[part]].cpu(), u.cpu())
+    assert len({tuple(i.tolist()) for i in seen}) == 6  # a new draw each step
+    assert not torch.equal(common.Stream(disk.u, B, part, 8, device).indices(0), seen[0])  # the seed matters
+    with pytest.raises(RuntimeError, match="out of order"):
+        straight[seen[0][part]]  # step 6 is next, not step 0
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_stream_names_an_unreadable_image_in_one_line(tmp_path, workers):
+    """A corrupt file in a streamed folder: the DataError a worker raises comes back as one line naming the file
+    (not the worker's traceback)."""
+    folder = image_folder(tmp_path / "img", 3)
+    (tmp_path / "img" / "004.png").write_bytes(b"not a png")
+    s = common.Stream(load_data(folder, image_size=8, stream_gb=0).u, 16, slice(0, 16), 0, "cpu", workers)
+    with pytest.raises(DataError) as e:
+        s[common.draw_indices(s, 16, "cpu", None, 0)]  # 16 draws from 4 files: the bad one is among them
+    assert len(str(e.value).splitlines()) == 1 and "004.png: unreadable image" in str(e.value), str(e.value)
+
+
+def test_disk_preview_is_a_fixed_subset(tmp_path, monkeypatch):
+    """Data.x of a set kept on disk is a fixed random subset of PREVIEW images in folder order (statistics such as
+    Technique 1 and held-out checks use it), the same on every call."""
+    folder = image_folder(tmp_path / "img", 10)
+    monkeypatch.setattr(common.DiskImages, "PREVIEW", 4)
+    mem, disk = load_data(folder, image_size=8), load_data(folder, image_size=8, stream_gb=0)
+    x = disk.x
+    assert x.shape == (4, 3, 8, 8) and torch.equal(x, load_data(folder, image_size=8, stream_gb=0).x)
+    rows = [next(i for i in range(10) if torch.equal(mem.x[i], xi)) for xi in x]
+    assert rows == sorted(rows) and len(set(rows)) == 4
+
+
+STREAM_FAST = {**FAST, "score_sde": ["--n-steps", "22", "--n-samples", "4", "--sde", "vp"]}
+
+
+@pytest.mark.parametrize("script", ["ddpm", "ddim", "ncsn", "score_sde"])
+def test_train_streams_a_large_folder_and_resumes_exactly(script, tmp_path, monkeypatch, device):
+    """--train with a folder over --stream-gb reads it through a Stream (DataLoader workers), and 2 steps + resume
+    to 4 equal 4 straight: bitwise on the CPU and on CUDA with --deterministic, to float tolerance on MPS."""
+    import importlib
+    m = importlib.import_module(script)
+    folder = image_folder(tmp_path / "img", 10)
+    seeks = []
+    real_seek = common.Stream.seek
+    monkeypatch.setattr(common.Stream, "seek", lambda self, step: (seeks.append(step), real_seek(self, step))[1])
+    det = ["--deterministic"] if device.type == "cuda" else []
+
+    def train(name, steps, *extra):
+        m.main(["--train", "--dataset", folder, "--image-size", "8", "--stream-gb", "0", "--steps", str(steps),
+                "--batch-size", "4", "--sample-every", "1000", "--ckpt-every", "2", "--out", str(tmp_path / name),
+                "--device", device.type, *det, *STREAM_FAST[script], *extra])
+        return torch.load(tmp_path / name / "ckpt.pt", weights_only=True)
+
+    try:
+        straight = train("straight", 4)
+        assert seeks[:4] == [0, 1, 2, 3], seeks
+        train("split", 2)
+        seeks.clear()
+        split = train("split", 4, "--resume")
+        assert seeks == [2, 3], seeks  # the resumed run starts the stream at step 2
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert straight["step"] == split["step"] == 4
+    for k, v in straight["model"].items():
+        if device.type == "mps":
+            torch.testing.assert_close(split["model"][k], v)
+        else:
+            assert torch.equal(split["model"][k], v), k
