@@ -183,18 +183,20 @@ def train_and_sample(args, d):
         if os.path.exists(os.path.join(d, "samples.npz")):
             os.remove(os.path.join(d, "samples.npz"))  # from an earlier run: stale
     seconds = float(open(seconds_file).read().split()[0]) if os.path.exists(seconds_file) else float("nan")
-    npz = os.path.join(d, "samples.npz")
+    sd = d if args.eta == 0 else os.path.join(d, f"eta{args.eta:g}")  # eta != 0: samples in their own folder
+    os.makedirs(sd, exist_ok=True)
+    npz = os.path.join(sd, "samples.npz")
     if not (args.reuse and os.path.exists(npz)):
         cmd = [sys.executable, "ddim.py", "--sample", "--ckpt", ckpt, args.steps_flag, str(args.sample_steps),
-               "--eta", "0", "--n-samples", str(args.n), "--out", d]
-        sample_seconds = run(cmd, os.path.join(d, "sample.log"))
+               "--eta", f"{args.eta:g}", "--n-samples", str(args.n), "--out", sd]
+        sample_seconds = run(cmd, os.path.join(sd, "sample.log"))
         print(f"sampling: {sample_seconds / 60:.1f} min", flush=True)
     with np.load(npz) as f:
         u = f["arr_0"]  # (N, H, W, C) uint8 levels 0..255, as common.save_npz writes them
     if u.dtype != np.uint8 or u.shape[1:] != (28, 28, 1):
         sys.exit(f"{npz}: expected uint8 (N, 28, 28, 1), got {u.dtype} {u.shape}")
     x = common.levels_to_unit(torch.from_numpy(u.transpose(0, 3, 1, 2).copy()), 256)  # (N, 1, 28, 28) in [-1, 1]
-    return x, seconds, last_rate(train_log)
+    return x, seconds, last_rate(train_log), sd
 
 
 def main():
@@ -205,7 +207,9 @@ def main():
     p.add_argument("--steps", type=int, default=2000, help="training steps (the issue's budget)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch (the issue's budget)")
     p.add_argument("--n", type=int, default=500, help="N: generated samples, test images and training images")
-    p.add_argument("--sample-steps", type=int, default=100, help="DDIM steps S (eta = 0)")
+    p.add_argument("--sample-steps", type=int, default=100, help="DDIM steps S")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 = the issue's deterministic sampler, 1 = "
+                   "DDPM-like ancestral steps (samples then go to <out>/<label>/eta<eta>/)")
     p.add_argument("--steps-flag", default=SAMPLE_STEPS_FLAG, help='ddim.py\'s flag for S ("--steps" on older code)')
     p.add_argument("--epochs", type=int, default=3, help="classifier epochs (changing it retrains the cache)")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_fashion"), help="output folder (not committed)")
@@ -235,17 +239,17 @@ def main():
         return
 
     d = os.path.join(args.out, args.label)
-    x, seconds, rate = train_and_sample(args, d)
+    x, seconds, rate, sd = train_and_sample(args, d)
     f_gen, pred_gen = embed(model, x[:args.n])
     fd = frechet_distance(f_gen, f_test)
     h, mx = class_spread(pred_gen)
     print(f"\nextra flags: {args.extra or '(none)'}; budget {args.steps} x {args.batch_size}; "
-          f"DDIM S={args.sample_steps}, eta 0; N = {len(f_gen)}; classifier test accuracy {acc:.4f}")
+          f"DDIM S={args.sample_steps}, eta {args.eta:g}; N = {len(f_gen)}; classifier test accuracy {acc:.4f}")
     print("| run | train min | ms/step | FD | class spread (H/ln10) | max class share | real-vs-real FD |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {args.label} | {seconds / 60:.1f} | {1000 / rate:.0f} | {fd:.2f} | {h:.3f} | {mx:.2f} | {floor:.2f} |")
-    common.save_grid(x[:64], os.path.join(d, "grid64.png"), nrow=16, scale=2)  # the README's picture
-    print(f"sample grids: {os.path.join(d, 'samples.png')} (all), {os.path.join(d, 'grid64.png')} (the first 64)")
+    common.save_grid(x[:64], os.path.join(sd, "grid64.png"), nrow=16, scale=2)  # the README's picture
+    print(f"sample grids: {os.path.join(sd, 'samples.png')} (all), {os.path.join(sd, 'grid64.png')} (the first 64)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 For each script it runs the README's default command (`python <script>.py --train` on the shipped digits) in a
 scratch folder, times it (wall and user CPU, with the load average during the run), copies the final sample grid
 to data/readme/<script>.png, and prints a markdown row. ddpm.py also gets `--eval-nll` (all 297 held-out digits),
-score_sde.py `--sample --sampler pc` (the grid of the README's second command) and `--eval-nll` on 64 digits.
+score_sde.py `--sample --sampler pc` (the README's second command; its grid is the last training grid, checked)
+and `--eval-nll` on 64 digits.
 """
 import glob
 import os
@@ -22,13 +23,15 @@ PICTURES = os.path.join(ROOT, "data", "readme")
 
 
 def run(args, cwd):
-    """(seconds of wall time, seconds of children's user CPU, load average at the end, last stdout line)."""
+    """(seconds of wall time, seconds of children's user CPU, load average at the end, the result line: the first
+    stdout line with bits/dim, else the last)."""
     before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime, time.time()
     r = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"readme_pictures.py: {' '.join(args)} failed: {r.stderr.strip().splitlines()[-1:]}")
     wall, user = time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - before
-    return wall, user, os.getloadavg()[0], r.stdout.strip().splitlines()[-1]
+    lines = r.stdout.strip().splitlines()
+    return wall, user, os.getloadavg()[0], next((x for x in lines if "bits/dim" in x), lines[-1])  # the result
 
 
 def main(names):
@@ -51,7 +54,9 @@ def main(names):
                 wall, user, load, last = run([script, "--sample", "--sampler", "pc", "--ckpt", ckpt, "--out", out],
                                              tmp)
                 print(f"| `python score_sde.py --sample --sampler pc` | {wall:.0f} s | | {load:.1f} | {last} |")
-                shutil.copy(os.path.join(out, "samples.png"), os.path.join(PICTURES, "score_sde_pc.png"))
+                same = open(os.path.join(out, "samples.png"), "rb").read() == open(grids[-1], "rb").read()
+                print(f"(its samples.png is {'the same file as' if same else 'NOT the same as'} the last training grid:"
+                      " the same sampler, EMA weights and noise seed)", flush=True)
                 wall, user, load, last = run([script, "--eval-nll", "--ckpt", ckpt, "--n-eval", "64", "--out", out],
                                              tmp)
                 print(f"| `python score_sde.py --eval-nll --n-eval 64` | {wall:.0f} s | | {load:.1f} | {last} |",
