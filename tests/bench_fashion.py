@@ -3,6 +3,7 @@
   python tests/bench_fashion.py                                   # today's defaults, 2000 steps x batch 64
   python tests/bench_fashion.py --label small --extra "--model small --lr 2e-4"
   python tests/bench_fashion.py --label baseline --reuse          # score an existing run folder again
+  python tests/bench_fashion.py --label baseline --reuse --eta 1  # its samples with eta = 1, in <dir>/eta1/
   python tests/bench_fashion.py --steps-flag=--steps              # ddim.py from before "--S" (note the "=")
   OMP_NUM_THREADS=1 nice -n 10 python tests/bench_fashion.py ...  # long: 30-90 min per run on 2 CPU cores
 
@@ -13,7 +14,7 @@ A run is three steps, each through the scripts' own CLI (subprocesses), in <out>
   1. python ddpm.py --train --dataset fashion_mnist --steps 2000 --batch-size 64 --out <dir> [--extra flags]
      (wall time measured; the last progress line's it/s gives ms/step)
   2. python ddim.py --sample --ckpt <dir>/ckpt.pt --S 100 --eta 0 --n-samples N --out <dir>
-     (DDIM, 100 steps, eta = 0; writes samples.npz: uint8 levels 0..255, shape (N, 28, 28, 1), and samples.png)
+     (DDIM, 100 steps, eta = 0 or --eta; writes samples.npz: uint8 levels 0..255, shape (N, 28, 28, 1), and samples.png)
   3. the score of samples.npz against N test images.
 
 The measure (stated here, computed below):
