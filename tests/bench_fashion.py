@@ -185,11 +185,14 @@ def train_and_sample(args, d):
             os.remove(os.path.join(d, "samples.npz"))  # from an earlier run: stale
     seconds = float(open(seconds_file).read().split()[0]) if os.path.exists(seconds_file) else float("nan")
     sd = d if args.eta == 0 else os.path.join(d, f"eta{args.eta:g}")  # eta != 0: samples in their own folder
+    sd = os.path.join(d, "ddpm") if args.sampler == "ddpm" else sd    # and those of ddpm.py's sampler
     os.makedirs(sd, exist_ok=True)
     npz = os.path.join(sd, "samples.npz")
     if not (args.reuse and os.path.exists(npz)):
         cmd = [sys.executable, "ddim.py", "--sample", "--ckpt", ckpt, args.steps_flag, str(args.sample_steps),
                "--eta", f"{args.eta:g}", "--n-samples", str(args.n), "--out", sd]
+        if args.sampler == "ddpm":  # Algorithm 2 of Ho et al., all T steps (slow: 10x the NFE of S = 100)
+            cmd = [sys.executable, "ddpm.py", "--sample", "--ckpt", ckpt, "--n-samples", str(args.n), "--out", sd]
         sample_seconds = run(cmd, os.path.join(sd, "sample.log"))
         print(f"sampling: {sample_seconds / 60:.1f} min", flush=True)
     with np.load(npz) as f:
@@ -209,6 +212,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=64, help="training batch (the issue's budget)")
     p.add_argument("--n", type=int, default=500, help="N: generated samples, test images and training images")
     p.add_argument("--sample-steps", type=int, default=100, help="DDIM steps S")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim", help="ddim: ddim.py --S --eta (the "
+                   "issue's); ddpm: ddpm.py --sample, Algorithm 2 with all T steps (samples in <out>/<label>/ddpm/)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 = the issue's deterministic sampler, 1 = "
                    "DDPM-like ancestral steps (samples then go to <out>/<label>/eta<eta>/)")
     p.add_argument("--steps-flag", default=SAMPLE_STEPS_FLAG, help='ddim.py\'s flag for S ("--steps" on older code)')
@@ -244,8 +249,9 @@ def main():
     f_gen, pred_gen = embed(model, x[:args.n])
     fd = frechet_distance(f_gen, f_test)
     h, mx = class_spread(pred_gen)
-    print(f"\nextra flags: {args.extra or '(none)'}; budget {args.steps} x {args.batch_size}; "
-          f"DDIM S={args.sample_steps}, eta {args.eta:g}; N = {len(f_gen)}; classifier test accuracy {acc:.4f}")
+    how = f"DDIM S={args.sample_steps}, eta {args.eta:g}" if args.sampler == "ddim" else "DDPM Alg. 2, all T steps"
+    print(f"\nextra flags: {args.extra or '(none)'}; budget {args.steps} x {args.batch_size}; {how}; "
+          f"N = {len(f_gen)}; classifier test accuracy {acc:.4f}")
     print("| run | train min | ms/step | FD | class spread (H/ln10) | max class share | real-vs-real FD |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {args.label} | {seconds / 60:.1f} | {1000 / rate:.0f} | {fd:.2f} | {h:.3f} | {mx:.2f} | {floor:.2f} |")
