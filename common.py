@@ -698,6 +698,7 @@ class DiskImages(torch.utils.data.Dataset):
         return 4
 
     def preview(self):
+        """The PREVIEW images (uint8, read once)."""
         if self._preview is None:
             n = len(self)
             idx = range(n) if n <= self.PREVIEW else \
@@ -733,11 +734,12 @@ class Stream:
     def seek(self, step):
         """Make step the next one read: (re)starts the workers there unless it already is (a resume starts late)."""
         if step != self.step:
+            # The loader's own generator: seeding its workers must not draw from the global RNG (dropout's, which a
+            # resume restores).
             loader = torch.utils.data.DataLoader(self.images, batch_sampler=_StepBatches(self, step),
                                                  num_workers=self.workers, pin_memory=self.device.type == "cuda",
                                                  prefetch_factor=4 if self.workers else None,
-                                                 generator=torch.Generator().manual_seed(self.seed))  # the
-            # loader's own: seeding its workers must not draw from the global RNG (dropout's, restored on resume)
+                                                 generator=torch.Generator().manual_seed(self.seed))
             self.batches, self.step = iter(loader), step
 
     def __getitem__(self, idx):
