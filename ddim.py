@@ -679,7 +679,8 @@ def make_parser(config, modes, choices, presets, recipes):
     p = OneLineParser(prog=f"{SCRIPT}.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter,
                       epilog="--train's defaults follow the data (the first line that fits its largest side and the "
-                             "device;\n\"cpu\" takes MPS too; a flag or --preset given wins):\n" + "\n".join(lines))
+                             f"device;\n\"cpu\" takes MPS too; a flag{' or --preset' if presets else ''} given wins):\n"
+                             + "\n".join(lines))
     group = p.add_argument_group("what to do (pick one)")
     for name, text in modes.items():
         group.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
@@ -792,7 +793,10 @@ def save_samples(x, path, dataset):
         save_grid(x, path)
 
 
-MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T")  # fields --resume checks
+# A checkpoint's "config": what defines the model and the diffusion (must match on --resume), one sample's shape, and
+# the training recipe; not the sampler, paths, device or precision of the run (a reader ignores any key it does not use).
+MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T")
+RECIPE = ("steps", "batch_size", "lr", "warmup", "grad_clip", "ema_decay", "t_sampling", "seed")
 
 
 def train(cfg):
@@ -807,7 +811,7 @@ def train(cfg):
     data_shape = list(data.u.shape[1:])
     data_u = training_images(data, device, B, part, cfg.seed)  # uint8 levels on the device: batches gathered there
     diffusion = DDIM(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T, cfg.t_sampling)
-    config = {**dataclasses.asdict(cfg), "data_shape": data_shape}  # what ckpt.pt stores
+    config = {**{k: getattr(cfg, k) for k in MUST_MATCH + RECIPE}, "data_shape": data_shape}  # what ckpt.pt stores
     model = make_model(config).to(device)
     data_gen = make_generator(cfg.seed, device)  # alike on every rank: the global batch's indices, flips, t, noise
     torch.manual_seed(cfg.seed + rank)  # the global RNGs, one stream per rank, are left to dropout

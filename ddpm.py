@@ -861,7 +861,8 @@ def make_parser(config, modes, choices, presets, recipes):
     p = OneLineParser(prog=f"{SCRIPT}.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter,
                       epilog="--train's defaults follow the data (the first line that fits its largest side and the "
-                             "device;\n\"cpu\" takes MPS too; a flag or --preset given wins):\n" + "\n".join(lines))
+                             f"device;\n\"cpu\" takes MPS too; a flag{' or --preset' if presets else ''} given wins):\n"
+                             + "\n".join(lines))
     group = p.add_argument_group("what to do (pick one)")
     for name, text in modes.items():
         group.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
@@ -957,6 +958,9 @@ def one_line_errors():
 # a --resume simply runs with the values given (none of them is in MUST_MATCH); a checkpoint may lack them.
 RUNTIME = ("out", "device", "seed", "clip_denoised", "batch_size", "precision", "compile", "deterministic",
            "stream_gb")
+# Fields a checkpoint's "config" leaves out: where and how a run ran (paths, device, precision, the sampler's
+# clipping), not what defines the model, the diffusion or the training recipe.
+NOT_STORED = ("out", "device", "clip_denoised", "precision", "compile", "deterministic", "stream_gb")
 # Fields a resumed run must share with the checkpoint: they fix the network and the diffusion (VDM's: --loss-type vlb).
 MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T", "variance", "loss_type")
 VDM_MUST_MATCH = ("learn_endpoints", "cond", "fourier")
@@ -1040,7 +1044,8 @@ def train(cfg):
     is_toy, vlb = cfg.dataset in TOYS, cfg.loss_type == "vlb"
     if cfg.fourier == "auto":  # resolved before it is stored or compared with a checkpoint's
         cfg.fourier = "on" if vlb and not is_toy else "off"
-    config = {**dataclasses.asdict(cfg), "data_shape": list(data.u.shape[1:])}
+    config = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_STORED},
+              "data_shape": list(data.u.shape[1:])}
     model = place(make_model(config), device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # EMA of parameters only (the nets have no buffers)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

@@ -722,7 +722,8 @@ def make_parser(config, modes, choices, presets, recipes):
     p = OneLineParser(prog=f"{SCRIPT}.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter,
                       epilog="--train's defaults follow the data (the first line that fits its largest side and the "
-                             "device;\n\"cpu\" takes MPS too; a flag or --preset given wins):\n" + "\n".join(lines))
+                             f"device;\n\"cpu\" takes MPS too; a flag{' or --preset' if presets else ''} given wins):\n"
+                             + "\n".join(lines))
     group = p.add_argument_group("what to do (pick one)")
     for name, text in modes.items():
         group.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
@@ -814,6 +815,10 @@ def one_line_errors():
 # -----------------------------------------------------------------------------
 # Training loop
 
+# Fields a checkpoint's "config" leaves out: where and how a run ran, not what defines the model, its noise levels,
+# the training recipe or the sampler settings (n_steps_each, step_lr, denoise: Technique 4 ties them to the levels,
+# so they are stored, and are the defaults of --sample / --inpaint).
+NOT_STORED = ("out", "device", "precision", "compile", "deterministic", "stream_gb")
 # Fields a resumed run (or a sampler) must share with the checkpoint: they fix the network and the levels.
 MUST_MATCH = ("dataset", "image_size", "model", "cond", "sigma_1", "sigma_L", "L")
 
@@ -861,7 +866,8 @@ def train(cfg):
     ncsn = NCSN(cfg.sigma_1, cfg.sigma_L, cfg.L, cfg.t_sampling)
     log(f"noise levels: sigma {cfg.sigma_1:.4g} -> {cfg.sigma_L:.4g}, L = {cfg.L}; sampling: T = "
         f"{cfg.n_steps_each}, eps = {cfg.step_lr:.4g} (paper's form), denoise {cfg.denoise}", flush=True)
-    config = {**dataclasses.asdict(cfg), "data_shape": list(data.u.shape[1:])}
+    config = {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_STORED},
+              "data_shape": list(data.u.shape[1:])}
     model = make_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # Technique 5 (EMA of parameters; no buffers)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

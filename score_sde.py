@@ -122,7 +122,7 @@ class Config:
     #                               read by DataLoader workers while training; smaller sets are held on the device
     model: str = "tiny"           # UNet preset in common.PRESETS (paper: DDPM++ / NCSN++, ~60 M); toys use the MLP
     # the SDE (Sec. 3.4, App. B)
-    sde: str = "vp"               # vp | subvp | ve
+    sde: str = "vp"               # vp (Eq. 11, DDPM's limit) | subvp (Eq. 12, Sec. 3.4) | ve (Eq. 9, SMLD's limit)
     beta_min: float = 0.1         # App. B / C: beta(0) = 0.1 (VP, sub-VP; data in [-1, 1] as in the paper)
     beta_max: float = 20.0        # App. B / C: beta(1) = 20
     sigma_min: float = 0.02       # App. C: 0.01 for data in [0, 1] -> 0.02 in our [-1, 1]
@@ -140,7 +140,7 @@ class Config:
     ckpt_every: int = 200         # steps between checkpoints (also written on Ctrl-C / SIGTERM and at the end)
     sample_every: int = 800       # steps between sample grids from fixed noise
     log_every: int = 100          # steps between progress lines
-    out: str = "runs/score_sde"   # output folder
+    out: str = "runs/score_sde"   # output folder: checkpoint, sample grids, samples.npz
     ckpt: str = ""                # checkpoint to sample from ("" = <out>/ckpt.pt)
     seed: int = 0                 # seeds the data generator (indices, flips, t, noise), the weights, sampling
     device: str = "auto"          # auto = cuda -> mps -> cpu
@@ -152,9 +152,12 @@ class Config:
     # (our choice). The official VP / sub-VP configs use no corrector: euler_maruyama (continuous models,
     # e.g. configs/vp/cifar10_ddpmpp_continuous.py; here --sampler em) or ancestral_sampling (discrete DDPM++,
     # configs/vp/cifar10_ddpmpp.py; --sampler ancestral).
-    sampler: str = "pc"           # pc | ode | em | reverse | ancestral (the last three: predictor only)
-    predictor: str = "reverse_diffusion"  # --sampler pc: euler_maruyama | reverse_diffusion | ancestral_sampling | none
-    corrector: str = "langevin"   # for --sampler pc: langevin | ald | none
+    sampler: str = "pc"           # pc (Alg. 1-3) | ode (Eq. 13, App. D) | em | reverse | ancestral (the last three:
+    #                               predictor only); official VE CIFAR-10: pc
+    predictor: str = "reverse_diffusion"  # --sampler pc: euler_maruyama | reverse_diffusion (App. E) |
+    #                                       ancestral_sampling (App. F) | none; official VE CIFAR-10: reverse_diffusion
+    corrector: str = "langevin"   # --sampler pc: langevin (Alg. 4, 5) | ald (annealed Langevin of NCSN) | none;
+    #                               official VE CIFAR-10: langevin
     snr: float = 0.16             # App. G: r = 0.16 (VE, CIFAR-10; official default_cifar10_configs.py)
     n_steps: int = 500            # N discretisation steps (paper: 1000; CPU default halved)
     n_corrector_steps: int = 1    # M corrector steps per level (paper: 1)
@@ -1154,7 +1157,8 @@ def make_parser(config, modes, choices, presets, recipes):
     p = OneLineParser(prog=f"{SCRIPT}.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter,
                       epilog="--train's defaults follow the data (the first line that fits its largest side and the "
-                             "device;\n\"cpu\" takes MPS too; a flag or --preset given wins):\n" + "\n".join(lines))
+                             f"device;\n\"cpu\" takes MPS too; a flag{' or --preset' if presets else ''} given wins):\n"
+                             + "\n".join(lines))
     group = p.add_argument_group("what to do (pick one)")
     for name, text in modes.items():
         group.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)

@@ -644,6 +644,7 @@ def test_cli_train_sample_resume_eval(tmp_path, capsys, device):
     assert ckpt["script"] == "ddpm" and ckpt["step"] == 3 and ckpt["config"]["data_shape"] == [1, 8, 8]
     assert set(ckpt) == {"script", "config", "step", "model", "ema", "optimizer", "rng"}
     assert {"T", "schedule", "beta_1", "beta_T", "dataset", "image_size", "model"} <= set(ckpt["config"])
+    assert not set(ddpm.NOT_STORED) & set(ckpt["config"])  # no path, device or precision in a checkpoint
     assert os.path.exists(os.path.join(out, "grid_0000003.png"))
     assert set(ckpt["rng"]) == {"data", "ranks"} and len(ckpt["rng"]["ranks"]) == 1  # data gen. + ranks
     assert "torch" in ckpt["rng"]["ranks"][0] and ("cuda" in ckpt["rng"]["ranks"][0]) == (device.type == "cuda")
