@@ -23,6 +23,7 @@ change by ~0.01-1 across their range: callers pass a continuous t in (0, 1] as 9
 (score_sde, as the official code does) and a noise level sigma as e.g. log(sigma) times a
 constant (ncsn). Each script states the scaling it uses.
 """
+import contextlib
 import gzip
 import hashlib
 import json
@@ -96,6 +97,17 @@ class Attention(nn.Module):
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)  # 3 x (B, HW, C)
         h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # (B, HW, C)
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+def second_order():
+    """A context in which attention runs by its plain formula (SDPA's math backend): for a loss that differentiates
+    the network's output with create_graph=True (NCSN's implicit and sliced score matching), whose backward then needs
+    attention's second derivative, which the fused CPU / CUDA kernels do not implement."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel  # torch >= 2.3
+    except ImportError:
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 class Downsample(nn.Conv2d):
@@ -750,7 +762,7 @@ class Stream:
             u = next(self.batches)
         except DataError as e:  # from a worker, its message carries the worker's traceback: keep the last line
             raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
-        return u.to(self.device, non_blocking=True)
+        return u.to(self.device, non_blocking=self.device.type == "cuda")  # async from pinned memory on CUDA only
 
 
 class _StepBatches(torch.utils.data.Sampler):

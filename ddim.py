@@ -4,7 +4,7 @@ DDIM: Denoising Diffusion Implicit Models -- fast deterministic sampling, invers
 Paper: Jiaming Song, Chenlin Meng, Stefano Ermon, "Denoising Diffusion Implicit Models", ICLR 2021,
 arXiv:2010.02502. Equation numbers below are those printed in the arXiv version.
 
-Commands (run from the repository root):
+Commands (run from the repository root)
     python ddim.py --train                                   # L_simple on the 8x8 digits, ~5 min on 2 CPU cores
     python ddim.py --sample --ckpt runs/ddim/ckpt.pt --S 50 --eta 0 --n-samples 64
     python ddim.py --sample --ckpt runs/ddpm/ckpt.pt --S 50 --eta 0      # a ddpm.py checkpoint works too
@@ -20,7 +20,7 @@ Commands (run from the repository root):
 Under torchrun --sample gives the same samples for any number of processes; --encode / --interpolate run on
 rank 0 alone (see "Several processes" below).
 
-Map (paper -> code):
+Map (paper -> code)
     Eq. 4  q(x_t | x_0) = N(sqrt(alpha_t) x_0, (1 - alpha_t) I)    -> DDIM.q_sample
     Eq. 5 with gamma = 1 (L_1 = DDPM's L_simple), Theorem 1         -> DDIM.loss
     Eq. 9  predicted x_0 f_theta(x_t)                                -> DDIM.predict_x0
@@ -34,7 +34,7 @@ Map (paper -> code):
     Table 2 per-dimension reconstruction MSE on [0, 1] pixels        -> reconstruction_error
     Kingma et al. 2021 (VDM) App. I.1 low-discrepancy training t     -> low_discrepancy_uniform, DDIM.sample_t
 
-Symbols:
+Symbols (paper -> code)
     alpha_t      DDIM's alpha_t, the product of (1 - beta_s) for s <= t (code: alpha_bar[i])
     beta_t       the forward-process variances of DDPM (same schedule as ddpm.py)
     tau, S       increasing sub-sequence of [1..T] and its length S (--S); sampled in reverse
@@ -42,9 +42,7 @@ Symbols:
     eps_theta    the network: eps_theta(x_t, t) predicts the noise in x_t
     x0_hat       Eq. 9: the "predicted x_0" inside Eq. 12
 
-Notation clash: DDIM's alpha_t is DDPM's alpha-bar_t (the cumulative product), NOT DDPM's
-alpha_t = 1 - beta_t. This file stores it as `alpha_bar` so it reads the same as ddpm.py.
-
+Conventions (the same in all four scripts of this project)
 Time index: tensor index i is the paper's t = i + 1 (i = 0..T-1); the network is called as eps_theta(x, i), i a
 LongTensor (B,), as in ddpm.py. The paper's alpha_0 := 1 (after Eq. 12) is alpha_bar "at index -1". Every sampler
 grid is built once as a list of (t, t_prev) index pairs ending with t_prev = -1: the last step of every sampler
@@ -54,6 +52,10 @@ Data range: x in [-1, 1] (common.py maps the data there before any noise is adde
 
 Devices: the float64 schedule stays on the CPU; samplers read it as Python floats, the training loss uses
 float32 copies cached on the device (DDIM.table); slerp works in wide(device) on the device.
+
+Notation clashes
+    DDIM's alpha_t is DDPM's alpha-bar_t (the cumulative product), NOT DDPM's alpha_t = 1 - beta_t. This file
+    stores it as `alpha_bar` so it reads the same as ddpm.py.
 """
 import argparse
 import contextlib
@@ -64,7 +66,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -478,6 +479,8 @@ def setup_precision(device, precision, deterministic=False):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must be set before cuBLAS starts
         torch.use_deterministic_algorithms(True, warn_only=True)  # a kernel without one warns, never stops the run
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+        for kernel in ("flash", "mem_efficient", "cudnn"):  # fused attention's backward is not deterministic: use
+            getattr(torch.backends.cuda, f"enable_{kernel}_sdp", lambda on: None)(False)  # the plain formula (math)
     if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
@@ -511,6 +514,20 @@ def ema_update(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
+def has_nonfinite(*modules):
+    """True if any parameter holds NaN or inf (one host sync for all of them)."""
+    return not torch.stack([torch.isfinite(p).all() for m in modules for p in m.parameters()]).all().item()
+
+
+def write_samples(x, path, dataset):
+    """A PNG of samples x (any device): an image grid, or for a 2-D toy a scatter plot over 2,000 held-out points."""
+    x = x.cpu()
+    if dataset in TOYS:
+        save_scatter(x, path, data=load_data(dataset, train=False, n_toy=2000).x)
+    else:
+        save_grid(x, path)
+
+
 # Several processes (torchrun). Plain `python script.py` is one process with no distributed setup at all.
 # --batch-size is the global batch. Every rank draws the whole global batch's randomness (example indices,
 # t, noise, flips) from one data generator seeded alike on every rank, in the order one process would, and
@@ -524,6 +541,8 @@ def setup_distributed(device):
     on the CPU); without torchrun (0, 1, device) and nothing is set up."""
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
+    if device.type == "mps":
+        raise ValueError("torchrun on MPS is not supported (gloo cannot all-reduce MPS tensors): use one process")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -585,10 +604,15 @@ def rng_checkpoint(data_gen, world):
     return {"data": data_gen.get_state(), "ranks": gather_objects(rng_state(), world)}
 
 
-def restore_rng(state, data_gen, rank):
-    """Undo rng_checkpoint on this rank (a rank beyond the saved ones takes rank 0's streams)."""
-    data_gen.set_state(state["data"])
-    set_rng_state(state["ranks"][rank if rank < len(state["ranks"]) else 0])
+def restore_rng(state, data_gen, rank, path):
+    """Undo rng_checkpoint on this rank (a rank beyond the saved ones takes rank 0's streams); DataError where the
+    checkpoint holds no such state or one of another device type (a CUDA generator's state does not fit a CPU one)."""
+    try:
+        data_gen.set_state(state["data"])
+        set_rng_state(state["ranks"][rank if rank < len(state["ranks"]) else 0])
+    except (KeyError, TypeError, RuntimeError):
+        raise DataError(f"{path}: its random-number state is missing or of another device type; resume on the device "
+                        "type it was written on") from None
 
 
 def my_chunks(n, size, rank, world):
@@ -785,14 +809,6 @@ def make_model(config):
     return UNet(in_ch=C, image_size=H, **PRESETS[config["model"]])
 
 
-def save_samples(x, path, dataset):
-    """A PNG of samples: a scatter over held-out data for 2-D toys, else an image grid."""
-    if dataset in TOYS:
-        save_scatter(x, path, data=load_data(dataset, train=False, n_toy=2000).x)
-    else:
-        save_grid(x, path)
-
-
 # A checkpoint's "config": what defines the model and the diffusion (must match on --resume), one sample's shape, and
 # the training recipe; not the sampler, paths, device or precision of the run (a reader ignores any key it does not use).
 MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T")
@@ -831,10 +847,7 @@ def train(cfg):
         except (KeyError, RuntimeError, ValueError) as e:
             raise DataError(f"{path}: weights do not fit this network ({type(e).__name__})") from None
         step = ckpt["step"]
-        try:
-            restore_rng(ckpt["rng"], data_gen, rank)
-        except (KeyError, RuntimeError):  # no data generator state (an older file), or another device type's
-            raise DataError(f"{path}: its data generator state is missing or of another device type") from None
+        restore_rng(ckpt["rng"], data_gen, rank, path)  # the data generator, and this rank's CPU and CUDA/MPS streams
         if rank == 0:
             print(f"resumed from {path} at step {step}")
     if rank == 0:
@@ -898,7 +911,7 @@ def train(cfg):
             ema.eval()
             x = diffusion.sample(eps_ema, None, cfg.S, cfg.eta, cfg.skip, g, cfg.grid, x_T=x_T_fixed,
                                  device=device, clip=clip_for(cfg, cfg.dataset), hat=cfg.sigma == "hat")
-            save_samples(x, os.path.join(cfg.out, f"train_{step:06d}.png"), cfg.dataset)
+            write_samples(x, os.path.join(cfg.out, f"train_{step:06d}.png"), cfg.dataset)
     if stopping:
         if rank == 0:
             print(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume", file=sys.stderr)
@@ -966,7 +979,7 @@ def sample_cmd(cfg):
     x = gather_chunks(chunks, world)  # (n_samples, ...) in sample order, on the CPU
     if rank != 0:
         return
-    save_samples(x, os.path.join(cfg.out, "samples.png"), c["dataset"])
+    write_samples(x, os.path.join(cfg.out, "samples.png"), c["dataset"])
     save_npz(x if x.dim() == 4 else x[:, None, None, :], os.path.join(cfg.out, "samples.npz"))
     noise = "sigma-hat" if cfg.sigma == "hat" else f"eta={cfg.eta}"
     print(f"{cfg.n_samples} samples from a {c['dataset']} {c['script']} checkpoint, S={cfg.S} {noise} "

@@ -20,7 +20,7 @@ Commands
 Under torchrun see "Several processes" below; --sample and --eval-nll give the same numbers for any number of
 processes. Multi-node: untested.
 
-Map from the papers to this file (Ho et al.'s numbers bare, VDM's prefixed "VDM")
+Map (paper -> code; Ho et al.'s numbers bare, VDM's prefixed "VDM")
     Eq. 2  forward step q(x_t | x_{t-1})             -> make_schedule (beta), DDPM.__init__ (alpha)
     Eq. 4  q(x_t | x_0), closed form                 -> DDPM.q_sample
     Eq. 5  L = L_T + sum L_{t-1} + L_0 (KL form)     -> DDPM.nll_bpd
@@ -201,6 +201,8 @@ def discretized_gaussian_log_likelihood(x0, mean, var, levels):
     """Eq. 13 of Ho et al. (2020): log p(x0 | x1) of a Gaussian integrated over x0's quantisation bin, per element,
     in nats. K = levels values 2/(K-1) apart in [-1, 1] (K = 256: the paper's 1/255 half-width); the bin widens to
     -inf at x0 = -1 and +inf at x0 = +1. levels=None: continuous data, the Gaussian log density."""
+    if x0.device.type == "mps":  # MPS has neither log_ndtr nor float64: this arithmetic runs on the CPU (in float64)
+        return discretized_gaussian_log_likelihood(x0.cpu(), mean.cpu(), var.cpu(), levels).to(x0.device, torch.float32)
     dt = wide(x0.device)
     x0, mean, var = x0.to(dt), mean.to(dt), var.to(dt)
     if levels is None:
@@ -215,7 +217,7 @@ def discretized_gaussian_log_likelihood(x0, mean, var, levels):
     flip = z_minus > 0
     a, b = torch.where(flip, -z_plus, z_minus), torch.where(flip, -z_minus, z_plus)
     Phi = lambda z: 0.5 * torch.special.erfc(-z / math.sqrt(2))  # noqa: E731
-    tiny = 1e-300 if dt == torch.float64 else 1e-38
+    tiny = 1e-300 if dt == torch.float64 else torch.finfo(torch.float32).tiny  # float32: its smallest normal number
     log_mid = torch.log((Phi(b) - Phi(a)).clamp(min=tiny))
     return torch.where(x0 < -1 + 1e-6, log_cdf_plus, torch.where(x0 > 1 - 1e-6, log_sf_minus, log_mid))
 
@@ -660,6 +662,8 @@ def setup_precision(device, precision, deterministic=False):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must be set before cuBLAS starts
         torch.use_deterministic_algorithms(True, warn_only=True)  # a kernel without one warns, never stops the run
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+        for kernel in ("flash", "mem_efficient", "cudnn"):  # fused attention's backward is not deterministic: use
+            getattr(torch.backends.cuda, f"enable_{kernel}_sdp", lambda on: None)(False)  # the plain formula (math)
     if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
@@ -693,6 +697,20 @@ def ema_update(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
+def has_nonfinite(*modules):
+    """True if any parameter holds NaN or inf (one host sync for all of them)."""
+    return not torch.stack([torch.isfinite(p).all() for m in modules for p in m.parameters()]).all().item()
+
+
+def write_samples(x, path, dataset):
+    """A PNG of samples x (any device): an image grid, or for a 2-D toy a scatter plot over 2,000 held-out points."""
+    x = x.cpu()
+    if dataset in TOYS:
+        save_scatter(x, path, data=load_data(dataset, train=False, n_toy=2000).x)
+    else:
+        save_grid(x, path)
+
+
 # Several processes (torchrun). Plain `python script.py` is one process with no distributed setup at all.
 # --batch-size is the global batch. Every rank draws the whole global batch's randomness (example indices,
 # t, noise, flips) from one data generator seeded alike on every rank, in the order one process would, and
@@ -706,6 +724,8 @@ def setup_distributed(device):
     on the CPU); without torchrun (0, 1, device) and nothing is set up."""
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
+    if device.type == "mps":
+        raise ValueError("torchrun on MPS is not supported (gloo cannot all-reduce MPS tensors): use one process")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -767,10 +787,15 @@ def rng_checkpoint(data_gen, world):
     return {"data": data_gen.get_state(), "ranks": gather_objects(rng_state(), world)}
 
 
-def restore_rng(state, data_gen, rank):
-    """Undo rng_checkpoint on this rank (a rank beyond the saved ones takes rank 0's streams)."""
-    data_gen.set_state(state["data"])
-    set_rng_state(state["ranks"][rank if rank < len(state["ranks"]) else 0])
+def restore_rng(state, data_gen, rank, path):
+    """Undo rng_checkpoint on this rank (a rank beyond the saved ones takes rank 0's streams); DataError where the
+    checkpoint holds no such state or one of another device type (a CUDA generator's state does not fit a CPU one)."""
+    try:
+        data_gen.set_state(state["data"])
+        set_rng_state(state["ranks"][rank if rank < len(state["ranks"]) else 0])
+    except (KeyError, TypeError, RuntimeError):
+        raise DataError(f"{path}: its random-number state is missing or of another device type; resume on the device "
+                        "type it was written on") from None
 
 
 def my_chunks(n, size, rank, world):
@@ -1018,18 +1043,6 @@ def read_ckpt(path, cfg=None):
     return ckpt
 
 
-def has_nonfinite(*modules):
-    return any(not torch.isfinite(p).all() for m in modules for p in m.parameters())
-
-
-def write_samples(x, path_png, data=None):
-    """A PNG of samples: an image grid, or for 2-D toys a scatter plot over the data."""
-    if x.dim() == 2:
-        save_scatter(x, path_png, data=None if data is None else data.x)
-    else:
-        save_grid(x, path_png)
-
-
 def train(cfg):
     """Algorithm 1 of Ho et al. (2020) with the official recipe: Adam, warm-up, gradient clipping, EMA.
     Under torchrun each rank computes the loss on its slice of the global batch (see "Several processes")."""
@@ -1063,10 +1076,7 @@ def train(cfg):
             raise DataError(f"{path}: its \"rng\" holds no data generator state: it samples, but cannot resume")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        try:
-            restore_rng(ckpt["rng"], data_gen, rank)  # the data generator, and this rank's CPU and CUDA/MPS streams
-        except RuntimeError:  # a CUDA generator's state does not fit a CPU one, and vice versa
-            raise DataError(f"{path}: its data generator belongs to another device type; resume on that one") from None
+        restore_rng(ckpt["rng"], data_gen, rank, path)  # the data generator, and this rank's CPU and CUDA/MPS streams
         log(f"resumed from {path} at step {step}", flush=True)
     net = network(model, autocast, cfg.compile)  # what the loss calls: in autocast, float32 out
     if not vlb:
@@ -1098,7 +1108,7 @@ def train(cfg):
         d, fn = make_diffusion(cfg, data.levels, ema, network(ema, autocast))
         g = make_generator(cfg.seed + 1, device)
         x = d.sample(fn, (2000 if is_toy else 64, *shape), generator=g, device=device)
-        write_samples(x.cpu(), os.path.join(cfg.out, f"grid_{step:07d}.png"), data if is_toy else None)
+        write_samples(x, os.path.join(cfg.out, f"grid_{step:07d}.png"), cfg.dataset)
 
     stop, t0, step0, stopping = StopFlag(), time.time(), step, False
     model.train()
@@ -1200,7 +1210,7 @@ def run_sample(args, cfg_overrides):
     if rank != 0:
         return
     toy = cfg.dataset in TOYS  # 2-D points: a scatter over the data; npz holds the raw float coordinates
-    write_samples(x, os.path.join(cfg.out, "samples.png"), load_data(cfg.dataset, train=False) if toy else None)
+    write_samples(x, os.path.join(cfg.out, "samples.png"), cfg.dataset)
     if toy:
         np.savez(os.path.join(cfg.out, "samples.npz"), arr_0=x.numpy())
     else:

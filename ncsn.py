@@ -18,7 +18,7 @@ Commands
     torchrun --nproc_per_node=8 ncsn.py --train --preset v2-cifar10        # 8 GPUs; --batch-size is the global batch
     torchrun --nproc_per_node=8 ncsn.py --sample --ckpt runs/ncsn/ckpt.pt --n-samples 50000   # samples split over ranks
 
-Map from the papers to this file (2019 = NCSN, 2020 = NCSNv2; numbers as printed in the arXiv versions)
+Map (paper -> code; 2019 = NCSN, 2020 = NCSNv2; numbers as printed in the arXiv versions)
     2019 Eq. 1  implicit score matching (Hyvarinen 2005)     -> NCSN.ism_loss (exact Jacobian trace)
     2019 Eq. 2  denoising score matching (Vincent 2011)      -> NCSN.loss (one noise level of it)
     2019 Eq. 3  sliced score matching (Song et al. 2019)     -> NCSN.ssm_loss
@@ -80,7 +80,7 @@ import numpy as np
 import torch
 
 from common import (MLP, PRESETS, TOYS, DataError, UNet, draw_indices, levels_to_unit, load_data, save_grid, save_npz,
-                    save_scatter, training_images)
+                    save_scatter, second_order, training_images)
 
 SCRIPT = "ncsn"  # the name written into every checkpoint
 
@@ -314,7 +314,8 @@ class NCSN:
                              f"the data have D={D} > {ISM_MAX_DIM}: use --loss dsm or --loss ssm")
         x_tilde, sigma, _ = self.perturb(x, i, z)
         x_tilde = x_tilde.detach().requires_grad_(True)
-        s = model(x_tilde, sigma).flatten(1)  # (B, D)
+        with second_order():  # the loss's backward differentiates s twice
+            s = model(x_tilde, sigma).flatten(1)  # (B, D)
         trace = 0
         for d in range(D):  # d-th diagonal entry of the Jacobian, kept in the graph for training
             trace = trace + torch.autograd.grad(s[:, d].sum(), x_tilde, create_graph=True)[0].flatten(1)[:, d]
@@ -328,7 +329,8 @@ class NCSN:
         """
         x_tilde, sigma, _ = self.perturb(x, i, z)
         x_tilde = x_tilde.detach().requires_grad_(True)
-        s = model(x_tilde, sigma)
+        with second_order():  # the loss's backward differentiates s twice
+            s = model(x_tilde, sigma)
         if v is None:
             v = torch.randn_like(x)
         grad_vs = torch.autograd.grad((v * s).sum(), x_tilde, create_graph=True)[0]  # (grad s)^T v
@@ -521,6 +523,8 @@ def setup_precision(device, precision, deterministic=False):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must be set before cuBLAS starts
         torch.use_deterministic_algorithms(True, warn_only=True)  # a kernel without one warns, never stops the run
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+        for kernel in ("flash", "mem_efficient", "cudnn"):  # fused attention's backward is not deterministic: use
+            getattr(torch.backends.cuda, f"enable_{kernel}_sdp", lambda on: None)(False)  # the plain formula (math)
     if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
@@ -554,6 +558,20 @@ def ema_update(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
+def has_nonfinite(*modules):
+    """True if any parameter holds NaN or inf (one host sync for all of them)."""
+    return not torch.stack([torch.isfinite(p).all() for m in modules for p in m.parameters()]).all().item()
+
+
+def write_samples(x, path, dataset):
+    """A PNG of samples x (any device): an image grid, or for a 2-D toy a scatter plot over 2,000 held-out points."""
+    x = x.cpu()
+    if dataset in TOYS:
+        save_scatter(x, path, data=load_data(dataset, train=False, n_toy=2000).x)
+    else:
+        save_grid(x, path)
+
+
 # Several processes (torchrun). Plain `python script.py` is one process with no distributed setup at all.
 # --batch-size is the global batch. Every rank draws the whole global batch's randomness (example indices,
 # t, noise, flips) from one data generator seeded alike on every rank, in the order one process would, and
@@ -567,6 +585,8 @@ def setup_distributed(device):
     on the CPU); without torchrun (0, 1, device) and nothing is set up."""
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
+    if device.type == "mps":
+        raise ValueError("torchrun on MPS is not supported (gloo cannot all-reduce MPS tensors): use one process")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -628,10 +648,15 @@ def rng_checkpoint(data_gen, world):
     return {"data": data_gen.get_state(), "ranks": gather_objects(rng_state(), world)}
 
 
-def restore_rng(state, data_gen, rank):
-    """Undo rng_checkpoint on this rank (a rank beyond the saved ones takes rank 0's streams)."""
-    data_gen.set_state(state["data"])
-    set_rng_state(state["ranks"][rank if rank < len(state["ranks"]) else 0])
+def restore_rng(state, data_gen, rank, path):
+    """Undo rng_checkpoint on this rank (a rank beyond the saved ones takes rank 0's streams); DataError where the
+    checkpoint holds no such state or one of another device type (a CUDA generator's state does not fit a CPU one)."""
+    try:
+        data_gen.set_state(state["data"])
+        set_rng_state(state["ranks"][rank if rank < len(state["ranks"]) else 0])
+    except (KeyError, TypeError, RuntimeError):
+        raise DataError(f"{path}: its random-number state is missing or of another device type; resume on the device "
+                        "type it was written on") from None
 
 
 def my_chunks(n, size, rank, world):
@@ -836,20 +861,6 @@ def read_ckpt(path, cfg=None):
     return ckpt
 
 
-def has_nonfinite(*modules):
-    """True if any parameter holds NaN or inf (one host sync for all of them)."""
-    return not torch.stack([torch.isfinite(p).all() for m in modules for p in m.parameters()]).all().item()
-
-
-def write_samples(x, path_png, data=None):
-    """A PNG of samples: an image grid, or for 2-D toys a scatter plot over the data."""
-    x = x.cpu()
-    if x.dim() == 2:
-        save_scatter(x, path_png, data=None if data is None else data.x)
-    else:
-        save_grid(x, path_png)
-
-
 def train(cfg):
     """Song & Ermon (2019) Sec. 4.2 (Eq. 6 by Adam) with NCSNv2's Techniques 1-5; under torchrun a slice per rank."""
     rank, world, device = setup_distributed(pick_device(cfg.device))
@@ -881,7 +892,7 @@ def train(cfg):
             raise DataError(f"{path}: written before the data generator's state was saved: it samples, cannot resume")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        restore_rng(ckpt["rng"], data_gen, rank)  # the data generator, and this rank's CPU and CUDA/MPS streams
+        restore_rng(ckpt["rng"], data_gen, rank, path)  # the data generator, and this rank's CPU and CUDA/MPS streams
         log(f"resumed from {path} at step {step}", flush=True)
     x_data = training_images(data, device, cfg.batch_size, part, cfg.seed)  # on the device (uint8 for images)
     grid_shape = (1000 if cfg.dataset in TOYS else 64, *data.u.shape[1:])
@@ -956,7 +967,7 @@ def train(cfg):
             # Fixed noise (its own generator, the training RNG untouched): the grids differ only by the weights.
             x = ncsn.sample(score_ema, grid_shape, cfg.n_steps_each, cfg.step_lr, cfg.denoise,
                             generator=make_generator(cfg.seed + 1, device), device=device)
-            write_samples(x, os.path.join(cfg.out, f"grid_{step:07d}.png"), data if cfg.dataset in TOYS else None)
+            write_samples(x, os.path.join(cfg.out, f"grid_{step:07d}.png"), cfg.dataset)
     if stopping:
         log(f"stopped at step {step}; checkpoint saved to {path}; continue with --resume", file=sys.stderr)
         sys.exit(130)
@@ -1001,7 +1012,7 @@ def run_sample(args, cfg_overrides):
         return
     os.makedirs(cfg.out, exist_ok=True)
     toy = cfg.dataset in TOYS  # 2-D points: scatter over the data; npz holds the raw float coordinates
-    write_samples(x, os.path.join(cfg.out, "samples.png"), load_data(cfg.dataset, train=False) if toy else None)
+    write_samples(x, os.path.join(cfg.out, "samples.png"), cfg.dataset)
     if toy:
         np.savez(os.path.join(cfg.out, "samples.npz"), arr_0=x.numpy())
     else:

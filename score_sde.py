@@ -5,7 +5,7 @@ Paper: Yang Song, Jascha Sohl-Dickstein, Diederik P. Kingma, Abhishek Kumar, Ste
 "Score-Based Generative Modeling through Stochastic Differential Equations", ICLR 2021, arXiv 2011.13456.
 Equation, algorithm and appendix numbers below are those printed in the arXiv version.
 
-Commands (outputs under runs/score_sde):
+Commands (outputs under runs/score_sde)
     python score_sde.py --train                     # VP SDE on the embedded 8x8 digits (~4-5 min, idle 2-core CPU)
     python score_sde.py --train --sde subvp         # or ve (sigma_max from the data, NCSNv2 Technique 1)
     python score_sde.py --sample --sampler pc       # predictor-corrector (reverse diffusion + Langevin)
@@ -25,7 +25,7 @@ Under torchrun a training run equals the 1-process run with the same global batc
 per-rank dropout; --sample (also --class) and --eval-nll give the same numbers for any number of processes;
 --encode / --interpolate / --inpaint / --colorize run on rank 0 alone. Multi-node is untested.
 
-Map of the paper onto this file:
+Map (paper -> code)
     Eq. 5   forward SDE  dx = f(x, t) dt + g(t) dw          -> VESDE / VPSDE / subVPSDE .sde()
     Eq. 6   reverse SDE  dx = [f - g^2 grad log p_t] dt + g dw_bar   -> SDE.reverse_sde
     Eq. 7   continuous-time denoising score matching         -> loss   (likelihood weighting: Song et al. 2021b)
@@ -47,7 +47,7 @@ Map of the paper onto this file:
     Sec. 5, App. I.1  conditional score grad log p_t(x) + grad log p_t(y | x), time-dependent classifier
                                           -> guided_score, class_sample, TimeClassifier, classifier_loss
 
-Symbols (paper -> code):
+Symbols (paper -> code)
     t in [eps, 1]  continuous time             t            (B,) float tensor
     f(x, t), g(t)  drift and diffusion         drift, g
     beta(t)        VP/sub-VP noise rate        sde.beta(t) = beta_min + t (beta_max - beta_min)
@@ -58,7 +58,7 @@ Symbols (paper -> code):
     eps_i          Langevin step size          step         (Alg. 4 / 5)
     N, M           predictor / corrector steps n_steps, n_corrector_steps
 
-Conventions and notation clashes:
+Conventions (the same in all four scripts of this project) and notation clashes
   * Data range: models see x in [-1, 1] (common.py). The paper's VE values (sigma_min 0.01, sigma_max 50 on
     CIFAR-10) are for data in [0, 1] (App. C); in [-1, 1] all distances double, so our sigma_min default is
     0.02, and sigma_max is recomputed on the data as loaded (NCSNv2 Technique 1: the largest pairwise distance).
@@ -188,21 +188,6 @@ DATA_RECIPES = [
 
 # -----------------------------------------------------------------------------
 # Noise schedules: the three SDEs (Sec. 3.4, App. B)
-
-def wide(device):
-    """The widest float a device has: float64, except on MPS (no float64 there) float32."""
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64
-
-
-def expand(v, x):
-    """A per-example (B,) tensor shaped (B, 1, ..., 1) to broadcast against x, in x's dtype."""
-    return v.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-
-
-def randn(x, generator=None):
-    """Standard normal noise like x (shape, dtype, device), from a generator feeding x's device (or the global RNG)."""
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-
 
 class SDE:
     """What the three SDEs share: Eq. 6, Eq. 13, an Euler-Maruyama chain and the Gaussian prior's log-density.
@@ -359,6 +344,23 @@ def sigma_max_technique1(x, n_max=5000):
     if len(x) > n_max:
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n_max]]
     return max(float(torch.cdist(x[i:i + 1000], x).max()) for i in range(0, len(x), 1000))
+
+
+# Three small helpers of the code above and below (not in the paper).
+
+def wide(device):
+    """The widest float a device has: float64, except on MPS (no float64 there) float32."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def expand(v, x):
+    """A per-example (B,) tensor shaped (B, 1, ..., 1) to broadcast against x, in x's dtype."""
+    return v.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def randn(x, generator=None):
+    """Standard normal noise like x (shape, dtype, device), from a generator feeding x's device (or the global RNG)."""
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
 # -----------------------------------------------------------------------------
@@ -956,6 +958,8 @@ def setup_precision(device, precision, deterministic=False):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must be set before cuBLAS starts
         torch.use_deterministic_algorithms(True, warn_only=True)  # a kernel without one warns, never stops the run
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+        for kernel in ("flash", "mem_efficient", "cudnn"):  # fused attention's backward is not deterministic: use
+            getattr(torch.backends.cuda, f"enable_{kernel}_sdp", lambda on: None)(False)  # the plain formula (math)
     if precision == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
@@ -989,6 +993,20 @@ def ema_update(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
+def has_nonfinite(*modules):
+    """True if any parameter holds NaN or inf (one host sync for all of them)."""
+    return not torch.stack([torch.isfinite(p).all() for m in modules for p in m.parameters()]).all().item()
+
+
+def write_samples(x, path, dataset):
+    """A PNG of samples x (any device): an image grid, or for a 2-D toy a scatter plot over 2,000 held-out points."""
+    x = x.cpu()
+    if dataset in TOYS:
+        save_scatter(x, path, data=load_data(dataset, train=False, n_toy=2000).x)
+    else:
+        save_grid(x, path)
+
+
 # Several processes (torchrun). Plain `python script.py` is one process with no distributed setup at all.
 # --batch-size is the global batch. Every rank draws the whole global batch's randomness (example indices,
 # t, noise, flips) from one data generator seeded alike on every rank, in the order one process would, and
@@ -1002,6 +1020,8 @@ def setup_distributed(device):
     on the CPU); without torchrun (0, 1, device) and nothing is set up."""
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
+    if device.type == "mps":
+        raise ValueError("torchrun on MPS is not supported (gloo cannot all-reduce MPS tensors): use one process")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -1063,10 +1083,15 @@ def rng_checkpoint(data_gen, world):
     return {"data": data_gen.get_state(), "ranks": gather_objects(rng_state(), world)}
 
 
-def restore_rng(state, data_gen, rank):
-    """Undo rng_checkpoint on this rank (a rank beyond the saved ones takes rank 0's streams)."""
-    data_gen.set_state(state["data"])
-    set_rng_state(state["ranks"][rank if rank < len(state["ranks"]) else 0])
+def restore_rng(state, data_gen, rank, path):
+    """Undo rng_checkpoint on this rank (a rank beyond the saved ones takes rank 0's streams); DataError where the
+    checkpoint holds no such state or one of another device type (a CUDA generator's state does not fit a CPU one)."""
+    try:
+        data_gen.set_state(state["data"])
+        set_rng_state(state["ranks"][rank if rank < len(state["ranks"]) else 0])
+    except (KeyError, TypeError, RuntimeError):
+        raise DataError(f"{path}: its random-number state is missing or of another device type; resume on the device "
+                        "type it was written on") from None
 
 
 def my_chunks(n, size, rank, world):
@@ -1266,14 +1291,6 @@ def make_model(config):
     return UNet(in_ch=shape[0], image_size=shape[-1], **PRESETS[config["model"]])
 
 
-def save_samples(x, path, dataset, data=None):
-    """A grid PNG of images, or a scatter PNG over the data for 2-D toys."""
-    if dataset in TOYS:
-        save_scatter(x, path, data)
-    else:
-        save_grid(x, path)
-
-
 def finite_or_die(what, loss_sum, net, first, last, path):
     """The finiteness check of the training loop, at log / checkpoint / sample steps only (one host sync for
     the window of steps first..last): the loss accumulated on the device and the weights must be finite, else
@@ -1329,7 +1346,7 @@ def fit(cfg, what, net, ema, opt, batch_loss, total, path, head, resume, run, lr
                             f"resume")
         net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        restore_rng(ckpt["rng"], data_gen, rank)  # the data generator, and this rank's CPU and CUDA/MPS streams
+        restore_rng(ckpt["rng"], data_gen, rank, path)  # the data generator, and this rank's CPU and CUDA/MPS streams
         log(f"resumed from {path} at step {step}")
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     stop, t0, step0, stopping = StopFlag(), time.time(), step, False
@@ -1412,7 +1429,7 @@ def train(cfg, resume=False):
     def grid(step):
         ema.eval()
         x, _ = sample(ema_score_fn, sde, cfg, grid_shape, fixed.manual_seed(cfg.seed + 1), device)
-        save_samples(x, os.path.join(cfg.out, f"train_{step:06d}.png"), cfg.dataset, data.x)
+        write_samples(x, os.path.join(cfg.out, f"train_{step:06d}.png"), cfg.dataset)
 
     os.makedirs(cfg.out, exist_ok=True)
     fit(cfg, "score", model, ema, opt, batch_loss, cfg.steps, os.path.join(cfg.out, "ckpt.pt"),
@@ -1527,7 +1544,7 @@ def run_sample(cfg):
         return
     os.makedirs(cfg.out, exist_ok=True)
     png, npz = os.path.join(cfg.out, "samples.png"), os.path.join(cfg.out, "samples.npz")
-    save_samples(x, png, saved["dataset"], load_data(saved["dataset"], train=False).x if toy else None)
+    write_samples(x, png, saved["dataset"])
     if toy:  # 2-D points are not images: keep them as float32 (N, 2)
         np.savez(npz, arr_0=x.float().numpy())
     else:

@@ -58,6 +58,14 @@ MUTATIONS = [
     {"name": "stream-never", "file": "common.py",
      "find": "if len(paths) * ch * size * size > stream_gb * 1e9:", "replace": "if False:",
      "tests": ["tests/test_common.py::test_stream_reads_what_memory_holds_and_resumes"]},
+    {"name": "second-order-fused-attention", "file": "common.py",  # (the CPU picks math for our strided q anyway;
+     "find": "return sdpa_kernel(SDPBackend.MATH)",                 # this shows the losses run inside the context)
+     "replace": "return sdpa_kernel(SDPBackend.FLASH_ATTENTION)",
+     "tests": ["tests/test_common.py::test_second_order_losses_through_the_unet"]},
+    {"name": "resume-foreign-rng-traceback", "file": "ncsn.py",
+     "find": "    except (KeyError, TypeError, RuntimeError):\n        raise DataError(f\"{path}: its random-number state",
+     "replace": "    except KeyError:\n        raise DataError(f\"{path}: its random-number state",
+     "tests": ["tests/test_common.py::test_resume_with_a_foreign_rng_state_is_one_line[ncsn]"]},
 ]
 
 
@@ -533,3 +541,41 @@ def test_train_streams_a_large_folder_and_resumes_exactly(script, tmp_path, monk
             torch.testing.assert_close(split["model"][k], v)
         else:
             assert torch.equal(split["model"][k], v), k
+
+
+@pytest.mark.parametrize("script", ["ddpm", "ddim", "ncsn", "score_sde"])
+def test_resume_with_a_foreign_rng_state_is_one_line(script, tmp_path):
+    """A checkpoint whose data-generator state does not fit this device's generator (as a CUDA run's does not fit
+    the CPU's) is refused on --resume in one line, exit code 2, no traceback; so is one with no such state."""
+    import subprocess
+    out = tmp_path / "run"
+    args = [sys.executable, os.path.join(os.path.dirname(__file__), "..", f"{script}.py"), "--train", "--dataset", "moons", "--batch-size", "8",
+            "--sample-every", "1000", "--out", str(out), "--device", "cpu", *FAST[script]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*args, "--steps", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    for bad in (torch.zeros(16, dtype=torch.uint8), None):  # the wrong size, or missing
+        if bad is None:
+            del ckpt["rng"]["data"]
+        else:
+            ckpt["rng"]["data"] = bad
+        torch.save(ckpt, out / "ckpt.pt")
+        r = subprocess.run([*args, "--steps", "2", "--resume"], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "ckpt.pt" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("loss", ["ssm", "ism"])
+def test_second_order_losses_through_the_unet(loss, device):
+    """NCSN's sliced and implicit score matching differentiate the U-Net's output and then backpropagate through
+    that derivative: attention's second derivative, which the fused SDPA kernels lack (common.second_order picks
+    the plain formula). A step's loss and every gradient are finite, on the device."""
+    import ncsn
+    net = UNet(in_ch=1, image_size=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_res=(4, 2)).to(device)
+    x = torch.rand(3, 1, 4, 4, device=device) * 2 - 1
+    levels = ncsn.NCSN(1.0, 0.01, 3)
+    loss = {"ssm": levels.ssm_loss, "ism": levels.ism_loss}[loss](ncsn.ScoreNet(net, "both"), x)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)

@@ -186,7 +186,7 @@ MUTATIONS = [
      "replace": "log = print if True else",
      "tests": ["tests/test_ncsn.py::test_ddp_train_equals_one_process[dsm]"]},
     {"name": "ncsn-ddp-resume-data-generator-not-restored", "file": "ncsn.py",
-     "find": "restore_rng(ckpt[\"rng\"], data_gen, rank)",
+     "find": "restore_rng(ckpt[\"rng\"], data_gen, rank, path)",
      "replace": "set_rng_state(ckpt[\"rng\"][\"ranks\"][rank])",
      "tests": ["tests/test_ncsn.py::test_ddp_sigterm_then_resume_equals_straight_run"]},
     {"name": "ncsn-ddp-old-checkpoint-rng-not-refused", "file": "ncsn.py",

@@ -135,7 +135,7 @@ MUTATIONS = [
      "replace": "    log = print\n",
      "tests": ["tests/test_score_sde.py::test_ddp_train_equals_one_process[vp]"]},
     {"name": "sde-ddp-resume-data-generator-not-restored", "file": "score_sde.py",
-     "find": "        restore_rng(ckpt[\"rng\"], data_gen, rank)  # the data generator",
+     "find": "        restore_rng(ckpt[\"rng\"], data_gen, rank, path)  # the data generator",
      "replace": "        set_rng_state(ckpt[\"rng\"][\"ranks\"][rank])  # the data generator",
      "tests": ["tests/test_score_sde.py::test_ddp_sigterm_then_resume_equals_straight_run"]},
     {"name": "sde-ddp-old-checkpoint-rng-not-refused", "file": "score_sde.py",
