@@ -712,11 +712,13 @@ def make_parser(config, modes, choices, presets, recipes):
         p.add_argument("--preset", choices=sorted(presets), help="the papers' settings; flags given override them")
     helps, settings = config_help(config), p.add_argument_group("settings (the Config)")
     for f in dataclasses.fields(config):
-        flag, text = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default {f.default})"
+        # a field named like a Python keyword ends in "_" (class_): its flag does not (--class)
+        flag, text = "--" + f.name.rstrip("_").replace("_", "-"), f"{helps.get(f.name, '')} (default {f.default})"
         if isinstance(f.default, bool):
-            settings.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            settings.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            settings.add_argument(flag, type=type(f.default), default=None, choices=choices.get(f.name), help=text)
+            settings.add_argument(flag, dest=f.name, metavar=f.name.rstrip("_").upper(), type=type(f.default),
+                                  default=None, choices=choices.get(f.name), help=text)
     return p
 
 

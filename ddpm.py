@@ -129,6 +129,9 @@ class Config:
     precision: str = "auto"       # fp32 | tf32 | bf16 (autocast for the network only); auto = tf32 on CUDA, else fp32
     compile: bool = False         # torch.compile the network (a runtime setting, like device and precision)
     deterministic: bool = False   # deterministic kernels: a CUDA run (and its resume) repeats bitwise
+    ckpt: str = ""                # --sample / --eval-nll: a checkpoint of ours, or a released model's folder or file
+    n_samples: int = 64           # --sample: number of samples
+    n_eval: int = 297             # --eval-nll: held-out examples (297: all of the digits' test split)
 
 
 # `--preset cifar10`: the paper's CIFAR-10 run (Sec. 4, App. B; the 5000-step warm-up and the clip at 1.0 are the
@@ -895,11 +898,13 @@ def make_parser(config, modes, choices, presets, recipes):
         p.add_argument("--preset", choices=sorted(presets), help="the papers' settings; flags given override them")
     helps, settings = config_help(config), p.add_argument_group("settings (the Config)")
     for f in dataclasses.fields(config):
-        flag, text = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default {f.default})"
+        # a field named like a Python keyword ends in "_" (class_): its flag does not (--class)
+        flag, text = "--" + f.name.rstrip("_").replace("_", "-"), f"{helps.get(f.name, '')} (default {f.default})"
         if isinstance(f.default, bool):
-            settings.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            settings.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            settings.add_argument(flag, type=type(f.default), default=None, choices=choices.get(f.name), help=text)
+            settings.add_argument(flag, dest=f.name, metavar=f.name.rstrip("_").upper(), type=type(f.default),
+                                  default=None, choices=choices.get(f.name), help=text)
     return p
 
 
@@ -982,10 +987,11 @@ def one_line_errors():
 # Fields that --sample / --eval-nll take from the command line over the checkpoint's (how and where to run, not what);
 # a --resume simply runs with the values given (none of them is in MUST_MATCH); a checkpoint may lack them.
 RUNTIME = ("out", "device", "seed", "clip_denoised", "batch_size", "precision", "compile", "deterministic",
-           "stream_gb")
+           "stream_gb", "ckpt", "n_samples", "n_eval")
 # Fields a checkpoint's "config" leaves out: where and how a run ran (paths, device, precision, the sampler's
 # clipping), not what defines the model, the diffusion or the training recipe.
-NOT_STORED = ("out", "device", "clip_denoised", "precision", "compile", "deterministic", "stream_gb")
+NOT_STORED = ("out", "device", "clip_denoised", "precision", "compile", "deterministic", "stream_gb", "ckpt",
+              "n_samples", "n_eval")
 # Fields a resumed run must share with the checkpoint: they fix the network and the diffusion (VDM's: --loss-type vlb).
 MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T", "variance", "loss_type")
 VDM_MUST_MATCH = ("learn_endpoints", "cond", "fourier")
@@ -1162,50 +1168,51 @@ def train(cfg):
     log(f"done: {step} steps in {time.time() - t0:.0f} s{on}; checkpoint {path}", flush=True)
 
 
-def load_for_inference(args, cfg_overrides):
+def load_for_inference(cfg_overrides):
     """(cfg, ckpt, net, net_fn, device, rank, world) for --sample / --eval-nll: the EMA network of a checkpoint
     (without its data), or a released DDPM model in diffusers' format (a folder, or a .safetensors / .bin file:
     common.load_pretrained; T, betas, variance and clipping from its scheduler_config.json, else the paper's).
     net is on the device; net_fn is net wrapped by network() (precision, compile). Every rank loads the same."""
-    if os.path.isdir(args.ckpt) or args.ckpt.endswith((".safetensors", ".bin")):
-        net, info = load_pretrained(args.ckpt)
+    path = cfg_overrides["ckpt"]
+    if os.path.isdir(path) or path.endswith((".safetensors", ".bin")):
+        net, info = load_pretrained(path)
         s, shape = info["schedule"], info["data_shape"]
         cfg = Config(dataset="cifar10" if shape == [3, 32, 32] else "pretrained", T=s["T"], schedule=s["schedule"],
                      beta_1=s["beta_1"], beta_T=s["beta_T"], variance=info["variance"],
                      clip_denoised="on" if info["clip_denoised"] else "off")  # the official sampler clips x0_hat
         ckpt = {"config": {**dataclasses.asdict(cfg), "data_shape": shape}}
     else:
-        ckpt = read_ckpt(args.ckpt)
+        ckpt = read_ckpt(path)
         cfg = Config(**{f.name: ckpt["config"].get(f.name, f.default) for f in dataclasses.fields(Config)})
         net = make_model(ckpt["config"])
         try:
             net.load_state_dict(ckpt["ema"])
         except (RuntimeError, KeyError, TypeError) as e:
-            raise DataError(f"{args.ckpt}: EMA weights do not fit the network of its config "
+            raise DataError(f"{path}: EMA weights do not fit the network of its config "
                             f"({str(e).splitlines()[0]})") from None
     cfg = dataclasses.replace(cfg, **cfg_overrides)  # RUNTIME fields given on the command line
     rank, world, device = setup_distributed(pick_device(cfg.device))  # (0, 1, device) without torchrun
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)
     if has_nonfinite(net):
-        raise DataError(f"{args.ckpt}: the EMA weights contain NaN or inf")
+        raise DataError(f"{path}: the EMA weights contain NaN or inf")
     net = place(net, device).eval()
     return cfg, ckpt, net, network(net, autocast, cfg.compile), device, rank, world
 
 
-def run_sample(args, cfg_overrides):
+def run_sample(cfg_overrides):
     """--sample: n images (or 2-D points) from the EMA network -> samples.png and samples.npz.
 
     Chunks of --batch-size samples, chunk k on rank k % world (torchrun), each from its own generator derived from
     --seed and its first sample's index: the samples depend on --seed and --batch-size only. Rank 0 writes them."""
-    cfg, ckpt, net, net_fn, device, rank, world = load_for_inference(args, cfg_overrides)
+    cfg, ckpt, net, net_fn, device, rank, world = load_for_inference(cfg_overrides)
     diffusion, model = make_diffusion(cfg, data_levels(cfg.dataset), net, net_fn)
     os.makedirs(cfg.out, exist_ok=True)
     shape, chunks = tuple(ckpt["config"]["data_shape"]), []
-    for start, n in my_chunks(args.n_samples, cfg.batch_size, rank, world):
+    for start, n in my_chunks(cfg.n_samples, cfg.batch_size, rank, world):
         g = chunk_generator(cfg.seed, start, device)  # x_T and every z of this chunk
         chunks.append((start, diffusion.sample(model, (n, *shape), generator=g, device=device).cpu()))
         if rank == 0:
-            print(f"sampled {start + n}/{args.n_samples}", flush=True)
+            print(f"sampled {start + n}/{cfg.n_samples}", flush=True)
     x = gather_chunks(chunks, world)  # (n_samples, ...) in sample order, on the CPU
     if rank != 0:
         return
@@ -1219,15 +1226,15 @@ def run_sample(args, cfg_overrides):
     print(f"wrote {cfg.out}/samples.png and {cfg.out}/samples.npz ({len(x)} samples{on})")
 
 
-def run_eval_nll(args, cfg_overrides):
+def run_eval_nll(cfg_overrides):
     """--eval-nll: the variational bound on held-out data in bits/dim (Eq. 5; VDM Eq. 11 for --loss-type vlb).
 
     Chunks of --batch-size examples, split over the ranks like --sample's, each with the generator of its first
     example's index: the per-example values do not depend on the ranks; rank 0 prints the mean over all of them."""
-    cfg, ckpt, net, net_fn, device, rank, world = load_for_inference(args, cfg_overrides)
+    cfg, ckpt, net, net_fn, device, rank, world = load_for_inference(cfg_overrides)
     data = load_data(cfg.dataset, train=False, image_size=cfg.image_size or None)
     diffusion, model = make_diffusion(cfg, data.levels, net, net_fn)
-    x = data.x[:args.n_eval].to(device)
+    x = data.x[:cfg.n_eval].to(device)
     chunks = []  # (start, (n, 4) CPU tensor of bits/dim, prior, diffusion, decoder per example)
     for start, n in my_chunks(len(x), cfg.batch_size, rank, world):
         xb = x[start:start + n]
@@ -1265,7 +1272,8 @@ CHOICES = {"model": sorted(PRESETS), "schedule": ["linear", "cosine", "linear_sn
 
 def validate(cfg):
     """Reject settings that make no sense, with one ValueError naming the flag."""
-    check_common(cfg, ("steps", "batch_size", "T", "ckpt_every", "sample_every", "log_every", "lr", "grad_clip"))
+    check_common(cfg, ("steps", "batch_size", "T", "ckpt_every", "sample_every", "log_every", "lr", "grad_clip",
+                       "n_samples", "n_eval"))
     if cfg.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {cfg.warmup}")
     if (cfg.loss_type == "vlb") != (cfg.schedule in ("linear_snr", "learned")):
@@ -1289,22 +1297,17 @@ MODES = {"train": "train (Algorithm 1); writes <out>/ckpt.pt and grids",
 def main(argv=None):
     p = make_parser(Config, MODES, CHOICES, PRESET_CONFIGS, DATA_RECIPES)
     p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt exactly (--steps is the run's total)")
-    p.add_argument("--ckpt", help="checkpoint for --sample / --eval-nll (ours, or a released model's folder)")
-    p.add_argument("--n-samples", type=int, default=64, help="number of samples for --sample (default 64)")
-    p.add_argument("--n-eval", type=int, default=297, help="held-out examples for --eval-nll (default 297: all digits)")
     with one_line_errors():
         args, mode, cfg, given = parse_config(p, argv, Config, MODES, PRESET_CONFIGS)
-        if mode != "train" and not args.ckpt:
+        if mode != "train" and not cfg.ckpt:
             raise ValueError(f"--{mode.replace('_', '-')} needs --ckpt PATH")
-        if args.n_samples <= 0 or args.n_eval <= 0:
-            raise ValueError("--n-samples and --n-eval must be positive")
         validate(cfg)
         if mode == "train":
             cfg.resume = args.resume  # not a Config field: it is an action, not a setting stored in ckpt.pt
             train(cfg)
         else:
             runtime = {k: v for k, v in given.items() if k in RUNTIME}
-            (run_sample if mode == "sample" else run_eval_nll)(args, runtime)
+            (run_sample if mode == "sample" else run_eval_nll)(runtime)
 
 
 if __name__ == "__main__":

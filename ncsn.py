@@ -120,6 +120,10 @@ class Config:
     precision: str = "auto"       # auto|fp32|tf32|bf16 (network under bf16 autocast); auto = tf32 on CUDA, else fp32
     compile: bool = False         # torch.compile the network (dsm loss and samplers; ssm/ism need double backward)
     deterministic: bool = False   # deterministic kernels: a CUDA run (and its resume) repeats bitwise
+    ckpt: str = ""                # --sample / --inpaint: the checkpoint
+    n_samples: int = 64           # --sample: number of samples
+    n_inpaint: int = 8            # --inpaint: held-out images (rows of inpaint.png)
+    mask: str = "right"           # --inpaint: the unknown part, right | left | top | bottom | center
 
 
 # `--preset NAME`: the papers' settings, converted to data in [-1, 1]. Explicit flags override a preset.
@@ -403,7 +407,7 @@ class NCSN:
 
 
 # -----------------------------------------------------------------------------
-# The score network: how sigma reaches common.UNet / common.MLP
+# The score network: how sigma reaches common.UNet / common.MLP (make_model, after the fence, builds it)
 
 class ScoreNet(torch.nn.Module):
     """s_theta(x, sigma) from a net(x, t): the noise conditioning of NCSNv2 Technique 3 and/or the time input.
@@ -423,19 +427,8 @@ class ScoreNet(torch.nn.Module):
         return out if self.cond == "embed" else out / expand(sigma, out)
 
 
-def make_model(config):
-    """The score network for a checkpoint config: common.MLP for 2-D toys, else the U-Net, wrapped in ScoreNet."""
-    if config["dataset"] in TOYS:
-        net = MLP()
-    else:
-        C, H = config["data_shape"][0], config["data_shape"][-1]
-        net = UNet(in_ch=C, image_size=H, **PRESETS[config["model"]])
-    return ScoreNet(net, config["cond"])
-
-
 # -----------------------------------------------------------------------------
 # Evaluation: none beyond the losses (NCSN has no likelihood); samples are judged by eye here.
-
 
 # ==== Running it (not in the paper; identical in all four scripts) ====================================
 # Checkpoints, devices, precision, random numbers, EMA, the stop flag, torchrun and the command line: the
@@ -756,11 +749,13 @@ def make_parser(config, modes, choices, presets, recipes):
         p.add_argument("--preset", choices=sorted(presets), help="the papers' settings; flags given override them")
     helps, settings = config_help(config), p.add_argument_group("settings (the Config)")
     for f in dataclasses.fields(config):
-        flag, text = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default {f.default})"
+        # a field named like a Python keyword ends in "_" (class_): its flag does not (--class)
+        flag, text = "--" + f.name.rstrip("_").replace("_", "-"), f"{helps.get(f.name, '')} (default {f.default})"
         if isinstance(f.default, bool):
-            settings.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            settings.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            settings.add_argument(flag, type=type(f.default), default=None, choices=choices.get(f.name), help=text)
+            settings.add_argument(flag, dest=f.name, metavar=f.name.rstrip("_").upper(), type=type(f.default),
+                                  default=None, choices=choices.get(f.name), help=text)
     return p
 
 
@@ -843,9 +838,20 @@ def one_line_errors():
 # Fields a checkpoint's "config" leaves out: where and how a run ran, not what defines the model, its noise levels,
 # the training recipe or the sampler settings (n_steps_each, step_lr, denoise: Technique 4 ties them to the levels,
 # so they are stored, and are the defaults of --sample / --inpaint).
-NOT_STORED = ("out", "device", "precision", "compile", "deterministic", "stream_gb")
+NOT_STORED = ("out", "device", "precision", "compile", "deterministic", "stream_gb", "ckpt", "n_samples", "n_inpaint",
+              "mask")
 # Fields a resumed run (or a sampler) must share with the checkpoint: they fix the network and the levels.
 MUST_MATCH = ("dataset", "image_size", "model", "cond", "sigma_1", "sigma_L", "L")
+
+
+def make_model(config):
+    """The score network for a checkpoint config: common.MLP for 2-D toys, else the U-Net, wrapped in ScoreNet."""
+    if config["dataset"] in TOYS:
+        net = MLP()
+    else:
+        C, H = config["data_shape"][0], config["data_shape"][-1]
+        net = UNet(in_ch=C, image_size=H, **PRESETS[config["model"]])
+    return ScoreNet(net, config["cond"])
 
 
 def read_ckpt(path, cfg=None):
@@ -977,9 +983,10 @@ def train(cfg):
 # -----------------------------------------------------------------------------
 # Sampling and inpainting from a checkpoint
 
-def load_for_inference(args, cfg_overrides):
+def load_for_inference(cfg_overrides):
     """Rebuild (cfg, ckpt, ncsn, EMA score callable, device, rank, world) from a checkpoint, without the data."""
-    ckpt = read_ckpt(args.ckpt)
+    path = cfg_overrides["ckpt"]
+    ckpt = read_ckpt(path)
     fields = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
     cfg = resolve_levels(dataclasses.replace(cfg, **cfg_overrides))  # runtime flags (see main); --step-lr 0: Tech. 4
@@ -990,23 +997,23 @@ def load_for_inference(args, cfg_overrides):
     try:
         net.load_state_dict(ckpt["ema"])
     except (RuntimeError, KeyError, TypeError) as e:
-        raise DataError(f"{args.ckpt}: EMA weights do not fit the network of its config ({str(e).splitlines()[0]})")
+        raise DataError(f"{path}: EMA weights do not fit the network of its config ({str(e).splitlines()[0]})")
     if has_nonfinite(net):
-        raise DataError(f"{args.ckpt}: the EMA weights contain NaN or inf")
+        raise DataError(f"{path}: the EMA weights contain NaN or inf")
     return cfg, ckpt, ncsn, network(net.to(device).eval(), autocast, cfg.compile), device, rank, world
 
 
-def run_sample(args, cfg_overrides):
+def run_sample(cfg_overrides):
     """--sample: n images (or 2-D points) by Algorithm 1 from the EMA network -> samples.png and samples.npz. Chunks of
     --batch-size, chunk k on rank k % world, each from chunk_generator(seed, start): the same for any ranks."""
-    cfg, ckpt, ncsn, net, device, rank, world = load_for_inference(args, cfg_overrides)
+    cfg, ckpt, ncsn, net, device, rank, world = load_for_inference(cfg_overrides)
     shape, chunks = tuple(ckpt["config"]["data_shape"]), []
-    for start, n in my_chunks(args.n_samples, cfg.batch_size, rank, world):
+    for start, n in my_chunks(cfg.n_samples, cfg.batch_size, rank, world):
         g = chunk_generator(cfg.seed, start, device)
         chunks.append((start, ncsn.sample(net, (n, *shape), cfg.n_steps_each, cfg.step_lr, cfg.denoise, generator=g,
                                           device=device).cpu()))
         if rank == 0:
-            print(f"sampled {start + n}/{args.n_samples}", flush=True)
+            print(f"sampled {start + n}/{cfg.n_samples}", flush=True)
     x = gather_chunks(chunks, world)  # (n_samples, ...) in sample order, on every rank
     if rank > 0:
         return
@@ -1035,15 +1042,15 @@ def known_mask(shape, unknown="right", device="cpu"):
     return mask
 
 
-def run_inpaint(args, cfg_overrides):
+def run_inpaint(cfg_overrides):
     """--inpaint: the --mask part of held-out images is unknown -> inpaint.png, rows of original | masked | inpainted.
     Split over the ranks like --sample."""
-    cfg, ckpt, ncsn, net, device, rank, world = load_for_inference(args, cfg_overrides)
+    cfg, ckpt, ncsn, net, device, rank, world = load_for_inference(cfg_overrides)
     if cfg.dataset in TOYS:
         raise ValueError("--inpaint needs an image dataset (the checkpoint was trained on a 2-D toy)")
     data = load_data(cfg.dataset, train=False, image_size=cfg.image_size or None)
-    x = data.x[:args.n_inpaint].to(device)
-    mask = known_mask(x.shape, args.mask, device)
+    x = data.x[:cfg.n_inpaint].to(device)
+    mask = known_mask(x.shape, cfg.mask, device)
     chunks = []
     for start, n in my_chunks(len(x), cfg.batch_size, rank, world):
         g = chunk_generator(cfg.seed, start, device)
@@ -1062,13 +1069,13 @@ def run_inpaint(args, cfg_overrides):
 # CLI
 
 CHOICES = {"model": sorted(PRESETS), "loss": ["dsm", "ssm", "ism"], "cond": ["both", "divide", "embed"],
-           "t_sampling": ["iid", "low_discrepancy"], "precision": ["auto", "fp32", "tf32", "bf16"]}
+           "t_sampling": ["iid", "low_discrepancy"], "precision": ["auto", "fp32", "tf32", "bf16"], "mask": list(MASKS)}
 
 
 def validate(cfg):
     """Reject settings that make no sense, with one ValueError naming the flag."""
     check_common(cfg, ("steps", "batch_size", "n_steps_each", "ckpt_every", "sample_every", "log_every", "lr",
-                       "sigma_L"))
+                       "sigma_L", "n_samples", "n_inpaint"))
     for name in ("sigma_1", "step_lr", "grad_clip"):  # 0 = Technique 1 / Technique 4 / no clipping
         v = getattr(cfg, name)
         if not v >= 0 or not math.isfinite(v):
@@ -1086,29 +1093,23 @@ MODES = {"train": "train (Eq. 6); writes <out>/ckpt.pt and grids",
          "inpaint": "inpaint held-out images, --mask unknown (Algorithm 2)"}
 # Fields that --sample / --inpaint take from the command line over the checkpoint's (how to run, not what).
 RUNTIME = ("out", "device", "seed", "batch_size", "n_steps_each", "step_lr", "denoise", "precision", "compile",
-           "deterministic")
+           "deterministic", "ckpt", "n_samples", "n_inpaint", "mask")
 
 
 def main(argv=None):
     p = make_parser(Config, MODES, CHOICES, PRESET_CONFIGS, DATA_RECIPES)
     p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt exactly (--steps is the run's total)")
-    p.add_argument("--ckpt", help="checkpoint for --sample / --inpaint")
-    p.add_argument("--n-samples", type=int, default=64, help="number of samples for --sample (default 64)")
-    p.add_argument("--n-inpaint", type=int, default=8, help="held-out images for --inpaint (default 8)")
-    p.add_argument("--mask", choices=MASKS, default="right", help="--inpaint: the unknown part (default right half)")
     with one_line_errors():
         args, mode, cfg, given = parse_config(p, argv, Config, MODES, PRESET_CONFIGS)
-        if mode != "train" and not args.ckpt:
+        if mode != "train" and not cfg.ckpt:
             raise ValueError(f"--{mode} needs --ckpt PATH")
-        if args.n_samples <= 0 or args.n_inpaint <= 0:
-            raise ValueError("--n-samples and --n-inpaint must be positive")
         validate(cfg)
         if mode == "train":
             cfg.resume = args.resume  # not a Config field: it is an action, not a setting stored in ckpt.pt
             train(cfg)
         else:
             runtime = {k: v for k, v in given.items() if k in RUNTIME}
-            (run_sample if mode == "sample" else run_inpaint)(args, runtime)
+            (run_sample if mode == "sample" else run_inpaint)(runtime)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,8 @@ class Config:
     classifier_steps: int = 800   # --train-classifier steps (paper, App. I.1: a WRN on noisy CIFAR-10)
     classifier_scale: float = 1.0 # weight of grad log p_t(y | x) in the conditional score (paper: 1)
     classifier_ckpt: str = ""     # classifier for --class ("" = <out>/classifier.pt)
+    class_: str = ""              # --sample: samples of class y by the conditional score (Sec. 5, App. I.1): an
+    #                               integer, or "all" (one row per class); "" = unconditional
 
 
 # Defaults that follow the data (--train, --train-classifier): the Config above is the CPU run on the 8x8 digits.
@@ -1191,11 +1193,13 @@ def make_parser(config, modes, choices, presets, recipes):
         p.add_argument("--preset", choices=sorted(presets), help="the papers' settings; flags given override them")
     helps, settings = config_help(config), p.add_argument_group("settings (the Config)")
     for f in dataclasses.fields(config):
-        flag, text = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default {f.default})"
+        # a field named like a Python keyword ends in "_" (class_): its flag does not (--class)
+        flag, text = "--" + f.name.rstrip("_").replace("_", "-"), f"{helps.get(f.name, '')} (default {f.default})"
         if isinstance(f.default, bool):
-            settings.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            settings.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            settings.add_argument(flag, type=type(f.default), default=None, choices=choices.get(f.name), help=text)
+            settings.add_argument(flag, dest=f.name, metavar=f.name.rstrip("_").upper(), type=type(f.default),
+                                  default=None, choices=choices.get(f.name), help=text)
     return p
 
 
@@ -1688,7 +1692,7 @@ MODES = {"train": "train a score model (Eq. 7)",
 
 def validate(cfg, args):
     """Flags that parse but make no sense -> ValueError (one line, exit 2)."""
-    if args.klass and not args.sample:
+    if cfg.class_ and not args.sample:
         raise ValueError("--class goes with --sample (and --classifier-ckpt)")
     check_common(cfg, ("n_eval", "classifier_steps", "steps", "batch_size", "lr", "warmup", "grad_clip", "ckpt_every",
                        "sample_every", "log_every", "beta_min", "sigma_min", "snr", "n_steps", "rtol", "atol",
@@ -1715,7 +1719,6 @@ def main(argv=None):
     p = make_parser(Config, MODES, CHOICES, {}, DATA_RECIPES)
     p.add_argument("--resume", action="store_true",
                    help="continue <out>/ckpt.pt to --steps (with --train-classifier: classifier.pt)")
-    p.add_argument("--class", dest="klass", default="", help="with --sample: class K, or 'all' (one row per class)")
     with one_line_errors():
         args, mode, cfg, _ = parse_config(p, argv, Config, MODES, {})
         validate(cfg, args)
@@ -1729,8 +1732,8 @@ def main(argv=None):
             run_encode(cfg, interpolate=mode == "interpolate")
         elif mode in ("inpaint", "colorize"):
             run_inpaint(cfg, colour=mode == "colorize")
-        elif args.klass:
-            run_class(cfg, args.klass)
+        elif cfg.class_:
+            run_class(cfg, cfg.class_)
         else:
             run_sample(cfg)
 

@@ -4,6 +4,8 @@
   python tests/bench_fashion.py --label small --extra "--model small --lr 2e-4"
   python tests/bench_fashion.py --label baseline --reuse          # score an existing run folder again
   python tests/bench_fashion.py --label baseline --reuse --eta 1  # its samples with eta = 1, in <dir>/eta1/
+  python tests/bench_fashion.py --label baseline --reuse --eta 1 --raw   # the weights without their EMA
+  python tests/bench_fashion.py --label mini --reuse --eta 1 --readme mini_2000_eta1  # refresh a README picture
   python tests/bench_fashion.py --steps-flag=--steps              # ddim.py from before "--S" (note the "=")
   OMP_NUM_THREADS=1 nice -n 10 python tests/bench_fashion.py ...  # long: 30-90 min per run on 2 CPU cores
 
@@ -186,6 +188,13 @@ def train_and_sample(args, d):
     seconds = float(open(seconds_file).read().split()[0]) if os.path.exists(seconds_file) else float("nan")
     sd = d if args.eta == 0 else os.path.join(d, f"eta{args.eta:g}")  # eta != 0: samples in their own folder
     sd = os.path.join(d, "ddpm") if args.sampler == "ddpm" else sd    # and those of ddpm.py's sampler
+    if args.raw:  # the trained weights instead of their EMA: a copy of the checkpoint whose "ema" is the model
+        sd = os.path.join(d, "raw", os.path.relpath(sd, d))
+        os.makedirs(sd, exist_ok=True)
+        c = torch.load(ckpt, map_location="cpu", weights_only=True)
+        c["ema"] = c["model"]
+        ckpt = os.path.join(sd, "ckpt_raw.pt")
+        torch.save(c, ckpt)
     os.makedirs(sd, exist_ok=True)
     npz = os.path.join(sd, "samples.npz")
     if not (args.reuse and os.path.exists(npz)):
@@ -216,10 +225,14 @@ def main():
                    "issue's); ddpm: ddpm.py --sample, Algorithm 2 with all T steps (samples in <out>/<label>/ddpm/)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 = the issue's deterministic sampler, 1 = "
                    "DDPM-like ancestral steps (samples then go to <out>/<label>/eta<eta>/)")
+    p.add_argument("--raw", action="store_true", help="sample the trained weights, not their EMA (a copy of the "
+                   "checkpoint in <out>/<label>/raw/; samples there too)")
     p.add_argument("--steps-flag", default=SAMPLE_STEPS_FLAG, help='ddim.py\'s flag for S ("--steps" on older code)')
     p.add_argument("--epochs", type=int, default=3, help="classifier epochs (changing it retrains the cache)")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_fashion"), help="output folder (not committed)")
     p.add_argument("--reuse", action="store_true", help="keep a finished run and its samples.npz in the folder")
+    p.add_argument("--readme", default="", help="also write the first 64 samples to data/readme/fashion_<NAME>.png "
+                   "(the README's pictures, e.g. --readme mini_2000_eta1)")
     p.add_argument("--measure-only", action="store_true", help="train the classifier and print the real-vs-real floor")
     args = p.parse_args()
 
@@ -250,6 +263,7 @@ def main():
     fd = frechet_distance(f_gen, f_test)
     h, mx = class_spread(pred_gen)
     how = f"DDIM S={args.sample_steps}, eta {args.eta:g}" if args.sampler == "ddim" else "DDPM Alg. 2, all T steps"
+    how += "; the raw weights (no EMA)" if args.raw else ""
     print(f"\nextra flags: {args.extra or '(none)'}; budget {args.steps} x {args.batch_size}; {how}; "
           f"N = {len(f_gen)}; classifier test accuracy {acc:.4f}")
     print("| run | train min | ms/step | FD | class spread (H/ln10) | max class share | real-vs-real FD |")
@@ -257,6 +271,10 @@ def main():
     print(f"| {args.label} | {seconds / 60:.1f} | {1000 / rate:.0f} | {fd:.2f} | {h:.3f} | {mx:.2f} | {floor:.2f} |")
     common.save_grid(x[:64], os.path.join(sd, "grid64.png"), nrow=16, scale=2)  # the README's picture
     print(f"sample grids: {os.path.join(sd, 'samples.png')} (all), {os.path.join(sd, 'grid64.png')} (the first 64)")
+    if args.readme:  # the same picture where the README shows it
+        path = os.path.join(ROOT, "data", "readme", f"fashion_{args.readme}.png")
+        common.save_grid(x[:64], path, nrow=16, scale=2)
+        print(f"README picture: {os.path.relpath(path, ROOT)}")
 
 
 if __name__ == "__main__":

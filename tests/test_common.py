@@ -381,7 +381,7 @@ def test_every_config_field_is_a_flag_with_help(script):
     if script == "ddpm":  # a comment's continuation lines (text in the same column) belong to its field
         assert helps["schedule"].endswith('"linear_snr" (VDM\'s fixed gamma) or "learned" (VDM App. H)'), helps
     text = m.make_parser(m.Config, m.MODES, m.CHOICES, getattr(m, "PRESET_CONFIGS", {}), m.DATA_RECIPES).format_help()
-    assert all("--" + f.name.replace("_", "-") in text for f in fields), script
+    assert all("--" + f.name.rstrip("_").replace("_", "-") + " " in text for f in fields), script
     assert "images up to 32 px, cpu: --model mini --steps 2000 --batch-size 64" in text, script  # the recipes
 
 

@@ -798,7 +798,7 @@ BAD_FLAGS = [  # (arguments, part of the one-line message)
     (["--steps", "5"], "choose exactly one of"),
     (["--train", "--sample"], "choose exactly one of"),
     (["--train", "--resume"], "no such checkpoint"),
-    (["--sample", "--ckpt", "x.pt", "--n-samples", "0"], "--n-samples and --n-inpaint must be positive"),
+    (["--sample", "--ckpt", "x.pt", "--n-samples", "0"], "--n-samples must be positive"),
     (["--inpaint", "--ckpt", "x.pt", "--mask", "middle"], "argument --mask: invalid choice"),
 ]
 
