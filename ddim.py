@@ -811,8 +811,8 @@ def make_model(config):
     return UNet(in_ch=C, image_size=H, **PRESETS[config["model"]])
 
 
-# A checkpoint's "config": what defines the model and the diffusion (must match on --resume), one sample's shape, and
-# the training recipe; not the sampler, paths, device or precision of the run (a reader ignores any key it does not use).
+# A checkpoint's "config": what defines the model and the diffusion (must match on --resume), one sample's shape,
+# and the training recipe; not the sampler, paths, device or precision of the run (readers ignore other keys).
 MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T")
 RECIPE = ("steps", "batch_size", "lr", "warmup", "grad_clip", "ema_decay", "t_sampling", "seed")
 

@@ -1183,7 +1183,8 @@ def load_for_inference(cfg_overrides):
         ckpt = {"config": {**dataclasses.asdict(cfg), "data_shape": shape}}
     else:
         ckpt = read_ckpt(path)
-        cfg = Config(**{f.name: ckpt["config"].get(f.name, f.default) for f in dataclasses.fields(Config)})
+        cfg = Config(**{f.name: ckpt["config"].get(f.name, f.default) for f in dataclasses.fields(Config)
+                        if f.name not in NOT_STORED})  # an older file's paths, device, ...: ignored
         net = make_model(ckpt["config"])
         try:
             net.load_state_dict(ckpt["ema"])

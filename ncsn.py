@@ -988,7 +988,7 @@ def load_for_inference(cfg_overrides):
     path = cfg_overrides["ckpt"]
     ckpt = read_ckpt(path)
     fields = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields})
+    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k in fields and k not in NOT_STORED})  # older: ignored
     cfg = resolve_levels(dataclasses.replace(cfg, **cfg_overrides))  # runtime flags (see main); --step-lr 0: Tech. 4
     rank, world, device = setup_distributed(pick_device(cfg.device))
     autocast = setup_precision(device, cfg.precision, cfg.deterministic)
