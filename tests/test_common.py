@@ -424,8 +424,8 @@ FAST = {"ddpm": ["--T", "10"], "ddim": ["--T", "10", "--S", "2"], "ncsn": ["--L"
 
 @pytest.mark.parametrize("script", ["ddpm", "ddim", "ncsn", "score_sde"])
 def test_train_on_28px_images_takes_the_recipe(script, tmp_path, capsys, device):
-    """--train on a folder of 28x28 images: the checkpoint's config holds the recipe's model and batch for this
-    device, and the --steps given (a flag wins); the line it prints says so."""
+    """--train on a folder of 28x28 images: the checkpoint's config holds the recipe's model, batch and EMA for
+    this device, and the --steps given (a flag wins); the line it prints says so."""
     import importlib
     m = importlib.import_module(script)
     folder, out = tmp_path / "img", str(tmp_path / "run")
@@ -440,6 +440,7 @@ def test_train_on_28px_images_takes_the_recipe(script, tmp_path, capsys, device)
     config = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]
     assert config["model"] == recipe["model"] and config["steps"] == 1, config
     assert config["batch_size"] == recipe.get("batch_size", m.Config.batch_size), config
+    assert config["ema_decay"] == recipe.get("ema_decay", m.Config.ema_decay), config
     assert f"for 3x28x28 images on {device.type}: " in capsys.readouterr().out
 
 
