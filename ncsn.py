@@ -586,6 +586,9 @@ def setup_distributed(device):
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Every rank waits until all are connected: gloo's init can return on one rank while another is still
+        # connecting, and a rank that then failed on bad input and exited would crash that one with a traceback.
+        torch.distributed.barrier()
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
