@@ -74,6 +74,10 @@ MUTATIONS = [
      "find": "self.timesteps(steps, skip, grid), eta=0.0, clip=clip)",
      "replace": "self.timesteps(steps, skip, grid), eta=1.0, clip=clip)",
      "tests": ["tests/test_ddim.py::test_encode_decode_round_trip_shrinks_with_steps"]},
+    {"name": "ddim-sampler-grid-ignores-the-data", "file": "ddim.py",
+     "find": "    follow_data(cfg, SAMPLER_RECIPES, c[\"data_shape\"], device)  #",
+     "replace": "    pass  #",
+     "tests": ["tests/test_ddim.py::test_sampler_grid_follows_the_image_size"]},
     {"name": "ddim-resume-without-rng", "file": "ddim.py",
      "find": "        restore_rng(ckpt[\"rng\"], data_gen, rank, path)  #",
      "replace": "        pass  #",
@@ -530,12 +534,12 @@ def test_cli_bf16_and_runtime_settings(tmp_path, capsys, device):
         assert (tmp_path / precision / "samples.npz").exists()
 
 
-def ddpm_like_checkpoint(path, script="ddpm"):
+def ddpm_like_checkpoint(path, script="ddpm", side=8):
     """A checkpoint in the layout ddpm.py documents (notes/ddpm.md): digits, tiny U-Net, EMA under "ema"."""
-    cfg = {"dataset": "digits", "image_size": 0, "model": "tiny", "T": 1000, "schedule": "linear",
-           "beta_1": 1e-4, "beta_T": 0.02, "data_shape": [1, 8, 8]}
+    cfg = {"dataset": "digits", "image_size": 0 if side == 8 else side, "model": "tiny", "T": 1000,
+           "schedule": "linear", "beta_1": 1e-4, "beta_T": 0.02, "data_shape": [1, side, side]}
     torch.manual_seed(0)
-    net = UNet(in_ch=1, image_size=8, **PRESETS["tiny"])
+    net = UNet(in_ch=1, image_size=side, **PRESETS["tiny"])
     torch.save({"script": script, "config": cfg, "step": 0, "model": net.state_dict(), "ema": net.state_dict(),
                 "optimizer": {}, "rng": {"torch": torch.get_rng_state()}}, path)
 
@@ -554,6 +558,18 @@ def test_cli_samples_a_ddpm_checkpoint(tmp_path, capsys, device):
     assert "ddpm checkpoint" in r.stdout
     import numpy as np
     assert np.load(tmp_path / "samples.npz")["arr_0"].shape == (12, 8, 8, 1)
+
+
+def test_sampler_grid_follows_the_image_size(tmp_path, capsys, device):
+    """SAMPLER_RECIPES: a checkpoint of 17-32 px images samples on App. D.2's quadratic grid (its CIFAR-10 choice)
+    unless --skip is given; the 8x8 digits keep the uniform grid."""
+    for side, default in ((8, "uniform"), (28, "quad"), (32, "quad")):
+        ddpm_like_checkpoint(tmp_path / f"c{side}.pt", side=side)
+        for extra, grid in (([], default), (["--skip", "uniform"], "uniform"), (["--skip", "quad"], "quad")):
+            r = main_inproc(capsys, "--sample", "--ckpt", str(tmp_path / f"c{side}.pt"), "--S", "3", "--n-samples",
+                            "2", "--out", str(tmp_path / "s"), *on(device), *extra)
+            assert r.returncode == 0 and f" {grid}/leading " in r.stdout, (side, extra, r.stdout, r.stderr)
+    assert ddim.Config().skip == "uniform"  # the Config is the digits run
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "ddpm.py")), reason="ddpm.py not written yet")
