@@ -6,6 +6,7 @@
   python tests/bench_fashion.py --label baseline --reuse --eta 1  # its samples with eta = 1, in <dir>/eta1/
   python tests/bench_fashion.py --label baseline --reuse --eta 1 --raw   # the weights without their EMA
   python tests/bench_fashion.py --label baseline --reuse --eta 1 --sample-seed 1  # the same, other sampling noise
+  python tests/bench_fashion.py --label mini --reuse --sample-extra "--skip uniform"  # the issue's grid (28 px: quad)
   python tests/bench_fashion.py --label mini --reuse --eta 1 --readme mini_2000_eta1  # refresh a README picture
   python tests/bench_fashion.py --steps-flag=--steps              # ddim.py from before "--S" (note the "=")
   OMP_NUM_THREADS=1 nice -n 10 python tests/bench_fashion.py ...  # long: 30-90 min per run on 2 CPU cores
@@ -16,8 +17,10 @@ the training ran at 0.06 it/s (each thread spinning while the other waited); wit
 A run is three steps, each through the scripts' own CLI (subprocesses), in <out>/<label>/:
   1. python ddpm.py --train --dataset fashion_mnist --steps 2000 --batch-size 64 --out <dir> [--extra flags]
      (wall time measured; the last progress line's it/s gives ms/step)
-  2. python ddim.py --sample --ckpt <dir>/ckpt.pt --S 100 --eta 0 --n-samples N --out <dir>
-     (DDIM, 100 steps, eta = 0 or --eta; writes samples.npz: uint8 levels 0..255, shape (N, 28, 28, 1), and samples.png)
+  2. python ddim.py --sample --ckpt <dir>/ckpt.pt --S 100 --eta 0 --n-samples N --out <dir> [--sample-extra flags]
+     (DDIM, 100 steps, eta = 0 or --eta; writes samples.npz: uint8 levels 0..255, shape (N, 28, 28, 1), and samples.png;
+     on ddim.py's grid for 28-px images: App. D.2's quadratic one since 2026-12-02, the uniform one before, as the
+     issue sampled: --sample-extra "--skip uniform")
   3. the score of samples.npz against N test images.
 
 The measure (stated here, computed below):
@@ -190,6 +193,8 @@ def train_and_sample(args, d):
     sd = d if args.eta == 0 else os.path.join(d, f"eta{args.eta:g}")  # eta != 0: samples in their own folder
     sd = os.path.join(d, "ddpm") if args.sampler == "ddpm" else sd    # and those of ddpm.py's sampler
     sd = os.path.join(sd, f"seed{args.sample_seed}") if args.sample_seed else sd  # another sampling seed: its own
+    tag = re.sub(r"[^A-Za-z0-9.]+", "_", args.sample_extra).strip("_")
+    sd = os.path.join(sd, tag) if tag else sd  # other sampler flags (e.g. --skip quad): their own folder too
     if args.raw:  # the trained weights instead of their EMA: a copy of the checkpoint whose "ema" is the model
         sd = os.path.join(d, "raw", os.path.relpath(sd, d))
         os.makedirs(sd, exist_ok=True)
@@ -204,7 +209,7 @@ def train_and_sample(args, d):
                "--eta", f"{args.eta:g}", "--n-samples", str(args.n), "--out", sd]
         if args.sampler == "ddpm":  # Algorithm 2 of Ho et al., all T steps (slow: 10x the NFE of S = 100)
             cmd = [sys.executable, "ddpm.py", "--sample", "--ckpt", ckpt, "--n-samples", str(args.n), "--out", sd]
-        cmd += ["--seed", str(args.sample_seed)]
+        cmd += ["--seed", str(args.sample_seed)] + shlex.split(args.sample_extra)
         sample_seconds = run(cmd, os.path.join(sd, "sample.log"))
         print(f"sampling: {sample_seconds / 60:.1f} min", flush=True)
     with np.load(npz) as f:
@@ -228,6 +233,8 @@ def main():
                    "issue's); ddpm: ddpm.py --sample, Algorithm 2 with all T steps (samples in <out>/<label>/ddpm/)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 = the issue's deterministic sampler, 1 = "
                    "DDPM-like ancestral steps (samples then go to <out>/<label>/eta<eta>/)")
+    p.add_argument("--sample-extra", default="", help='extra flags for the sampler, e.g. "--skip quad" (samples '
+                   "in a subfolder named after them)")
     p.add_argument("--sample-seed", type=int, default=0, help="the sampling noise's seed (not 0: samples in a "
                    "seed<N>/ subfolder), to see the measure's noise between two draws from one checkpoint")
     p.add_argument("--raw", action="store_true", help="sample the trained weights, not their EMA (a copy of the "
@@ -270,6 +277,7 @@ def main():
     how = f"DDIM S={args.sample_steps}, eta {args.eta:g}" if args.sampler == "ddim" else "DDPM Alg. 2, all T steps"
     how += "; the raw weights (no EMA)" if args.raw else ""
     how += f"; sampling seed {args.sample_seed}" if args.sample_seed else ""
+    how += f"; sampler flags {args.sample_extra}" if args.sample_extra else ""
     print(f"\nextra flags: {args.extra or '(none)'}; budget {args.steps} x {args.batch_size}; {how}; "
           f"N = {len(f_gen)}; classifier test accuracy {acc:.4f}")
     print("| run | train min | ms/step | FD | class spread (H/ln10) | max class share | real-vs-real FD |")
