@@ -741,14 +741,14 @@ class Stream:
 
     def indices(self, step):
         """The B training-set indices of step (int64, on the CPU)."""
-        return torch.from_numpy(np.random.default_rng([self.seed, step]).integers(0, len(self.images), self.B))
+        return _step_indices(self.seed, len(self.images), self.B, step)
 
     def seek(self, step):
         """Make step the next one read: (re)starts the workers there unless it already is (a resume starts late)."""
         if step != self.step:
             # The loader's own generator: seeding its workers must not draw from the global RNG (dropout's, which a
             # resume restores).
-            loader = torch.utils.data.DataLoader(self.images, batch_sampler=_StepBatches(self, step),
+            loader = torch.utils.data.DataLoader(self.images, batch_sampler=_StepBatches(self.seed, len(self), self.B, self.part, step),
                                                  num_workers=self.workers, pin_memory=self.device.type == "cuda",
                                                  prefetch_factor=4 if self.workers else None,
                                                  generator=torch.Generator().manual_seed(self.seed))
@@ -765,16 +765,23 @@ class Stream:
         return u.to(self.device, non_blocking=self.device.type == "cuda")  # async from pinned memory on CUDA only
 
 
-class _StepBatches(torch.utils.data.Sampler):
-    """The DataLoader's batches: this rank's part of each step's indices, from a step on, without end."""
+def _step_indices(seed, n, B, step):
+    """Step's B indices into n examples, from numpy's generator seeded with (seed, step)."""
+    return torch.from_numpy(np.random.default_rng([seed, step]).integers(0, n, B))
 
-    def __init__(self, stream, step):
-        self.stream, self.step = stream, step
+
+class _StepBatches(torch.utils.data.Sampler):
+    """The DataLoader's batches: this rank's part of each step's indices, from a step on, without end. It holds
+    numbers, not the Stream: a Stream -> loader -> sampler -> Stream cycle would leave a dropped loader to the
+    garbage collector, whose shutdown of the workers then waits out DataLoader's 5-s timeout."""
+
+    def __init__(self, seed, n, B, part, step):
+        self.seed, self.n, self.B, self.part, self.step = seed, n, B, part, step
 
     def __iter__(self):
         step = self.step
         while True:
-            yield self.stream.indices(step)[self.stream.part].tolist()
+            yield _step_indices(self.seed, self.n, self.B, step)[self.part].tolist()
             step += 1
 
 

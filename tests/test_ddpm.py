@@ -22,6 +22,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import ddpm  # noqa: E402
+from conftest import two_ranks  # noqa: E402  (tests/ is on sys.path under pytest)
 from ddpm import DDPM, Config, make_schedule  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "ddpm.py")
@@ -1224,9 +1225,12 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def torchrun(*args, cwd, wait=True, timeout=240):
+def torchrun(*args, cwd, wait=True, timeout=240, real=False):
     """`torchrun --nproc_per_node=2 ddpm.py args` (a finished CompletedProcess, or the running Popen, in a session of
-    its own so that stop_hung can end its workers too)."""
+    its own so that stop_hung can end its workers too). A finished run starts its two ranks directly
+    (conftest.two_ranks) unless real (torchrun's own summary)."""
+    if wait and not real:
+        return two_ranks(SCRIPT, args, cwd, timeout)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
            SCRIPT, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -1391,7 +1395,7 @@ def test_torchrun_batch_not_divisible_is_one_line_error(tmp_path):
     """A global batch that 2 processes cannot split -> each rank says so in one line and exits 2 (no
     traceback from ddpm.py; torchrun then prints its own summary), before any training."""
     import re
-    r = torchrun(*DDP, "--steps", "5", "--batch-size", "15", "--out", str(tmp_path), cwd=tmp_path)
+    r = torchrun(*DDP, "--steps", "5", "--batch-size", "15", "--out", str(tmp_path), cwd=tmp_path, real=True)
     msg = "ddpm.py: error: --batch-size 15 must be a multiple of the number of processes (2)"
     assert r.returncode != 0 and set(re.findall(r"ddpm\.py: error: [^\n]*?\(2\)", r.stderr)) == {msg}, r.stderr
     assert "exitcode  : 2" in r.stderr and f'File "{SCRIPT}"' not in r.stderr

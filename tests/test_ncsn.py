@@ -24,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 import ncsn  # noqa: E402
+from conftest import two_ranks  # noqa: E402  (tests/ is on sys.path under pytest)
 from ncsn import NCSN  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "ncsn.py")
@@ -817,16 +818,17 @@ def test_bad_flags_table(tmp_path, capsys, monkeypatch):
 @pytest.mark.cpu_only("argument checks only: nothing reaches a device, and the CPU run covers them")
 def test_bad_flags_subprocess(tmp_path):
     """A sample of the table through the real entry point (python ncsn.py ...), in parallel: exit 2, one line on
-    stderr, no traceback -- including sigma_1 <= sigma_L, L < 0, a negative step size and a non-int L."""
+    stderr, no traceback -- argparse's (a non-int L), a validation's (sigma_1 <= sigma_L) and one found once the
+    data is loaded (D=64 for ISM). The whole table runs in-process in test_bad_flags_table."""
     (tmp_path / "FILE").write_text("a file, not a folder")
-    rows = [r for r in BAD_FLAGS if any(k in r[1] for k in ("sigma_1 > sigma_L", "--L must", "--step-lr", "invalid int",
-                                                             "--sample needs --ckpt", "D=64"))]
+    rows = [r for r in BAD_FLAGS if r[1] in ("invalid int value", "D=64 > 16")] + [
+        next(r for r in BAD_FLAGS if r[1] == "need sigma_1 > sigma_L")]
     procs = []
     for args, msg in rows:
         out = [] if "--out" in args else ["--out", str(tmp_path / "o")]
         procs.append((args, msg, subprocess.Popen([sys.executable, SCRIPT, *args, *out], cwd=tmp_path,
                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)))
-    assert len(procs) == 7
+    assert len(procs) == 3
     for args, msg, p in procs:
         _, err = p.communicate(timeout=180)
         lines = err.strip().splitlines()
@@ -1008,8 +1010,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(args, cwd, nproc=2, timeout=300, popen=False):
-    """python -m torch.distributed.run --nproc_per_node=nproc ncsn.py args (one thread per process)."""
+def torchrun(args, cwd, nproc=2, timeout=300, popen=False, real=False):
+    """python -m torch.distributed.run --nproc_per_node=nproc ncsn.py args (one thread per process); a finished
+    2-process run starts its two ranks directly (conftest.two_ranks) unless real (torchrun's own summary)."""
+    if not (popen or real) and nproc == 2:
+        return two_ranks(SCRIPT, args, cwd, timeout)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
            str(free_port()), SCRIPT, *args]
     if popen:
@@ -1028,7 +1033,7 @@ def progress_losses(stdout):
 
 @pytest.mark.cpu_only("torchrun with gloo on the CPU")
 @pytest.mark.parametrize("extra", [[], ["--loss", "ssm", "--t-sampling", "low_discrepancy"]], ids=["dsm", "ssm"])
-def test_ddp_train_equals_one_process(extra, tmp_path):
+def test_ddp_train_equals_one_process(extra, tmp_path, in_process):
     """2 processes, global batch 16 (8 per rank), 10 steps on a 2-D toy (the MLP has no dropout) = 1 process with
     batch 16: model and EMA equal to float tolerance (the ranks' gradients are averaged in another order), same
     step, same data generator state; rank 0 alone prints, and its progress lines show the global batch's loss.
@@ -1036,7 +1041,7 @@ def test_ddp_train_equals_one_process(extra, tmp_path):
     the projections v and the strata of the levels are global too. The ranks' dropout streams differ (seed + rank).
     Catches: no gradient averaging, the data generator or the initial weights seeded by rank, every rank on the same
     slice, a quantity not sliced, v drawn per rank, the printed loss of rank 0's slice, every rank printing."""
-    one = run(["--train", *TOY, *extra, "--out", str(tmp_path / "one")], tmp_path)
+    one = in_process(ncsn.main, "--train", *TOY, *extra, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     two = torchrun(["--train", *TOY, *extra, "--out", str(tmp_path / "two")], tmp_path)
     assert two.returncode == 0, two.stderr
@@ -1053,11 +1058,14 @@ def test_ddp_train_equals_one_process(extra, tmp_path):
     assert len(la) == len(lb) == 2 and all(abs(p - q) <= 2e-4 for p, q in zip(la, lb)), (la, lb)
 
 
+DDP_STEPS = 16  # the 2-process runs: the SIGTERM lands after step 5, 11 steps before the end
+
+
 @pytest.fixture(scope="module")
 def straight2(tmp_path_factory):
-    """One uninterrupted 2-process run of STEPS steps on digits (the tiny U-Net, dropout 0.1: per-rank streams)."""
+    """One uninterrupted 2-process run of DDP_STEPS steps on digits (the tiny U-Net, dropout 0.1: per-rank streams)."""
     d = tmp_path_factory.mktemp("straight2")
-    r = torchrun(["--train", "--steps", str(STEPS), "--ckpt-every", "2", "--out", str(d / "run"), *TINY,
+    r = torchrun(["--train", "--steps", str(DDP_STEPS), "--ckpt-every", "2", "--out", str(d / "run"), *TINY,
                   "--device", "cpu"], d)
     assert r.returncode == 0, r.stderr
     return d / "run"
@@ -1066,11 +1074,11 @@ def straight2(tmp_path_factory):
 @pytest.mark.cpu_only("torchrun with gloo on the CPU")
 def test_ddp_sigterm_then_resume_equals_straight_run(straight2, tmp_path):
     """SIGTERM to torchrun mid-run (it forwards the signal to both ranks): every rank stops at the same step, rank
-    0 saves one checkpoint and says so once, no rank hangs; --resume with 2 processes to STEPS is bitwise the
+    0 saves one checkpoint and says so once, no rank hangs; --resume with 2 processes to DDP_STEPS is bitwise the
     straight 2-process run (model, EMA, optimizer, the data generator and both ranks' dropout streams).
     Catches: the data generator or a rank's global RNG not restored, a stop decided per rank (a hang)."""
     out = tmp_path / "run"
-    args = ["--train", "--steps", str(STEPS), "--ckpt-every", "2", "--out", str(out), *TINY, "--device", "cpu"]
+    args = ["--train", "--steps", str(DDP_STEPS), "--ckpt-every", "2", "--out", str(out), *TINY, "--device", "cpu"]
     p = torchrun(args + ["--log-every", "1"], tmp_path, popen=True)
     for line in p.stdout:  # wait until a checkpoint exists and training is under way
         if line.startswith("step 5/"):
@@ -1079,7 +1087,7 @@ def test_ddp_sigterm_then_resume_equals_straight_run(straight2, tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode != 0 and err.count("continue with --resume") == 1, err
     stopped = state(out / "ckpt.pt")["step"]
-    assert 5 <= stopped < STEPS and f"stopped at step {stopped};" in err and not (out / "ckpt.pt.tmp").exists()
+    assert 5 <= stopped < DDP_STEPS and f"stopped at step {stopped};" in err and not (out / "ckpt.pt.tmp").exists()
     r = torchrun(args + ["--resume"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count(f"resumed from {out}/ckpt.pt at step {stopped}") == 1
@@ -1087,7 +1095,7 @@ def test_ddp_sigterm_then_resume_equals_straight_run(straight2, tmp_path):
 
 
 @pytest.mark.cpu_only("torchrun with gloo on the CPU")
-def test_ddp_sample_and_inpaint_equal_one_process(straight, tmp_path):
+def test_ddp_sample_and_inpaint_equal_one_process(straight, tmp_path, in_process):
     """--sample --n-samples 7 --batch-size 2 under 2 processes (chunks 0, 4 on rank 0; 2, 6 on rank 1) writes
     exactly 7 samples, equal to the 1-process samples; the chunks differ from each other; --inpaint, split the same
     way, writes the same inpaint.png as 1 process.
@@ -1096,7 +1104,7 @@ def test_ddp_sample_and_inpaint_equal_one_process(straight, tmp_path):
     import numpy as np
     common = ["--ckpt", str(straight / "ckpt.pt"), "--batch-size", "2", "--device", "cpu"]
     for mode, n in (("--sample", ["--n-samples", "7"]), ("--inpaint", ["--n-inpaint", "3"])):
-        one = run([mode, *common, *n, "--out", str(tmp_path / "one")], tmp_path)
+        one = in_process(ncsn.main, mode, *common, *n, "--out", str(tmp_path / "one"))
         assert one.returncode == 0, one.stderr
         two = torchrun([mode, *common, *n, "--out", str(tmp_path / "two")], tmp_path)
         assert two.returncode == 0, two.stderr
@@ -1111,7 +1119,7 @@ def test_ddp_sample_and_inpaint_equal_one_process(straight, tmp_path):
 def test_ddp_batch_not_divisible_is_one_line(tmp_path):
     """--batch-size 9 with 2 processes: each rank exits 2 with the one line naming both numbers, and no traceback
     of ncsn.py (what torchrun itself prints about a failed child is torchrun's)."""
-    r = torchrun(["--train", *TOY, "--batch-size", "9", "--out", str(tmp_path / "run")], tmp_path)
+    r = torchrun(["--train", *TOY, "--batch-size", "9", "--out", str(tmp_path / "run")], tmp_path, real=True)
     ours = {line for line in (r.stdout + r.stderr).splitlines() if line.startswith("ncsn.py")}
     assert r.returncode != 0 and ours == {
         "ncsn.py: error: --batch-size 9 must be a multiple of the number of processes (2)"}, r.stderr
