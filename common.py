@@ -748,7 +748,8 @@ class Stream:
         if step != self.step:
             # The loader's own generator: seeding its workers must not draw from the global RNG (dropout's, which a
             # resume restores).
-            loader = torch.utils.data.DataLoader(self.images, batch_sampler=_StepBatches(self.seed, len(self), self.B, self.part, step),
+            batches = _StepBatches(self.seed, len(self), self.B, self.part, step)
+            loader = torch.utils.data.DataLoader(self.images, batch_sampler=batches,
                                                  num_workers=self.workers, pin_memory=self.device.type == "cuda",
                                                  prefetch_factor=4 if self.workers else None,
                                                  generator=torch.Generator().manual_seed(self.seed))

@@ -62,7 +62,7 @@ def f64(device):
 
 
 @pytest.fixture
-def in_process():
+def one_process():
     """call(main, *args): a script's main(args) in this process on one thread, as the tests' subprocess runs do in
     a fresh one (OMP_NUM_THREADS=1, the threads of each torchrun rank) -> a CompletedProcess with its exit code
     and printed output. The 1-process references of the torchrun tests use it: each saves a Python start-up

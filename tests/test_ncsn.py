@@ -1033,7 +1033,7 @@ def progress_losses(stdout):
 
 @pytest.mark.cpu_only("torchrun with gloo on the CPU")
 @pytest.mark.parametrize("extra", [[], ["--loss", "ssm", "--t-sampling", "low_discrepancy"]], ids=["dsm", "ssm"])
-def test_ddp_train_equals_one_process(extra, tmp_path, in_process):
+def test_ddp_train_equals_one_process(extra, tmp_path, one_process):
     """2 processes, global batch 16 (8 per rank), 10 steps on a 2-D toy (the MLP has no dropout) = 1 process with
     batch 16: model and EMA equal to float tolerance (the ranks' gradients are averaged in another order), same
     step, same data generator state; rank 0 alone prints, and its progress lines show the global batch's loss.
@@ -1041,7 +1041,7 @@ def test_ddp_train_equals_one_process(extra, tmp_path, in_process):
     the projections v and the strata of the levels are global too. The ranks' dropout streams differ (seed + rank).
     Catches: no gradient averaging, the data generator or the initial weights seeded by rank, every rank on the same
     slice, a quantity not sliced, v drawn per rank, the printed loss of rank 0's slice, every rank printing."""
-    one = in_process(ncsn.main, "--train", *TOY, *extra, "--out", str(tmp_path / "one"))
+    one = one_process(ncsn.main, "--train", *TOY, *extra, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     two = torchrun(["--train", *TOY, *extra, "--out", str(tmp_path / "two")], tmp_path)
     assert two.returncode == 0, two.stderr
@@ -1095,7 +1095,7 @@ def test_ddp_sigterm_then_resume_equals_straight_run(straight2, tmp_path):
 
 
 @pytest.mark.cpu_only("torchrun with gloo on the CPU")
-def test_ddp_sample_and_inpaint_equal_one_process(straight, tmp_path, in_process):
+def test_ddp_sample_and_inpaint_equal_one_process(straight, tmp_path, one_process):
     """--sample --n-samples 7 --batch-size 2 under 2 processes (chunks 0, 4 on rank 0; 2, 6 on rank 1) writes
     exactly 7 samples, equal to the 1-process samples; the chunks differ from each other; --inpaint, split the same
     way, writes the same inpaint.png as 1 process.
@@ -1104,7 +1104,7 @@ def test_ddp_sample_and_inpaint_equal_one_process(straight, tmp_path, in_process
     import numpy as np
     common = ["--ckpt", str(straight / "ckpt.pt"), "--batch-size", "2", "--device", "cpu"]
     for mode, n in (("--sample", ["--n-samples", "7"]), ("--inpaint", ["--n-inpaint", "3"])):
-        one = in_process(ncsn.main, mode, *common, *n, "--out", str(tmp_path / "one"))
+        one = one_process(ncsn.main, mode, *common, *n, "--out", str(tmp_path / "one"))
         assert one.returncode == 0, one.stderr
         two = torchrun([mode, *common, *n, "--out", str(tmp_path / "two")], tmp_path)
         assert two.returncode == 0, two.stderr

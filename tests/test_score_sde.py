@@ -1319,14 +1319,14 @@ DDP_TOY = ["--dataset", "moons", "--batch-size", "16", "--steps", "10", "--log-e
 @pytest.mark.cpu_only("torchrun with gloo on the CPU")
 @pytest.mark.parametrize("extra", [[], ["--sde", "ve", "--t-sampling", "low_discrepancy", "--likelihood-weighting"]],
                          ids=["vp", "ve-lowdisc"])
-def test_ddp_train_equals_one_process(extra, tmp_path, in_process):
+def test_ddp_train_equals_one_process(extra, tmp_path, one_process):
     """2 processes, global batch 16 (8 per rank), 10 steps on the moons toy (the MLP has no dropout) = 1 process with
     batch 16: model and EMA equal to 1e-4 of each tensor's largest entry (the ranks' gradients are averaged in
     another order), same step and data generator state; rank 0 alone prints, and its progress lines show the
     global batch's loss. ve-lowdisc: the low-discrepancy t's strata span the global batch, sliced.
     Catches: no gradient averaging, the data generator or the initial weights seeded by rank, every rank on the same
     slice, t or the noise not sliced, the printed loss of rank 0's slice, every rank printing."""
-    one = in_process(S.main, "--train", *DDP_TOY, *extra, "--out", str(tmp_path / "one"))
+    one = one_process(S.main, "--train", *DDP_TOY, *extra, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     two = torchrun(["--train", *DDP_TOY, *extra, "--out", str(tmp_path / "two")], tmp_path)
     assert two.returncode == 0, two.stderr
@@ -1383,13 +1383,13 @@ def test_ddp_sigterm_then_resume_equals_straight_run(ddp_digits, tmp_path):
 
 
 @pytest.mark.cpu_only("torchrun with gloo on the CPU")
-def test_ddp_classifier_equals_one_process(ddp_digits, tmp_path, in_process):
+def test_ddp_classifier_equals_one_process(ddp_digits, tmp_path, one_process):
     """--train-classifier, global batch 16 over 2 processes = 1 process (5 steps): weights equal to 2e-3 of each
     tensor's largest entry (Adam magnifies the reduction-order noise of the biases before GroupNorm, whose gradient
     nearly cancels); rank 0 alone prints and writes. Catches: no gradient averaging, t not sliced."""
     common = ["--train-classifier", "--classifier-steps", "5", "--batch-size", "16", "--device", "cpu",
               "--ckpt", str(ddp_digits / "ckpt.pt"), "--log-every", "5"]
-    one = in_process(S.main, *common, "--out", str(tmp_path / "one"))
+    one = one_process(S.main, *common, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     two = torchrun([*common, "--out", str(tmp_path / "two")], tmp_path)
     assert two.returncode == 0, two.stderr
@@ -1398,19 +1398,19 @@ def test_ddp_classifier_equals_one_process(ddp_digits, tmp_path, in_process):
 
 
 @pytest.mark.cpu_only("torchrun with gloo on the CPU")
-def test_ddp_sample_and_class_equal_one_process(ddp_digits, tmp_path, in_process):
+def test_ddp_sample_and_class_equal_one_process(ddp_digits, tmp_path, one_process):
     """--sample --n-samples 7 --batch-size 2 under 2 processes (chunks 0, 4 on rank 0; 2, 6 on rank 1) writes exactly
     7 samples, equal to the 1-process samples, and the chunks differ; --sample --class all (a 1-step classifier),
     split the same way, writes the same class_all.png as 1 process.
     Catches: a chunk generator that depends on the rank, or one that ignores the chunk's start."""
     import numpy as np
-    r = in_process(S.main, "--train-classifier", "--classifier-steps", "1", "--batch-size", "16", "--out",
+    r = one_process(S.main, "--train-classifier", "--classifier-steps", "1", "--batch-size", "16", "--out",
                    str(tmp_path), "--ckpt", str(ddp_digits / "ckpt.pt"), "--device", "cpu")
     assert r.returncode == 0, r.stderr
     common = ["--ckpt", str(ddp_digits / "ckpt.pt"), "--classifier-ckpt", str(tmp_path / "classifier.pt"),
               "--batch-size", "2", "--n-steps", "25", "--device", "cpu"]
     for mode in (["--sample", "--n-samples", "7"], ["--sample", "--class", "all", "--n-samples", "10"]):
-        one = in_process(S.main, *mode, *common, "--out", str(tmp_path / "one"))
+        one = one_process(S.main, *mode, *common, "--out", str(tmp_path / "one"))
         assert one.returncode == 0, one.stderr
         two = torchrun([*mode, *common, "--out", str(tmp_path / "two")], tmp_path)
         assert two.returncode == 0, two.stderr
@@ -1422,7 +1422,7 @@ def test_ddp_sample_and_class_equal_one_process(ddp_digits, tmp_path, in_process
 
 
 @pytest.mark.cpu_only("torchrun with gloo on the CPU")
-def test_ddp_eval_nll_equals_one_process(ddp_digits, tmp_path, in_process):
+def test_ddp_eval_nll_equals_one_process(ddp_digits, tmp_path, one_process):
     """--eval-nll of 5 held-out digits in chunks of 2 (chunks 0, 4 on rank 0, 2 on rank 1): 2 processes print the
     same bits/dim (mean and standard error over all 5, and NFE) as 1 process, once; another --seed prints another
     number (the dequantisation noise and the probes come from the chunk generators).
@@ -1430,21 +1430,21 @@ def test_ddp_eval_nll_equals_one_process(ddp_digits, tmp_path, in_process):
     common = ["--eval-nll", "--ckpt", str(ddp_digits / "ckpt.pt"), "--n-eval", "5", "--batch-size", "2",
               "--rtol", "1e-2", "--atol", "1e-2", "--device", "cpu"]
     head = lambda out: re.findall(r"^(.* bits/dim .*NFE \d+)", out, re.M)  # noqa: E731  (no timing)
-    one = in_process(S.main, *common, "--out", str(tmp_path / "one"))
+    one = one_process(S.main, *common, "--out", str(tmp_path / "one"))
     two = torchrun([*common, "--out", str(tmp_path / "two")], tmp_path)
-    other = in_process(S.main, *common, "--seed", "1", "--out", str(tmp_path / "other"))
+    other = one_process(S.main, *common, "--seed", "1", "--out", str(tmp_path / "other"))
     assert one.returncode == two.returncode == other.returncode == 0, (one.stderr, two.stderr, other.stderr)
     assert len(head(one.stdout)) == len(head(two.stdout)) == 1 and head(one.stdout) == head(two.stdout), two.stdout
     assert "on 5 held-out points" in two.stdout and head(other.stdout) != head(one.stdout)
 
 
 @pytest.mark.cpu_only("torchrun with gloo on the CPU")
-def test_ddp_rank0_modes_equal_one_process(ddp_digits, tmp_path, in_process):
+def test_ddp_rank0_modes_equal_one_process(ddp_digits, tmp_path, one_process):
     """--inpaint and --interpolate under 2 processes: rank 0 alone works and writes, once, the same PNG as 1 process."""
     common = ["--ckpt", str(ddp_digits / "ckpt.pt"), "--n-steps", "25", "--rtol", "1e-2", "--atol", "1e-2",
               "--device", "cpu"]
     for mode, png in (("--inpaint", "inpaint.png"), ("--interpolate", "interpolate.png")):
-        one = in_process(S.main, mode, *common, "--out", str(tmp_path / "one"))
+        one = one_process(S.main, mode, *common, "--out", str(tmp_path / "one"))
         two = torchrun([mode, *common, "--out", str(tmp_path / "two")], tmp_path)
         assert one.returncode == two.returncode == 0, (one.stderr, two.stderr)
         assert two.stdout.count(" -> ") == 1, two.stdout
