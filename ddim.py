@@ -98,6 +98,7 @@ class Config:
     warmup: int = 100             # not in the papers; official code: DDPM 5000 steps, DDIM none (CPU: shortened)
     grad_clip: float = 1.0        # not in the papers; both official codes: 1.0 (DDIM's loss sums over pixels,
                                   # ours is DDPM's per-pixel mean, so the same 1.0 clips DDIM's harder)
+    adam_beta2: float = 0.999     # Adam's beta2 (beta1 0.9): not in the paper; official code: 0.999
     ema_decay: float = 0.995      # paper (DDPM App. B) and DDIM configs: 0.9999 (shortened for 2000 steps)
     t_sampling: str = "iid"       # training t per minibatch: "iid" (DDPM Alg. 1) or "low_discrepancy" (VDM App. I.1);
                                   # the official DDIM code draws t antithetically (half t, half T - 1 - t)
@@ -767,12 +768,15 @@ def follow_data(cfg, recipes, shape, device):
 
 def check_common(cfg, positive):
     """The checks every script makes (ValueError naming the flag): the fields in positive > 0 and finite,
-    0 <= ema_decay < 1, image_size 0 (native) or 4..1024, the device present, the output folder writable."""
+    0 <= ema_decay, adam_beta2 < 1, image_size 0 (native) or 4..1024, the device present, the output folder
+    writable."""
     for name in positive:
         if not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if not 0 <= cfg.adam_beta2 < 1:
+        raise ValueError(f"--adam-beta2 must be in [0, 1), got {cfg.adam_beta2}")
     if cfg.image_size != 0 and not 4 <= cfg.image_size <= 1024:
         raise ValueError(f"--image-size must be 0 (native) or 4..1024, got {cfg.image_size}")
     if cfg.device != "auto":
@@ -826,7 +830,7 @@ def make_model(config):
 # A checkpoint's "config": what defines the model and the diffusion (must match on --resume), one sample's shape,
 # and the training recipe; not the sampler, paths, device or precision of the run (readers ignore other keys).
 MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T")
-RECIPE = ("steps", "batch_size", "lr", "warmup", "grad_clip", "ema_decay", "t_sampling", "seed")
+RECIPE = ("steps", "batch_size", "lr", "warmup", "grad_clip", "adam_beta2", "ema_decay", "t_sampling", "seed")
 
 
 def train(cfg):
@@ -847,7 +851,7 @@ def train(cfg):
     data_gen = make_generator(cfg.seed, device)  # alike on every rank: the global batch's indices, flips, t, noise
     torch.manual_seed(cfg.seed + rank)  # the global RNGs, one stream per rank, are left to dropout
     ema = copy.deepcopy(model).requires_grad_(False)  # EMA of parameters only (the nets have no buffers)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2))
     path, step = os.path.join(cfg.out, "ckpt.pt"), 0
     if getattr(cfg, "resume", False):
         ckpt = load_checkpoint(path)
@@ -859,6 +863,8 @@ def train(cfg):
             model.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
             opt.load_state_dict(ckpt["optimizer"])
+            for g in opt.param_groups:  # the checkpoint's moments with this run's beta2 (lr, too, is this run's)
+                g["betas"] = (0.9, cfg.adam_beta2)
         except (KeyError, RuntimeError, ValueError) as e:
             raise DataError(f"{path}: weights do not fit this network ({type(e).__name__})") from None
         step = ckpt["step"]

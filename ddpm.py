@@ -118,6 +118,7 @@ class Config:
     lr: float = 1e-3              # App. B: Adam 2e-4 (raised for the short CPU run)
     warmup: int = 100             # official code (run_cifar.py, not the paper): 5000 steps of linear warm-up (CPU: 100)
     grad_clip: float = 1.0        # official code (run_cifar.py, not the paper): global gradient norm clipped at 1.0
+    adam_beta2: float = 0.999     # Adam's beta2 (beta1 0.9): not in the paper; official code: TF's default 0.999
     ema_decay: float = 0.995      # App. B: 0.9999 (shortened: 1500 steps are too few to average over 10k)
     ckpt_every: int = 500         # steps between checkpoints (and one at the end, and on Ctrl-C)
     sample_every: int = 500       # steps between sample grids from fixed noise
@@ -946,12 +947,15 @@ def follow_data(cfg, recipes, shape, device):
 
 def check_common(cfg, positive):
     """The checks every script makes (ValueError naming the flag): the fields in positive > 0 and finite,
-    0 <= ema_decay < 1, image_size 0 (native) or 4..1024, the device present, the output folder writable."""
+    0 <= ema_decay, adam_beta2 < 1, image_size 0 (native) or 4..1024, the device present, the output folder
+    writable."""
     for name in positive:
         if not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if not 0 <= cfg.adam_beta2 < 1:
+        raise ValueError(f"--adam-beta2 must be in [0, 1), got {cfg.adam_beta2}")
     if cfg.image_size != 0 and not 4 <= cfg.image_size <= 1024:
         raise ValueError(f"--image-size must be 0 (native) or 4..1024, got {cfg.image_size}")
     if cfg.device != "auto":
@@ -999,6 +1003,8 @@ NOT_STORED = ("out", "device", "clip_denoised", "precision", "compile", "determi
               "n_samples", "n_eval")
 # Fields a resumed run must share with the checkpoint: they fix the network and the diffusion (VDM's: --loss-type vlb).
 MUST_MATCH = ("dataset", "image_size", "model", "T", "schedule", "beta_1", "beta_T", "variance", "loss_type")
+# Fields added after checkpoints of this script were first written: an older file without them has their default.
+LATER = ("adam_beta2",)
 VDM_MUST_MATCH = ("learn_endpoints", "cond", "fourier")
 
 
@@ -1044,7 +1050,7 @@ def read_ckpt(path, cfg=None):
     ckpt = load_checkpoint(path)
     config = ckpt.get("config")
     missing = [k for k in ("config", "step", "model", "ema", "optimizer", "rng") if k not in ckpt] or [
-        k for k in (*(f.name for f in dataclasses.fields(Config) if f.name not in RUNTIME), "data_shape")
+        k for k in (*(f.name for f in dataclasses.fields(Config) if f.name not in RUNTIME + LATER), "data_shape")
         if not isinstance(config, dict) or k not in config]
     if missing:
         raise DataError(f"{path}: a {SCRIPT} checkpoint with missing fields ({', '.join(missing)})")
@@ -1072,7 +1078,7 @@ def train(cfg):
               "data_shape": list(data.u.shape[1:])}
     model = place(make_model(config), device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # EMA of parameters only (the nets have no buffers)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2))
     # The data generator, alike on every rank, draws all of the global batch's randomness (indices, flips, t, noise);
     # the global RNGs, one stream per rank, are left to dropout.
     data_gen = make_generator(cfg.seed, device)
@@ -1086,6 +1092,8 @@ def train(cfg):
         if not isinstance(ckpt["rng"], dict) or "data" not in ckpt["rng"]:
             raise DataError(f"{path}: its \"rng\" holds no data generator state: it samples, but cannot resume")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+        for g in opt.param_groups:  # the checkpoint's moments with this run's beta2 (lr, too, is this run's)
+            g["betas"] = (0.9, cfg.adam_beta2)
         step = ckpt["step"]
         restore_rng(ckpt["rng"], data_gen, rank, path)  # the data generator, and this rank's CPU and CUDA/MPS streams
         log(f"resumed from {path} at step {step}", flush=True)

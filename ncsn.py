@@ -109,6 +109,7 @@ class Config:
     lr: float = 1e-3              # Adam; official configs: 1e-3 (2019, anneal.yml), 1e-4 (NCSNv2, every dataset)
     warmup: int = 0               # linear warm-up steps; papers and official code: none
     grad_clip: float = 0.0        # global gradient-norm clip, 0 = off; papers and official code: none
+    adam_beta2: float = 0.999     # Adam's beta2 (beta1 0.9): not in the papers; official code (both): 0.999
     ema_decay: float = 0.99       # Technique 5: EMA 0.999 (shortened for the 1500-step CPU run); 0 = off (v1)
     t_sampling: str = "iid"       # level index per example: "iid" (Eq. 6 estimate) or "low_discrepancy" (VDM App. I.1)
     ckpt_every: int = 500         # steps between checkpoints (and one at the end, and on Ctrl-C)
@@ -796,12 +797,15 @@ def follow_data(cfg, recipes, shape, device):
 
 def check_common(cfg, positive):
     """The checks every script makes (ValueError naming the flag): the fields in positive > 0 and finite,
-    0 <= ema_decay < 1, image_size 0 (native) or 4..1024, the device present, the output folder writable."""
+    0 <= ema_decay, adam_beta2 < 1, image_size 0 (native) or 4..1024, the device present, the output folder
+    writable."""
     for name in positive:
         if not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if not 0 <= cfg.adam_beta2 < 1:
+        raise ValueError(f"--adam-beta2 must be in [0, 1), got {cfg.adam_beta2}")
     if cfg.image_size != 0 and not 4 <= cfg.image_size <= 1024:
         raise ValueError(f"--image-size must be 0 (native) or 4..1024, got {cfg.image_size}")
     if cfg.device != "auto":
@@ -891,7 +895,7 @@ def train(cfg):
               "data_shape": list(data.u.shape[1:])}
     model = make_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # Technique 5 (EMA of parameters; no buffers)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2))
     torch.manual_seed(cfg.seed + rank)  # from here the global RNGs draw dropout only, per rank
     path, step = os.path.join(cfg.out, "ckpt.pt"), 0
     if resume:  # every rank reads the same checkpoint
@@ -901,6 +905,8 @@ def train(cfg):
         if not isinstance(ckpt["rng"], dict) or "data" not in ckpt["rng"]:
             raise DataError(f"{path}: written before the data generator's state was saved: it samples, cannot resume")
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+        for g in opt.param_groups:  # the checkpoint's moments with this run's beta2 (lr, too, is this run's)
+            g["betas"] = (0.9, cfg.adam_beta2)
         step = ckpt["step"]
         restore_rng(ckpt["rng"], data_gen, rank, path)  # the data generator, and this rank's CPU and CUDA/MPS streams
         log(f"resumed from {path} at step {step}", flush=True)

@@ -136,6 +136,7 @@ class Config:
     lr: float = 2e-4              # paper: Adam 2e-4
     warmup: int = 100             # paper: 5000 warm-up steps (CPU default shortened)
     grad_clip: float = 1.0        # paper: gradient clipping at norm 1
+    adam_beta2: float = 0.999     # Adam's beta2 (beta1 0.9): not in the paper; official code: 0.999
     ema_decay: float = 0.995      # paper: 0.999 (VE) / 0.9999 (VP, sub-VP); shortened for a ~2k-step CPU run
     ckpt_every: int = 200         # steps between checkpoints (also written on Ctrl-C / SIGTERM and at the end)
     sample_every: int = 800       # steps between sample grids from fixed noise
@@ -1240,12 +1241,15 @@ def follow_data(cfg, recipes, shape, device):
 
 def check_common(cfg, positive):
     """The checks every script makes (ValueError naming the flag): the fields in positive > 0 and finite,
-    0 <= ema_decay < 1, image_size 0 (native) or 4..1024, the device present, the output folder writable."""
+    0 <= ema_decay, adam_beta2 < 1, image_size 0 (native) or 4..1024, the device present, the output folder
+    writable."""
     for name in positive:
         if not (getattr(cfg, name) > 0 and math.isfinite(getattr(cfg, name))):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if not 0 <= cfg.ema_decay < 1:
         raise ValueError(f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
+    if not 0 <= cfg.adam_beta2 < 1:
+        raise ValueError(f"--adam-beta2 must be in [0, 1), got {cfg.adam_beta2}")
     if cfg.image_size != 0 and not 4 <= cfg.image_size <= 1024:
         raise ValueError(f"--image-size must be 0 (native) or 4..1024, got {cfg.image_size}")
     if cfg.device != "auto":
@@ -1287,7 +1291,7 @@ def one_line_errors():
 # training recipe; not the sampler, paths, device or precision of the run (a reader ignores any key it does not use).
 MUST_MATCH = ("dataset", "image_size", "model", "sde", "beta_min", "beta_max", "sigma_min", "sigma_max")
 RECIPE = ("likelihood_weighting", "train_eps", "t_sampling", "steps", "classifier_steps", "batch_size", "lr", "warmup",
-          "grad_clip", "ema_decay", "seed")
+          "grad_clip", "adam_beta2", "ema_decay", "seed")
 
 
 def make_model(config):
@@ -1353,6 +1357,8 @@ def fit(cfg, what, net, ema, opt, batch_loss, total, path, head, resume, run, lr
             raise DataError(f"{path}: written before checkpoints carried the data generator: it samples, but cannot "
                             f"resume")
         net.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+        for g in opt.param_groups:  # the checkpoint's moments with this run's beta2 (lr, too, is this run's)
+            g["betas"] = (0.9, cfg.adam_beta2)
         step = ckpt["step"]
         restore_rng(ckpt["rng"], data_gen, rank, path)  # the data generator, and this rank's CPU and CUDA/MPS streams
         log(f"resumed from {path} at step {step}")
@@ -1413,7 +1419,7 @@ def train(cfg, resume=False):
     B, part = cfg.batch_size, rank_slice(cfg.batch_size, rank, world)  # the global batch and this rank's slice
     model = make_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)  # EMA of parameters only (the nets have no buffers)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2))
     torch.manual_seed(cfg.seed + rank)  # from here the global RNGs draw dropout only, one stream per rank
     score_fn = make_score_fn(network(model, autocast, cfg.compile), sde)
     ema_score_fn = make_score_fn(network(ema, autocast, cfg.compile), sde)   # for the sample grids

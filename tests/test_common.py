@@ -67,6 +67,15 @@ MUTATIONS = [
      "find": "return sdpa_kernel(SDPBackend.MATH)",                 # this shows the losses run inside the context)
      "replace": "return sdpa_kernel(SDPBackend.FLASH_ATTENTION)",
      "tests": ["tests/test_common.py::test_second_order_losses_through_the_unet"]},
+    {"name": "adam-beta2-not-passed", "file": "ncsn.py",
+     "find": "lr=cfg.lr, betas=(0.9, cfg.adam_beta2))", "replace": "lr=cfg.lr)",
+     "tests": ["tests/test_common.py::test_adam_beta2_reaches_the_optimiser_and_a_resume[ncsn]"]},
+    {"name": "adam-beta2-resume-keeps-the-checkpoint-s", "file": "score_sde.py",
+     "find": '            g["betas"] = (0.9, cfg.adam_beta2)\n', "replace": "            pass\n",
+     "tests": ["tests/test_common.py::test_adam_beta2_reaches_the_optimiser_and_a_resume[score_sde]"]},
+    {"name": "adam-beta2-required-of-old-checkpoints", "file": "ddpm.py",
+     "find": 'LATER = ("adam_beta2",)', "replace": "LATER = ()",
+     "tests": ["tests/test_common.py::test_adam_beta2_reaches_the_optimiser_and_a_resume[ddpm]"]},
     {"name": "resume-foreign-rng-traceback", "file": "ncsn.py",
      "find": "    except (KeyError, TypeError, RuntimeError):\n        raise DataError(f\"{path}: its random",
      "replace": "    except KeyError:\n        raise DataError(f\"{path}: its random",
@@ -605,6 +614,39 @@ def test_resume_with_a_foreign_rng_state_is_one_line(script, tmp_path, capsys):
         code, err = main("--steps", "2", "--resume"), capsys.readouterr().err
         assert code == 2 and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1 and "ckpt.pt" in err, err
+
+
+@pytest.mark.parametrize("script", ["ddpm", "ddim", "ncsn", "score_sde"])
+def test_adam_beta2_reaches_the_optimiser_and_a_resume(script, tmp_path, capsys):
+    """--adam-beta2 is Adam's beta2 (stored in the checkpoint's config and optimiser state; at step 2 the weights
+    differ from the default 0.999's); a --resume runs with its own beta2 on the checkpoint's moments; a checkpoint
+    written before the field existed resumes with the default."""
+    import importlib
+    import signal
+    m = importlib.import_module(script)
+    args = ["--train", "--dataset", "moons", "--batch-size", "8", "--sample-every", "1000", "--device", "cpu",
+            *FAST[script]]
+
+    def train(name, steps, *extra):
+        try:
+            m.main([*args, "--out", str(tmp_path / name), "--steps", str(steps), *extra])
+        finally:  # undo StopFlag's signal handlers
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        ckpt = torch.load(tmp_path / name / "ckpt.pt", weights_only=True)
+        return ckpt, [tuple(g["betas"]) for g in ckpt["optimizer"]["param_groups"]]
+
+    default, betas = train("default", 2)
+    assert betas == [(0.9, 0.999)] and default["config"]["adam_beta2"] == 0.999
+    low, betas = train("low", 2, "--adam-beta2", "0.5")
+    assert betas == [(0.9, 0.5)] and low["config"]["adam_beta2"] == 0.5
+    assert any(not torch.equal(v, low["model"][k]) for k, v in default["model"].items())
+    resumed, betas = train("default", 3, "--resume", "--adam-beta2", "0.5")
+    assert betas == [(0.9, 0.5)] and resumed["config"]["adam_beta2"] == 0.5 and resumed["step"] == 3
+    del resumed["config"]["adam_beta2"]  # as written before the field existed
+    torch.save(resumed, tmp_path / "default" / "ckpt.pt")
+    old, betas = train("default", 4, "--resume")
+    assert betas == [(0.9, 0.999)] and old["step"] == 4, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("loss", ["ssm", "ism"])
