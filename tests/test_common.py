@@ -617,15 +617,15 @@ def test_resume_with_a_foreign_rng_state_is_one_line(script, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("script", ["ddpm", "ddim", "ncsn", "score_sde"])
-def test_adam_beta2_reaches_the_optimiser_and_a_resume(script, tmp_path, capsys):
+def test_adam_beta2_reaches_the_optimiser_and_a_resume(script, tmp_path, capsys, device):
     """--adam-beta2 is Adam's beta2 (stored in the checkpoint's config and optimiser state; at step 2 the weights
     differ from the default 0.999's); a --resume runs with its own beta2 on the checkpoint's moments; a checkpoint
     written before the field existed resumes with the default."""
     import importlib
     import signal
     m = importlib.import_module(script)
-    args = ["--train", "--dataset", "moons", "--batch-size", "8", "--sample-every", "1000", "--device", "cpu",
-            *FAST[script]]
+    args = ["--train", "--dataset", "moons", "--batch-size", "8", "--sample-every", "1000", "--device",
+            device.type, *FAST[script]]
 
     def train(name, steps, *extra):
         try:
