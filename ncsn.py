@@ -772,16 +772,19 @@ def parse_config(p, argv, config, modes, presets):
     if len(chosen) != 1:
         raise ValueError("choose exactly one of " + ", ".join("--" + m.replace("_", "-") for m in modes))
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if getattr(args, f.name) is not None}
-    preset = presets.get(getattr(args, "preset", None), {})
+    named = getattr(args, "preset", None)
+    preset = presets.get(named, {})
     cfg = config(**{**preset, **given})
-    cfg.fixed = {*preset, *given}  # not a Config field: what follow_data leaves alone
+    # not a Config field: what follow_data leaves alone; a preset named is a whole recipe ("--preset digits" on
+    # 28-px data runs the digits defaults), so it leaves all of it
+    cfg.fixed = {f.name for f in dataclasses.fields(config)} if named else set(given)
     return args, chosen[0], cfg, given
 
 
 def follow_data(cfg, recipes, shape, device):
     """The defaults that follow the data: the first recipe (largest image side, device kind "any" / "cpu" / "cuda",
     values) that fits image data of this shape (C, H, W) on this device sets its values in cfg, except those the
-    command line or --preset set (cfg.fixed). A Config made in Python (no cfg.fixed) and 2-D toy data run as they
+    command line set (cfg.fixed; under a --preset, none). A Config made in Python (no cfg.fixed) and 2-D toy data run as they
     are. MPS counts as "cpu". Returns the values set."""
     if not hasattr(cfg, "fixed") or len(shape) != 3:
         return {}

@@ -38,6 +38,10 @@ MUTATIONS = [
      "find": "chosen = {k: v for k, v in values.items() if k not in cfg.fixed}",
      "replace": "chosen = dict(values)",
      "tests": ["tests/test_common.py::test_defaults_follow_the_data[ncsn]"]},
+    {"name": "recipe-overrides-an-empty-preset", "file": "ncsn.py",
+     "find": "cfg.fixed = {f.name for f in dataclasses.fields(config)} if named else set(given)",
+     "replace": "cfg.fixed = {*preset, *given}",
+     "tests": ["tests/test_common.py::test_defaults_follow_the_data[ncsn]"]},
     {"name": "recipe-mps-as-gpu", "file": "ddim.py",
      "find": 'kind = "cuda" if device.type == "cuda" else "cpu"',
      "replace": 'kind = "cpu" if device.type == "cpu" else "cuda"',
@@ -430,6 +434,15 @@ def test_defaults_follow_the_data(script):
     assert follow((2,), cpu)[0] == {}  # 2-D toys
     plain = m.Config()
     assert m.follow_data(plain, m.DATA_RECIPES, (1, 28, 28), cpu) == {} and plain == m.Config()
+    # from the command line: the flags given are fixed; a preset named fixes every field, the empty one included
+    presets = getattr(m, "PRESET_CONFIGS", {})
+    p = m.make_parser(m.Config, m.MODES, m.CHOICES, presets, m.DATA_RECIPES)
+    cfg = m.parse_config(p, ["--train", "--batch-size", "8"], m.Config, m.MODES, presets)[2]
+    assert cfg.fixed == {"batch_size"} and m.follow_data(cfg, m.DATA_RECIPES, (1, 28, 28), cpu)["model"] == "mini"
+    for name in presets:
+        cfg = m.parse_config(p, ["--train", "--preset", name], m.Config, m.MODES, presets)[2]
+        assert m.follow_data(cfg, m.DATA_RECIPES, (1, 28, 28), cpu) == {}, (script, name)
+        assert cfg == m.Config(**presets[name]), (script, name)
 
 
 FAST = {"ddpm": ["--T", "10"], "ddim": ["--T", "10", "--S", "2"], "ncsn": ["--L", "2", "--n-steps-each", "1"],
