@@ -131,7 +131,8 @@ class Config:
 # the CUDA lines are the papers' optimiser (DDPM App. B) in a shorter run, not yet measured.
 DATA_RECIPES = [
     (16, "any", {}),  # the 8x8 digits
-    (32, "cpu", dict(model="mini", steps=2000, batch_size=64, ema_decay=0.98, sample_every=1000)),  # Fashion-MNIST
+    (32, "cpu", dict(model="mini", steps=2000, batch_size=64, adam_beta2=0.95, ema_decay=0.98,
+                     sample_every=1000)),  # Fashion-MNIST
     (32, "cuda", dict(model="small", steps=20_000, lr=2e-4, warmup=1000, ema_decay=0.9995, ckpt_every=2000,
                       sample_every=5000, log_every=500)),
     (1024, "cuda", dict(model="cifar10", steps=100_000, lr=2e-4, warmup=5000, ema_decay=0.9999, ckpt_every=5000,
@@ -755,8 +756,8 @@ def parse_config(p, argv, config, modes, presets):
 def follow_data(cfg, recipes, shape, device):
     """The defaults that follow the data: the first recipe (largest image side, device kind "any" / "cpu" / "cuda",
     values) that fits image data of this shape (C, H, W) on this device sets its values in cfg, except those the
-    command line set (cfg.fixed; under a --preset, none). A Config made in Python (no cfg.fixed) and 2-D toy data run as they
-    are. MPS counts as "cpu". Returns the values set."""
+    command line set (cfg.fixed; with a --preset it sets none). A Config made in Python (no cfg.fixed) and 2-D toy
+    data run as they are. MPS counts as "cpu". Returns the values set."""
     if not hasattr(cfg, "fixed") or len(shape) != 3:
         return {}
     kind = "cuda" if device.type == "cuda" else "cpu"

@@ -468,6 +468,7 @@ def test_train_on_28px_images_takes_the_recipe(script, tmp_path, capsys, device)
     assert config["model"] == recipe["model"] and config["steps"] == 1, config
     assert config["batch_size"] == recipe.get("batch_size", m.Config.batch_size), config
     assert config["ema_decay"] == recipe.get("ema_decay", m.Config.ema_decay), config
+    assert config["adam_beta2"] == recipe.get("adam_beta2", m.Config.adam_beta2), config
     assert f"for 3x28x28 images on {device.type}: " in capsys.readouterr().out
 
 
